@@ -1,0 +1,30 @@
+"""Fit y = 2x + 3 with one linear layer and full-batch Rprop (the seed demo).
+
+Run: python examples/linear_fit.py
+"""
+
+import torch
+
+import rprop
+
+
+def main(epochs: int = 200, seed: int = 0) -> tuple[float, float]:
+    torch.manual_seed(seed)
+    x = torch.randn(100, 1)
+    y = 2 * x + 3 + 0.1 * torch.randn(100, 1)
+    model = torch.nn.Linear(1, 1)
+    opt = rprop.Rprop(model.parameters(), lr=0.01)
+    for epoch in range(1, epochs + 1):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        if epoch % 50 == 0:
+            print(f"epoch {epoch:4d}  loss {loss.item():.6f}")
+    w, b = model.weight.item(), model.bias.item()
+    print(f"w = {w:.2f}, b = {b:.2f}")
+    return w, b
+
+
+if __name__ == "__main__":
+    main()

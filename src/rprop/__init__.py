@@ -1,0 +1,41 @@
+"""rprop: resilient backpropagation done right.
+
+All four variants (Rprop+, Rprop-, iRprop+, iRprop-) from one algorithm core,
+with fronts for PyTorch (:class:`rprop.Rprop`), NumPy/SciPy
+(:func:`rprop.minimize`, :mod:`rprop.numpy`) and JAX (:mod:`rprop.optax`).
+
+Importing ``rprop`` imports neither torch nor jax: the fronts load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rprop._hyper import Hyper
+from rprop._variants import VARIANTS, Variant, get_variant
+
+__version__ = "0.1.0"
+
+# Public names served lazily, so that `import rprop` stays free of torch/jax.
+_LAZY = {
+    "Rprop": ("rprop.torch", "Rprop"),
+    "LrChangeWarning": ("rprop.torch", "LrChangeWarning"),
+    "minimize": ("rprop.numpy", "minimize"),
+}
+
+__all__ = ["VARIANTS", "Hyper", "LrChangeWarning", "Rprop", "Variant", "get_variant", "minimize"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rprop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

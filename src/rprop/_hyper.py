@@ -1,0 +1,88 @@
+"""Hyperparameters, validated once, shared by every front."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_ETAS = (0.5, 1.2)
+DEFAULT_STEP_SIZES = (1e-6, 50.0)
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float, or a TypeError naming ``name``.
+
+    Accepts Python/NumPy reals and one-element arrays/tensors (torch allows a
+    Tensor ``lr``), refuses bools and complex numbers.
+    """
+    if isinstance(value, bool) or isinstance(value, complex):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    numel = getattr(value, "numel", None) or getattr(value, "size", None)
+    count = numel() if callable(numel) else numel
+    if count == 1 and hasattr(value, "item"):
+        item = value.item()
+        if isinstance(item, (bool, complex)):
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+        return float(item)
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{name} must be a pair of two numbers, got {value!r}")
+    return _real(f"{name}[0]", value[0]), _real(f"{name}[1]", value[1])
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Rprop hyperparameters (plain floats), checked on construction.
+
+    ``lr`` is the initial step size Δ0; step sizes then adapt by ``eta_minus``
+    / ``eta_plus`` and stay within ``[step_min, step_max]``.
+    """
+
+    lr: float = 1e-2
+    eta_minus: float = DEFAULT_ETAS[0]
+    eta_plus: float = DEFAULT_ETAS[1]
+    step_min: float = DEFAULT_STEP_SIZES[0]
+    step_max: float = DEFAULT_STEP_SIZES[1]
+    weight_decay: float = 0.0
+    maximize: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("lr", "eta_minus", "eta_plus", "step_min", "step_max", "weight_decay"):
+            object.__setattr__(self, field, _real(field, getattr(self, field)))
+        if not isinstance(self.maximize, bool):
+            raise TypeError(f"maximize must be a bool, got {self.maximize!r}")
+        if not (math.isfinite(self.lr) and self.lr >= 0.0):
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
+        if not 0.0 < self.eta_minus < 1.0 < self.eta_plus < math.inf:
+            raise ValueError(
+                "etas must satisfy 0 < eta_minus < 1 < eta_plus < inf, "
+                f"got ({self.eta_minus}, {self.eta_plus})"
+            )
+        if not 0.0 <= self.step_min <= self.step_max:
+            raise ValueError(
+                "step_sizes must satisfy 0 <= step_min <= step_max, "
+                f"got ({self.step_min}, {self.step_max})"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+
+    @classmethod
+    def from_torch_args(
+        cls,
+        lr: Any = 1e-2,
+        etas: Any = DEFAULT_ETAS,
+        step_sizes: Any = DEFAULT_STEP_SIZES,
+        weight_decay: Any = 0.0,
+        maximize: bool = False,
+    ) -> Hyper:
+        """Build from torch-style arguments (``etas`` and ``step_sizes`` as pairs)."""
+        eta_minus, eta_plus = _pair("etas", etas)
+        step_min, step_max = _pair("step_sizes", step_sizes)
+        return cls(lr, eta_minus, eta_plus, step_min, step_max, weight_decay, maximize)

@@ -1,0 +1,40 @@
+"""Which path steps a param group, and how its tensors are grouped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from rprop.torch import _paths
+
+
+def pick_path(group: dict[str, Any], params: list[Tensor]) -> Callable[..., None]:
+    """The path for a group: explicit choices first, then the fastest available.
+
+    ``differentiable`` needs autograd through the step: the for-loop path.
+    ``fused=True`` demands the fused kernel (an error where it cannot run);
+    ``foreach`` set explicitly picks that plain path; otherwise the fused
+    kernel where it can run, else foreach. All paths give the same result.
+    """
+    from rprop.torch import _fused
+
+    if group["differentiable"]:
+        return _paths.single_tensor
+    if group["fused"]:
+        _fused.require(params)
+        return _fused.fused_step
+    if group["foreach"] is not None or group["fused"] is False:
+        return _paths.multi_tensor if group["foreach"] else _paths.single_tensor
+    if _fused.available(params):
+        return _fused.fused_step
+    return _paths.multi_tensor
+
+
+def group_by_device_and_dtype(params: list[Tensor], grads: list[Tensor]) -> list[list[int]]:
+    """Indices of ``params`` split by (device, dtype, grad dtype), in order."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+    return list(groups.values())

@@ -1,0 +1,371 @@
+"""rprop.Rprop: a drop-in torch.optim.Rprop with all four variants."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
+
+from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._variants import Variant, get_variant
+from rprop.torch import _paths
+
+__all__ = ["LrChangeWarning", "Rprop"]
+
+NONFINITE_MODES = ("propagate", "skip", "raise")
+# Keys of the saved state, per parameter. torch.optim.Rprop has the first three.
+TORCH_KEYS = ("step", "prev", "step_size")
+
+
+class LrChangeWarning(UserWarning):
+    """A group's ``lr`` changed after its step sizes were seeded from it."""
+
+
+def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        kind = "a bool or None" if allow_none else "a bool"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+
+
+def _check_group(group: dict[str, Any]) -> tuple[Hyper, Variant]:
+    """Validate a param group's hyperparameters; return them parsed."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr as a Tensor must have exactly one element, got shape {tuple(lr.shape)}")
+    hyper = Hyper.from_torch_args(
+        lr, group["etas"], group["step_sizes"], group["weight_decay"], group["maximize"]
+    )
+    variant = get_variant(group["variant"])
+    for flag in ("capturable", "differentiable"):
+        _check_flag(flag, group[flag])
+    for flag in ("foreach", "fused"):
+        _check_flag(flag, group[flag], allow_none=True)
+    if group["fused"] and group["foreach"]:
+        raise ValueError("fused=True and foreach=True cannot be set together; pick one")
+    if group["fused"] and group["differentiable"]:
+        raise ValueError("fused=True does not support differentiable=True")
+    if group["nonfinite"] not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {group['nonfinite']!r}")
+    return hyper, variant
+
+
+class Rprop(Optimizer):
+    r"""Resilient backpropagation, all four variants, a drop-in ``torch.optim.Rprop``.
+
+    With the default ``variant="irprop-"`` the trajectory and the
+    ``state_dict`` are bitwise those of ``torch.optim.Rprop``, on every path.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: initial step size Δ0 (float or 1-element Tensor). It only *seeds*
+            the step sizes: changing it later (an LR scheduler) has no effect
+            on them, as in torch; a one-time :class:`LrChangeWarning` says so,
+            and :meth:`rescale_step_sizes` rescales them explicitly.
+        etas: ``(eta_minus, eta_plus)``, with ``0 < eta_minus < 1 < eta_plus``.
+        step_sizes: ``(step_min, step_max)``, with ``0 <= step_min <= step_max``.
+        variant: ``"irprop-"`` (default, torch's), ``"irprop+"``, ``"rprop+"``
+            or ``"rprop-"``. ``"irprop+"`` needs the loss at each step:
+            ``step(closure)`` or ``step(loss=...)``.
+        weight_decay: coupled L2 penalty, ``grad + weight_decay * param``
+            before the sign test.
+        maximize: maximise the objective instead.
+        foreach: batch the step over tensors with ``torch._foreach_*`` ops.
+        capturable: keep the step counter on the device (CUDA graphs).
+        differentiable: let autograd through the step (for-loop path only).
+        fused: one fused pass over memory per (device, dtype) group;
+            ``None`` picks the fastest path available.
+        nonfinite: what a NaN/±inf gradient (or iRprop+ loss) does.
+            ``"propagate"`` (default) behaves as torch: a NaN gradient
+            element keeps its parameter and step size, an infinite one counts as
+            a large gradient. ``"skip"`` skips the whole step (nothing changes;
+            the group's ``skipped_steps`` counts it); ``"raise"`` raises a
+            FloatingPointError naming the first offending parameter. Both cost
+            one reduction per step and, on a GPU, a host synchronisation.
+
+    Example:
+        >>> import torch, rprop
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = rprop.Rprop(model.parameters(), lr=0.01, variant="irprop+")
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(10):
+        ...     loss = opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-2,
+        etas: tuple[float, float] = DEFAULT_ETAS,
+        step_sizes: tuple[float, float] = DEFAULT_STEP_SIZES,
+        *,
+        variant: str = "irprop-",
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        nonfinite: str = "propagate",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "etas": etas,
+            "step_sizes": step_sizes,
+            "variant": variant,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "nonfinite": nonfinite,
+        }
+        _check_group(defaults)
+        defaults["variant"] = get_variant(variant).name
+        self._seen_lr: dict[int, Any] = {}
+        self._warned_lr = False
+        super().__init__(params, defaults)
+
+    # -- groups and state ---------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("skipped_steps", 0)
+        try:
+            _check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        group["variant"] = get_variant(group["variant"]).name
+        for p in group["params"]:
+            if not isinstance(p, Tensor) or not (p.is_floating_point() or p.is_complex()):
+                self.param_groups.pop()
+                raise TypeError(
+                    "params must be floating-point or complex tensors, got "
+                    f"{getattr(p, 'dtype', type(p).__name__)}"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_seen_lr", {})
+        self.__dict__.setdefault("_warned_lr", False)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group.setdefault("skipped_steps", 0)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by ``rprop.Rprop`` or ``torch.optim.Rprop``.
+
+        Everything is checked before anything changes: a state tensor whose
+        shape or dtype does not match its parameter, or a missing key, raises
+        a ValueError naming the parameter. Hyperparameters the saved groups
+        lack (a torch.optim.Rprop state has no ``variant``) keep this
+        optimizer's values; state the chosen variant needs beyond torch's
+        (``prev_update``, ``prev_loss``) starts fresh when absent.
+        """
+        from rprop.torch._checkpoint import prepare_state_dict
+
+        prepared, state = prepare_state_dict(self, state_dict)
+        super().load_state_dict(prepared)
+        # torch's loader would cast state to each parameter's dtype; the
+        # prepared state is already checked and placed, so install it as is.
+        self.state.clear()
+        for group, saved in zip(self.param_groups, prepared["param_groups"], strict=True):
+            for p, index in zip(group["params"], saved["params"], strict=True):
+                if index in state:
+                    self.state[p] = state[index]
+        self._seen_lr.clear()
+
+    def _init_group(self, group: dict[str, Any], variant: Variant) -> dict[str, list[Tensor]]:
+        lists: dict[str, list[Tensor]] = {
+            k: []
+            for k in ("params", "grads", "prevs", "step_sizes", "steps", "prev_updates",
+                      "prev_losses")
+        }
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError("Rprop does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros(
+                    (), dtype=_get_scalar_dtype(),
+                    device=p.device if group["capturable"] else torch.device("cpu"),
+                )
+                state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                lr = group["lr"]
+                if p.is_complex():
+                    # Real and imaginary parts are independent reals, as in torch.
+                    state["step_size"] = torch.full_like(grad, complex(lr, lr))
+                else:
+                    lr = lr.squeeze() if isinstance(lr, Tensor) else lr
+                    state["step_size"] = torch.full_like(grad, lr)
+            if variant.backtracks and "prev_update" not in state:
+                state["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if variant.needs_loss and "prev_loss" not in state:
+                state["prev_loss"] = torch.tensor(math.inf, dtype=_loss_dtype(p), device=p.device)
+            lists["params"].append(p)
+            lists["grads"].append(grad)
+            lists["prevs"].append(state["prev"])
+            lists["step_sizes"].append(state["step_size"])
+            lists["steps"].append(state["step"])
+            if variant.backtracks:
+                lists["prev_updates"].append(state["prev_update"])
+            if variant.needs_loss:
+                lists["prev_losses"].append(state["prev_loss"])
+        return lists
+
+    # -- the step -----------------------------------------------------------
+
+    @_use_grad_for_differentiable
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, loss: Any = None
+    ) -> Any:
+        """Perform one optimisation step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as in torch).
+            loss: the loss at the current parameters (float or 0-dim tensor),
+                for iRprop+ when the caller already computed it. Pass either
+                this or ``closure``, not both.
+        """
+        if closure is not None and loss is not None:
+            raise ValueError("step() takes the loss from closure or from loss=, not both")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            hyper, variant = _check_group(group)
+            lists = self._init_group(group, variant)
+            if lists["params"]:
+                work.append((group, hyper, variant, lists))
+        needs_loss = any(variant.needs_loss for _, _, variant, _ in work)
+        if needs_loss and loss is None:
+            raise ValueError(
+                'variant="irprop+" needs the loss at the current parameters: call '
+                "step(closure) with a closure that returns the loss, or step(loss=loss_value)"
+            )
+        if needs_loss:
+            loss = _as_loss(loss)
+        if not self._finite_or_handled(work, loss if needs_loss else None):
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return loss
+        for group, hyper, variant, lists in work:
+            self._warn_if_lr_changed(group)
+            self._step_group(group, hyper, variant, lists, loss)
+        return loss
+
+    def _step_group(
+        self, group: dict[str, Any], hyper: Hyper, variant: Variant,
+        lists: dict[str, list[Tensor]], loss: Any,
+    ) -> None:
+        from rprop.torch._dispatch import group_by_device_and_dtype, pick_path
+
+        path = pick_path(group, lists["params"])
+        for idx in group_by_device_and_dtype(lists["params"], lists["grads"]):
+            sub = {k: [v[i] for i in idx] if v else [] for k, v in lists.items()}
+            worse = None
+            if variant.needs_loss:
+                signed = -loss if hyper.maximize else loss
+                prev_loss = sub["prev_losses"][0]
+                worse = signed.to(prev_loss.device) > prev_loss
+            path(
+                *_real_views(sub["params"], sub["grads"], sub["prevs"], sub["step_sizes"]),
+                _real_views(sub["prev_updates"])[0] if variant.backtracks else None,
+                steps=sub["steps"],
+                hyper=hyper,
+                variant=variant,
+                worse=worse,
+                differentiable=group["differentiable"],
+            )
+            if variant.needs_loss:
+                signed = (-loss if hyper.maximize else loss).to(sub["prev_losses"][0].device)
+                torch._foreach_copy_(sub["prev_losses"], [signed] * len(sub["prev_losses"]))
+
+    def _finite_or_handled(self, work: list[Any], loss: Tensor | None) -> bool:
+        """Apply the groups' ``nonfinite`` policy; False means skip this step."""
+        from rprop.torch._nonfinite import first_nonfinite
+
+        modes = {group["nonfinite"] for group, _, _, _ in work}
+        if modes <= {"propagate"}:
+            return True
+        checked = [(g, lists) for g, _, _, lists in work if g["nonfinite"] != "propagate"]
+        culprit = first_nonfinite(self, checked, loss)
+        if culprit is None:
+            return True
+        if "raise" in {g["nonfinite"] for g, _ in checked}:
+            raise FloatingPointError(f"non-finite value in {culprit} (nonfinite='raise')")
+        return False
+
+    def _warn_if_lr_changed(self, group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        # A Tensor lr is compared by identity and version (no host sync).
+        seen = (id(lr), lr._version) if isinstance(lr, Tensor) else float(lr)
+        before = self._seen_lr.setdefault(id(group), seen)
+        if before != seen:
+            self._seen_lr[id(group)] = seen
+            if not self._warned_lr:
+                self._warned_lr = True
+                warnings.warn(
+                    "a param group's lr changed after its step sizes were seeded; Rprop "
+                    "adapts step sizes on its own, so the change has no effect (as in "
+                    "torch.optim.Rprop). To rescale the current step sizes, call "
+                    "optimizer.rescale_step_sizes(factor).",
+                    LrChangeWarning,
+                    stacklevel=4,
+                )
+
+    @torch.no_grad()
+    def rescale_step_sizes(self, factor: float) -> None:
+        """Multiply every current step size by ``factor`` (> 0), then clamp to
+        each group's ``step_sizes`` bounds. This is the explicit way to do what
+        an LR scheduler cannot do to Rprop."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise TypeError(f"factor must be a positive number, got {factor!r}")
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor must be a finite number > 0, got {factor}")
+        for group in self.param_groups:
+            lo, hi = group["step_sizes"]
+            for p in group["params"]:
+                step_size = self.state.get(p, {}).get("step_size")
+                if step_size is not None:
+                    view = torch.view_as_real(step_size) if step_size.is_complex() else step_size
+                    view.mul_(factor).clamp_(lo, hi)
+
+
+def _loss_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.device.type == "mps" else torch.float64
+
+
+def _as_loss(loss: Any) -> Tensor:
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise TypeError("loss must be real, got a complex tensor")
+        return loss.detach().reshape(())
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"loss must be a float or a 0-dim tensor, got {type(loss).__name__}")
+    return torch.tensor(float(loss), dtype=torch.float64)
+
+
+def _real_views(*lists: list[Tensor]) -> list[list[Tensor]]:
+    return [[torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in lists]

@@ -1,0 +1,123 @@
+"""The ways rprop.Rprop applies one step to a (device, dtype) group of tensors.
+
+Every path has the same signature and the same result, bitwise:
+
+* :func:`single_tensor` applies :func:`rprop._core.rprop_update` per tensor:
+  the readable ground truth, and the path ``differentiable=True`` uses;
+* :func:`multi_tensor` (``foreach=True``) batches the arithmetic with
+  ``torch._foreach_*`` and selects with ``torch.where``: no boolean-mask
+  indexing and no host synchronisation, so it suits ``capturable=True``
+  (CUDA graphs) and ``torch.compile``;
+* the fused path lives in :mod:`rprop.torch._fused`.
+
+All tensors arrive as real views (complex parameters already split into real
+and imaginary parts). ``worse`` is ``None`` unless the variant needs the loss;
+then it is a 0-dim bool tensor on the group's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rprop._core import effective_grad, rprop_update
+from rprop._hyper import Hyper
+from rprop._variants import Variant
+
+
+def single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor],
+    step_sizes: list[Tensor],
+    prev_updates: list[Tensor] | None,
+    *,
+    steps: list[Tensor],
+    hyper: Hyper,
+    variant: Variant,
+    worse: Any,
+    differentiable: bool = False,
+) -> None:
+    for step in steps:
+        step += 1
+    for i, param in enumerate(params):
+        prev = prevs[i].clone() if differentiable else prevs[i]
+        out = rprop_update(
+            effective_grad(grads[i], param, hyper),
+            prev,
+            step_sizes[i],
+            None if prev_updates is None else prev_updates[i],
+            hyper=hyper,
+            variant=variant,
+            worse=worse,
+            xp=torch,
+        )
+        param.add_(out.delta)
+        prevs[i].copy_(out.prev)
+        step_sizes[i].copy_(out.step_size)
+        if prev_updates is not None:
+            prev_updates[i].copy_(out.prev_update)
+
+
+def multi_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor],
+    step_sizes: list[Tensor],
+    prev_updates: list[Tensor] | None,
+    *,
+    steps: list[Tensor],
+    hyper: Hyper,
+    variant: Variant,
+    worse: Any,
+    differentiable: bool = False,
+) -> None:
+    if differentiable:
+        raise ValueError("foreach=True does not support differentiable=True; use foreach=False")
+    increment_steps(steps)
+    # The same operations as rprop._core.rprop_update, in the same order, so
+    # every rounding matches; only the batching differs.
+    if hyper.maximize:
+        grads = torch._foreach_neg(grads)
+    if hyper.weight_decay != 0.0:
+        grads = torch._foreach_add(grads, torch._foreach_mul(params, hyper.weight_decay))
+    signs = torch._foreach_mul(grads, prevs)
+    torch._foreach_sign_(signs)  # torch.sign maps NaN to 0, as rprop._core.sign does
+    grown = torch._foreach_mul(step_sizes, hyper.eta_plus)
+    shrunk = torch._foreach_mul(step_sizes, hyper.eta_minus)
+    flips = []
+    for i, s in enumerate(signs):
+        new = torch.where(s > 0, grown[i], torch.where(s < 0, shrunk[i], step_sizes[i]))
+        step_sizes[i].copy_(new)
+        flips.append(s < 0)
+    del grown, shrunk
+    torch._foreach_clamp_min_(step_sizes, hyper.step_min)
+    torch._foreach_clamp_max_(step_sizes, hyper.step_max)
+    # prev now takes the gradient, zeroed on flips for forgetting variants.
+    for i, flipped in enumerate(flips):
+        g = torch.where(flipped, 0, grads[i]) if variant.forget else grads[i]
+        prevs[i].copy_(g)
+    updates = torch._foreach_sign(prevs)
+    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_neg_(updates)
+    if variant.undo == "never":
+        torch._foreach_add_(params, updates)
+        return
+    assert prev_updates is not None, "backtracking variants carry prev_update"
+    deltas = []
+    for i, flipped in enumerate(flips):
+        undo = flipped if variant.undo == "always" else flipped & worse
+        deltas.append(torch.where(undo, prev_updates[i].neg(), updates[i]))
+    torch._foreach_add_(params, deltas)
+    torch._foreach_copy_(prev_updates, updates)
+
+
+def increment_steps(steps: list[Tensor]) -> None:
+    """``step += 1`` for every parameter's counter, in one call."""
+    if steps and steps[0].is_cpu:
+        # A CPU scalar tensor avoids re-wrapping 1 per tensor (as torch does).
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1)
