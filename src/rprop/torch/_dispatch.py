@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rprop.torch import _paths
@@ -38,3 +39,28 @@ def group_by_device_and_dtype(params: list[Tensor], grads: list[Tensor]) -> list
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
     return list(groups.values())
+
+
+_DTENSOR: Any = None
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """``t`` itself, or a DTensor's local shard (FSDP2, tensor parallel).
+
+    Rprop is elementwise, so stepping each rank's shard of the parameter,
+    gradient and state is the exact step of the whole tensor, with no
+    communication. The shard *is* the DTensor's storage (``_local_tensor``),
+    so in-place writes land in the DTensor. Gradient and state of a DTensor
+    parameter share its placements (state is made with ``zeros_like``), so
+    all tensors of one parameter line up shard by shard.
+    """
+    global _DTENSOR
+    if type(t) is Tensor or type(t) is torch.nn.Parameter:
+        return t
+    if _DTENSOR is None:
+        if not torch.distributed.is_available():
+            return t
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR = DTensor
+    return t._local_tensor if isinstance(t, _DTENSOR) else t

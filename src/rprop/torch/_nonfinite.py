@@ -9,8 +9,7 @@ from torch import Tensor
 
 
 def first_nonfinite(
-    optimizer: Any, checked: list[tuple[dict[str, Any], dict[str, list[Tensor]]]],
-    loss: Tensor | None,
+    optimizer: Any, checked: list[dict[str, list[Tensor]]], loss: Tensor | None
 ) -> str | None:
     """Describe the first NaN/±inf among the loss and the groups' gradients,
     or return None when all are finite.
@@ -20,7 +19,7 @@ def first_nonfinite(
     """
     if loss is not None and not bool(torch.isfinite(loss)):
         return f"the loss ({float(loss)})"
-    for group, lists in checked:
+    for lists in checked:
         grads = [g for g in lists["grads"] if g.numel() > 0]
         if not grads:
             continue

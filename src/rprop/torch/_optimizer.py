@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -13,7 +13,6 @@ from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_di
 
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
 from rprop._variants import Variant, get_variant
-from rprop.torch import _paths
 
 __all__ = ["LrChangeWarning", "Rprop"]
 
@@ -38,7 +37,9 @@ def _check_group(group: dict[str, Any]) -> tuple[Hyper, Variant]:
     """Validate a param group's hyperparameters; return them parsed."""
     lr = group["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"lr as a Tensor must have exactly one element, got shape {tuple(lr.shape)}")
+        raise ValueError(
+            f"lr as a Tensor must have exactly one element, got shape {tuple(lr.shape)}"
+        )
     hyper = Hyper.from_torch_args(
         lr, group["etas"], group["step_sizes"], group["weight_decay"], group["maximize"]
     )
@@ -201,7 +202,11 @@ class Rprop(Optimizer):
                 continue
             grad = p.grad
             if grad.is_sparse:
-                raise RuntimeError("Rprop does not support sparse gradients")
+                raise TypeError(
+                    "rprop.Rprop does not support sparse gradients; got one for a parameter "
+                    f"of shape {tuple(p.shape)} (use dense gradients, e.g. sparse=False in "
+                    "nn.Embedding)"
+                )
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros(
@@ -214,8 +219,9 @@ class Rprop(Optimizer):
                     # Real and imaginary parts are independent reals, as in torch.
                     state["step_size"] = torch.full_like(grad, complex(lr, lr))
                 else:
-                    lr = lr.squeeze() if isinstance(lr, Tensor) else lr
-                    state["step_size"] = torch.full_like(grad, lr)
+                    # full_like takes a 0-dim Tensor lr as well (torch's _to_scalar).
+                    fill = cast(float, lr.squeeze() if isinstance(lr, Tensor) else lr)
+                    state["step_size"] = torch.full_like(grad, fill)
             if variant.backtracks and "prev_update" not in state:
                 state["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if variant.needs_loss and "prev_loss" not in state:
@@ -234,7 +240,7 @@ class Rprop(Optimizer):
     # -- the step -----------------------------------------------------------
 
     @_use_grad_for_differentiable
-    def step(  # type: ignore[override]
+    def step(
         self, closure: Callable[[], Any] | None = None, *, loss: Any = None
     ) -> Any:
         """Perform one optimisation step.
@@ -307,11 +313,11 @@ class Rprop(Optimizer):
         modes = {group["nonfinite"] for group, _, _, _ in work}
         if modes <= {"propagate"}:
             return True
-        checked = [(g, lists) for g, _, _, lists in work if g["nonfinite"] != "propagate"]
+        checked = [lists for g, _, _, lists in work if g["nonfinite"] != "propagate"]
         culprit = first_nonfinite(self, checked, loss)
         if culprit is None:
             return True
-        if "raise" in {g["nonfinite"] for g, _ in checked}:
+        if "raise" in modes:
             raise FloatingPointError(f"non-finite value in {culprit} (nonfinite='raise')")
         return False
 
@@ -368,4 +374,7 @@ def _as_loss(loss: Any) -> Tensor:
 
 
 def _real_views(*lists: list[Tensor]) -> list[list[Tensor]]:
-    return [[torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in lists]
+    from rprop.torch._dispatch import local_tensor
+
+    views = [[local_tensor(t) for t in ts] for ts in lists]
+    return [[torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in views]

@@ -57,7 +57,7 @@ def single_tensor(
         param.add_(out.delta)
         prevs[i].copy_(out.prev)
         step_sizes[i].copy_(out.step_size)
-        if prev_updates is not None:
+        if prev_updates is not None and out.prev_update is not None:
             prev_updates[i].copy_(out.prev_update)
 
 
@@ -80,9 +80,9 @@ def multi_tensor(
     # The same operations as rprop._core.rprop_update, in the same order, so
     # every rounding matches; only the batching differs.
     if hyper.maximize:
-        grads = torch._foreach_neg(grads)
+        grads = list(torch._foreach_neg(grads))
     if hyper.weight_decay != 0.0:
-        grads = torch._foreach_add(grads, torch._foreach_mul(params, hyper.weight_decay))
+        grads = list(torch._foreach_add(grads, torch._foreach_mul(params, hyper.weight_decay)))
     signs = torch._foreach_mul(grads, prevs)
     torch._foreach_sign_(signs)  # torch.sign maps NaN to 0, as rprop._core.sign does
     grown = torch._foreach_mul(step_sizes, hyper.eta_plus)

@@ -1,0 +1,149 @@
+"""rprop.Rprop (default variant) against torch.optim.Rprop: bitwise, always."""
+
+import copy
+
+import pytest
+import torch
+
+import rprop
+from _helpers import torch_grad_like
+from rprop.torch import _fused
+
+PATHS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "default": {}}
+if _fused.available([torch.zeros(1)]):
+    PATHS["fused"] = {"fused": True}
+
+
+def make_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cdt = torch.complex64 if dtype == torch.float32 else torch.complex128
+    return [
+        torch.randn(17, dtype=dtype, generator=g),
+        torch.randn(3, 4, dtype=dtype, generator=g),
+        torch.randn((), dtype=dtype, generator=g),
+        torch.randn(5, dtype=cdt, generator=g),
+        torch.randn(6, dtype=dtype, generator=g),  # never gets a gradient
+        torch.randn(7, dtype=dtype, generator=g),  # gets one every other step
+        torch.randn(0, dtype=dtype, generator=g),  # empty
+    ]
+
+
+def groups_for(params, tensor_lr=False):
+    lr = torch.tensor(0.03, dtype=torch.float64) if tensor_lr else 0.03
+    return [
+        {"params": params[:2], "lr": lr},
+        {"params": params[2:4], "lr": 3.0, "step_sizes": (1e-4, 0.5), "etas": (0.3, 1.5)},
+        {"params": params[4:6], "lr": 1e-7, "step_sizes": (1e-3, 2.0), "maximize": True},
+        {"params": params[6:]},
+    ]
+
+
+def drive(opts, params_sets, steps, gen_seed=1):
+    gen = torch.Generator().manual_seed(gen_seed)
+    for t in range(steps):
+        grads = []
+        for i, p in enumerate(params_sets[0]):
+            if i == 4 or (i == 5 and t % 2):
+                grads.append(None)
+            else:
+                grads.append(torch_grad_like(p, t, gen))
+        for opt, params in zip(opts, params_sets):
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+
+
+def assert_same(params_a, params_b, opt_a, opt_b):
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(a, b), f"param {i} differs"
+        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+        assert sa.keys() <= sb.keys(), f"param {i}: state keys {sa.keys()} vs {sb.keys()}"
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"param {i}: state {k!r} differs"
+            assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device
+
+
+def fresh(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bitwise_parity_with_torch(dtype, path, tensor_lr):
+    base = make_params(dtype)
+    a, b = fresh(base), fresh(base)
+    ref = torch.optim.Rprop(groups_for(a, tensor_lr), foreach=path == "foreach")
+    ours = rprop.Rprop(groups_for(b, tensor_lr), **PATHS[path])
+    drive([ref, ours], [a, b], steps=300)
+    assert_same(a, b, ref, ours)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_state_dict_torch_to_rprop_and_back(path):
+    base = make_params(torch.float64, seed=3)
+    a, b = fresh(base), fresh(base)
+    ref = torch.optim.Rprop(groups_for(a))
+    ours = rprop.Rprop(groups_for(b), **PATHS[path])
+    drive([ref], [a], steps=40)
+    # torch -> rprop: load into a fresh optimizer over copies of torch's params.
+    with torch.no_grad():
+        for x, y in zip(a, b):
+            y.copy_(x)
+    loaded = copy.deepcopy(ref.state_dict())
+    snapshot = copy.deepcopy(loaded)
+    ours.load_state_dict(loaded)
+    assert_same(a, b, ref, ours)
+    drive([ref, ours], [a, b], steps=60, gen_seed=7)
+    assert_same(a, b, ref, ours)
+    # The dict we loaded from is untouched by later steps (state was copied in).
+    for k, v in snapshot["state"].items():
+        for key in v:
+            assert torch.equal(loaded["state"][k][key], v[key])
+    # rprop -> torch.
+    c = fresh(b)
+    back = torch.optim.Rprop(groups_for(c))
+    # torch's loader aliases the tensors it is given, so hand it a copy.
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))
+    drive([ours, back], [b, c], steps=60, gen_seed=9)
+    assert_same(c, b, back, ours)
+
+
+def test_state_dict_layout_matches_torch():
+    p, q = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    ref, ours = torch.optim.Rprop([p]), rprop.Rprop([q])
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    ref.step()
+    ours.step()
+    sr, so = ref.state_dict(), ours.state_dict()
+    assert sr["state"][0].keys() == so["state"][0].keys() == {"step", "prev", "step_size"}
+    assert sr["param_groups"][0].keys() <= so["param_groups"][0].keys()
+    extra = so["param_groups"][0].keys() - sr["param_groups"][0].keys()
+    assert extra == {"variant", "weight_decay", "fused", "nonfinite", "skipped_steps"}
+
+
+def test_loaded_torch_state_keeps_our_variant():
+    p, q = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    ref = torch.optim.Rprop([p])
+    p.grad = torch.ones(3)
+    ref.step()
+    ours = rprop.Rprop([q], variant="rprop+")
+    ours.load_state_dict(ref.state_dict())
+    assert ours.param_groups[0]["variant"] == "rprop+"
+    q.grad = -torch.ones(3)
+    ours.step()  # a sign flip: backtracking state must exist and start at 0
+    assert torch.equal(ours.state[q]["prev_update"], torch.zeros(3))
+
+
+def test_zero_grad_and_closure_return_like_torch():
+    p = torch.randn(4, requires_grad=True)
+    opt = rprop.Rprop([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    out = opt.step(closure)
+    assert isinstance(out, torch.Tensor) and out.requires_grad
