@@ -68,6 +68,8 @@ def prepare_state_dict(
 def _check_entry(
     index: int, p: Tensor, group: dict[str, Any], saver_had_variant: bool, entry: dict[str, Any]
 ) -> dict[str, Tensor]:
+    from rprop.torch._optimizer import state_dtype_for
+
     where = f"parameter {index} (shape {tuple(p.shape)}, {p.dtype})"
     variant = get_variant(group["variant"])
     needed = list(REQUIRED)
@@ -94,9 +96,10 @@ def _check_entry(
                     f"state {key!r} of {where} has shape {tuple(value.shape)}, expected "
                     f"{tuple(p.shape)}"
                 )
-            if value.dtype != p.dtype:
+            expected = state_dtype_for(p, group)
+            if value.dtype != expected:
                 raise ValueError(
-                    f"state {key!r} of {where} has dtype {value.dtype}, expected {p.dtype}"
+                    f"state {key!r} of {where} has dtype {value.dtype}, expected {expected}"
                 )
             out[key] = value.to(device=p.device, copy=True)
         else:

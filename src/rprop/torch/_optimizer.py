@@ -13,6 +13,7 @@ from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_di
 
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
 from rprop._variants import Variant, get_variant
+from rprop.torch import _paths
 
 __all__ = ["LrChangeWarning", "Rprop"]
 
@@ -52,6 +53,14 @@ def _check_group(group: dict[str, Any]) -> tuple[Hyper, Variant]:
         raise ValueError("fused=True and foreach=True cannot be set together; pick one")
     if group["fused"] and group["differentiable"]:
         raise ValueError("fused=True does not support differentiable=True")
+    state_dtype = group["state_dtype"]
+    if state_dtype is not None and not (
+        isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"state_dtype must be None or a floating torch.dtype (e.g. torch.float32), "
+            f"got {state_dtype!r}"
+        )
     if group["nonfinite"] not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {group['nonfinite']!r}")
     return hyper, variant
@@ -89,6 +98,14 @@ class Rprop(Optimizer):
             the group's ``skipped_steps`` counts it); ``"raise"`` raises a
             FloatingPointError naming the first offending parameter. Both cost
             one reduction per step and, on a GPU, a host synchronisation.
+        state_dtype: ``None`` (default, as torch) keeps the state in each
+            parameter's dtype. ``torch.float32`` keeps ``prev``, ``step_size``
+            and ``prev_update`` of lower-precision parameters (float16,
+            bfloat16) in float32: the sign test and the step sizes then do not
+            quantize (in float16, ``g_prev * g`` underflows to 0 for gradients
+            below ~2e-4, and Rprop stops adapting), and each update is computed
+            in float32 and rounded once into the parameter. Recommended for
+            half-precision parameters.
 
     Example:
         >>> import torch, rprop
@@ -119,6 +136,7 @@ class Rprop(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         nonfinite: str = "propagate",
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -132,6 +150,7 @@ class Rprop(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
             "nonfinite": nonfinite,
+            "state_dtype": state_dtype,
         }
         _check_group(defaults)
         defaults["variant"] = get_variant(variant).name
@@ -213,17 +232,20 @@ class Rprop(Optimizer):
                     (), dtype=_get_scalar_dtype(),
                     device=p.device if group["capturable"] else torch.device("cpu"),
                 )
-                state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                sdt = state_dtype_for(p, group)
+                state["prev"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
                 lr = group["lr"]
                 if p.is_complex():
                     # Real and imaginary parts are independent reals, as in torch.
-                    state["step_size"] = torch.full_like(grad, complex(lr, lr))
+                    state["step_size"] = torch.full_like(grad, complex(lr, lr), dtype=sdt)
                 else:
                     # full_like takes a 0-dim Tensor lr as well (torch's _to_scalar).
                     fill = cast(float, lr.squeeze() if isinstance(lr, Tensor) else lr)
-                    state["step_size"] = torch.full_like(grad, fill)
+                    state["step_size"] = torch.full_like(grad, fill, dtype=sdt)
             if variant.backtracks and "prev_update" not in state:
-                state["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["prev_update"] = torch.zeros_like(
+                    p, dtype=state_dtype_for(p, group), memory_format=torch.preserve_format
+                )
             if variant.needs_loss and "prev_loss" not in state:
                 state["prev_loss"] = torch.tensor(math.inf, dtype=_loss_dtype(p), device=p.device)
             lists["params"].append(p)
@@ -285,9 +307,18 @@ class Rprop(Optimizer):
     ) -> None:
         from rprop.torch._dispatch import group_by_device_and_dtype, pick_path
 
-        path = pick_path(group, lists["params"])
+        chosen = pick_path(group, lists["params"])
         for idx in group_by_device_and_dtype(lists["params"], lists["grads"]):
             sub = {k: [v[i] for i in idx] if v else [] for k, v in lists.items()}
+            path = chosen
+            if sub["prevs"][0].dtype != sub["params"][0].dtype:
+                # Higher-precision state (state_dtype): the arithmetic runs in
+                # the state's dtype and rounds once into the parameter. The
+                # fused kernel assumes one dtype, so a plain path does this.
+                sdt = sub["prevs"][0].dtype
+                sub["grads"] = [g.to(sdt) for g in sub["grads"]]
+                if path not in (_paths.single_tensor, _paths.multi_tensor):
+                    path = _paths.multi_tensor
             worse = None
             if variant.needs_loss:
                 signed = -loss if hyper.maximize else loss
@@ -355,6 +386,15 @@ class Rprop(Optimizer):
                 if step_size is not None:
                     view = torch.view_as_real(step_size) if step_size.is_complex() else step_size
                     view.mul_(factor).clamp_(lo, hi)
+
+
+def state_dtype_for(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype of a parameter's state: its own, or ``state_dtype`` when that
+    is more precise (complex parameters keep their own)."""
+    wanted = group.get("state_dtype")
+    if wanted is None or p.is_complex() or p.dtype.itemsize >= wanted.itemsize:
+        return p.dtype
+    return cast(torch.dtype, wanted)
 
 
 def _loss_dtype(p: Tensor) -> torch.dtype:

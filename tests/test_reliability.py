@@ -1,0 +1,213 @@
+"""Issue 7: checked state loading, non-finite policies, half precision."""
+
+import copy
+
+import pytest
+import torch
+
+import rprop
+
+
+def trained(variant="irprop-", steps=3, **kw):
+    p = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True),
+         torch.randn(5, dtype=torch.float64, requires_grad=True)]
+    opt = rprop.Rprop(p, variant=variant, **kw)
+    for t in range(steps):
+        for q in p:
+            q.grad = torch.sin(q.detach() * (t + 1))
+        opt.step(loss=float(t % 2))
+    return p, opt
+
+
+def snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_unchanged(opt, before):
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after["state"][i][k], v)
+
+
+def corrupt(sd, fn):
+    sd = copy.deepcopy(sd)
+    fn(sd)
+    return sd
+
+
+BAD_STATES = [
+    ("shape", lambda sd: sd["state"][1].__setitem__("prev", torch.zeros(6, dtype=torch.float64)),
+     r"state 'prev' of parameter 1 \(shape \(5,\), torch.float64\) has shape \(6,\), "
+     r"expected \(5,\)"),
+    ("dtype", lambda sd: sd["state"][0].__setitem__("step_size", torch.zeros(4, 3)),
+     r"state 'step_size' of parameter 0 .* has dtype torch.float32, expected torch.float64"),
+    ("missing", lambda sd: sd["state"][0].pop("prev"),
+     r"state of parameter 0 .* lacks \['prev'\]"),
+    ("missing-extra", lambda sd: sd["state"][1].pop("prev_update"),
+     r"state of parameter 1 .* lacks \['prev_update'\] \(needed by variant 'rprop\+'\)"),
+    ("not-tensor", lambda sd: sd["state"][0].__setitem__("prev", [0.0] * 12),
+     r"state 'prev' of parameter 0 .* must be a tensor"),
+    ("groups", lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])),
+     r"state_dict has 2 param groups, the optimizer has 1"),
+    ("params", lambda sd: sd["param_groups"][0]["params"].pop(),
+     r"param group 0 has 1 params in state_dict, 2 in the optimizer"),
+    ("bad-hyper", lambda sd: sd["param_groups"][0].__setitem__("etas", (0.5, 0.9)),
+     r"param group 0 of state_dict: etas must satisfy"),
+    ("bad-variant", lambda sd: sd["param_groups"][0].__setitem__("variant", "sgd"),
+     r"param group 0 of state_dict: variant must be one of"),
+    ("stray", lambda sd: sd["state"].__setitem__(7, {}),
+     r"state_dict has state for parameter 7, which no group lists"),
+]
+
+
+@pytest.mark.parametrize(("name", "fn", "match"), BAD_STATES, ids=[b[0] for b in BAD_STATES])
+def test_bad_state_dict_is_refused_and_leaves_optimizer_unchanged(name, fn, match):
+    _, source = trained("rprop+")
+    _, target = trained("rprop+", steps=2)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(corrupt(source.state_dict(), fn))
+    assert_unchanged(target, before)
+
+
+def test_not_a_state_dict():
+    _, opt = trained()
+    with pytest.raises(ValueError, match="state_dict must be a dict with keys 'state' and"):
+        opt.load_state_dict({"state": {}})
+
+
+@pytest.mark.parametrize("variant", ["rprop+", "irprop+"])
+def test_torch_state_into_backtracking_variant_starts_extras_cleanly(variant):
+    p = [torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    ref = torch.optim.Rprop(p)
+    p[0].grad = torch.ones(3, dtype=torch.float64)
+    ref.step()
+    q = [p[0].detach().clone().requires_grad_()]
+    ours = rprop.Rprop(q, variant=variant)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert "prev_update" not in ours.state[q[0]]
+    q[0].grad = -torch.ones(3, dtype=torch.float64)  # flip: undo of a zero update
+    ours.step(loss=1.0)
+    assert torch.equal(q[0], p[0]), "an undo of the fresh (zero) prev_update moves nothing"
+    assert torch.equal(ours.state[q[0]]["prev_update"], torch.zeros(3, dtype=torch.float64))
+    if variant == "irprop+":
+        assert ours.state[q[0]]["prev_loss"].item() == 1.0
+
+
+# --- non-finite values -------------------------------------------------------
+
+def nan_step(mode, variant="irprop-", where="grad", **kw):
+    p, opt = trained(variant, nonfinite=mode, **kw)
+    before_params = [q.detach().clone() for q in p]
+    before = snapshot(opt)
+    p[0].grad = torch.sin(p[0].detach())
+    p[1].grad = torch.ones(5, dtype=torch.float64)
+    if where == "grad":
+        p[1].grad[2] = float("nan")
+    elif where == "inf":
+        p[1].grad[0] = -float("inf")
+    loss = float("nan") if where == "loss" else 1.0
+    return p, opt, before_params, before, loss
+
+
+@pytest.mark.parametrize("where", ["grad", "inf", "loss"])
+@pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {}])
+def test_skip_leaves_everything_unchanged_and_counts(where, path):
+    variant = "irprop+" if where == "loss" else "rprop+"
+    p, opt, before_params, before, loss = nan_step("skip", variant, where, **path)
+    opt.step(loss=loss)
+    for q, b in zip(p, before_params):
+        assert torch.equal(q, b)
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(opt.state_dict()["state"][i][k], v)
+    assert opt.param_groups[0]["skipped_steps"] == 1
+    assert opt.state_dict()["param_groups"][0]["skipped_steps"] == 1
+    # ...and the next finite step proceeds normally.
+    p[1].grad = torch.ones(5, dtype=torch.float64)
+    opt.step(loss=0.5)
+    assert opt.param_groups[0]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize(("where", "match"), [
+    ("grad", r"non-finite value in the gradient of parameter 1 \(shape \(5,\)\)"),
+    ("loss", r"non-finite value in the loss \(nan\)"),
+])
+def test_raise_names_the_culprit_and_changes_nothing(where, match):
+    p, opt, before_params, before, loss = nan_step("raise", "irprop+", where)
+    with pytest.raises(FloatingPointError, match=match):
+        opt.step(loss=loss)
+    for q, b in zip(p, before_params):
+        assert torch.equal(q, b)
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_propagate_is_torch_behaviour(foreach):
+    # torch 2.13 maps sign(NaN) to 0: a NaN gradient element keeps its
+    # parameter and step size and stores NaN as the previous gradient.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, generator=g).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    ref, ours = torch.optim.Rprop([a], foreach=foreach), rprop.Rprop([b], foreach=foreach)
+    for _ in range(30):
+        grad = torch.randn(50, generator=g)
+        grad[torch.rand(50, generator=g) < 0.2] = float("nan")
+        grad[torch.rand(50, generator=g) < 0.05] = float("inf")
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ref.step()
+        ours.step()
+        assert torch.equal(a, b)
+        for k in ("prev", "step_size"):
+            # Bitwise, NaN included (prev holds the NaN gradients).
+            assert torch.allclose(ref.state[a][k], ours.state[b][k], rtol=0, atol=0,
+                                  equal_nan=True)
+    assert torch.isfinite(b).all()
+
+
+# --- half precision ------------------------------------------------------------
+
+def sin_fit(dtype, state_dtype=None, foreach=False, steps=300):
+    torch.manual_seed(1)
+    x = torch.linspace(-3, 3, 200).unsqueeze(1)
+    y = torch.sin(x)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model = model.to(dtype)
+    opt = rprop.Rprop(model.parameters(), lr=0.01, variant="irprop+", state_dtype=state_dtype,
+                      foreach=foreach)
+    X, Y = x.to(dtype), y.to(dtype)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        opt.step(loss=loss)
+    # Judge every run in float64 on the same data.
+    return ((model.double()(x.double()) - y.double()) ** 2).mean().item(), opt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_converges_close_to_float64(dtype):
+    ref, _ = sin_fit(torch.float64)
+    plain, _ = sin_fit(dtype)
+    mixed, opt = sin_fit(dtype, torch.float32)
+    state = opt.state[next(iter(opt.param_groups[0]["params"]))]
+    assert state["prev"].dtype == state["step_size"].dtype == torch.float32
+    start = sin_fit(torch.float64, steps=0)[0]
+    # Both converge (loss down by > 100x from the start); float32 state gets
+    # closer to the float64 run than half-precision state does.
+    assert plain < start / 100 and mixed < start / 100
+    assert abs(mixed - ref) < abs(plain - ref)
+
+
+def test_half_precision_paths_agree():
+    a, _ = sin_fit(torch.float16, torch.float32, foreach=False, steps=50)
+    b, _ = sin_fit(torch.float16, torch.float32, foreach=True, steps=50)
+    assert a == b
+
+
+def test_state_dtype_validation():
+    with pytest.raises(TypeError, match=r"state_dtype must be None or a floating torch\.dtype"):
+        rprop.Rprop([torch.zeros(2, requires_grad=True)], state_dtype=torch.int32)
