@@ -1,0 +1,71 @@
+"""Fuzzing rprop.Rprop: hyperparameters, shapes (0-dim, 0-element), dtypes,
+variants and paths. No crash, step sizes within bounds, every path bitwise equal."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rprop
+from reference import VARIANT_NAMES
+from rprop.torch import _fused
+
+PATHS = [{"foreach": False, "fused": False}, {"foreach": True}]
+if _fused.available([torch.zeros(1)]):
+    PATHS.append({"fused": True})
+
+DTYPES = [torch.float32, torch.float64, torch.complex64, torch.bfloat16, torch.float16]
+shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+config = st.fixed_dictionaries(
+    {
+        "lr": st.floats(0.0, 100.0),
+        "eta_minus": st.floats(1e-3, 0.999),
+        "eta_plus": st.floats(1.001, 10.0),
+        "step_min": st.floats(0.0, 1.0),
+        "step_span": st.one_of(st.just(math.inf), st.floats(0.0, 100.0)),
+        "weight_decay": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+        "maximize": st.booleans(),
+        "variant": st.sampled_from(VARIANT_NAMES),
+        "dtype": st.sampled_from(DTYPES),
+        "state_dtype": st.sampled_from([None, torch.float32]),
+        "shapes": st.lists(shapes, min_size=1, max_size=4),
+        "steps": st.integers(1, 8),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def run(c, path):
+    g = torch.Generator().manual_seed(c["seed"])
+    params = [torch.randn(s, generator=g).to(c["dtype"]).requires_grad_() for s in c["shapes"]]
+    bounds = (c["step_min"], c["step_min"] + c["step_span"])
+    opt = rprop.Rprop(
+        params, lr=c["lr"], etas=(c["eta_minus"], c["eta_plus"]), step_sizes=bounds,
+        variant=c["variant"], weight_decay=c["weight_decay"], maximize=c["maximize"],
+        state_dtype=c["state_dtype"], **path,
+    )
+    for t in range(c["steps"]):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(c["dtype"]) * (t % 3)
+        opt.step(loss=float(t % 2))
+        for p in params:
+            s = opt.state[p]["step_size"]
+            s = torch.view_as_real(s) if s.is_complex() else s
+            assert torch.all((s >= bounds[0]) & (s <= bounds[1]))
+    return params, opt
+
+
+@settings(max_examples=120, deadline=None)
+@given(config)
+def test_fuzz_paths_agree_and_bounds_hold(c):
+    runs = [run(c, path) for path in PATHS]
+    base_params, base_opt = runs[0]
+    for params, opt in runs[1:]:
+        for a, b in zip(base_params, params):
+            assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+        for a, b in zip(base_params, params):
+            for k, v in base_opt.state[a].items():
+                w = opt.state[b][k]
+                assert v.dtype == w.dtype
+                assert torch.allclose(v, w, rtol=0, atol=0, equal_nan=True), k
