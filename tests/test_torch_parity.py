@@ -119,7 +119,9 @@ def test_state_dict_layout_matches_torch():
     assert sr["state"][0].keys() == so["state"][0].keys() == {"step", "prev", "step_size"}
     assert sr["param_groups"][0].keys() <= so["param_groups"][0].keys()
     extra = so["param_groups"][0].keys() - sr["param_groups"][0].keys()
-    assert extra == {"variant", "weight_decay", "fused", "nonfinite", "state_dtype", "skipped_steps"}
+    assert extra == {
+        "variant", "weight_decay", "fused", "nonfinite", "state_dtype", "skipped_steps"
+    }
 
 
 def test_loaded_torch_state_keeps_our_variant():
