@@ -1,0 +1,263 @@
+"""The JAX front: Rprop as an optax gradient transformation, all four variants.
+
+Unlike ``optax.rprop`` (0.2.8), whose every update is the previous step's
+(so its first update is zero and the trajectory lags one step), the updates
+here are the paper's from the first step, and the backtracking variants and
+complex parameters are supported::
+
+    import jax, jax.numpy as jnp, optax
+    import rprop.optax
+
+    opt = rprop.optax.rprop(1e-2, variant="irprop+")
+    state = opt.init(params)
+
+    @jax.jit
+    def train_step(params, state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = opt.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state, loss
+
+Complex parameters: real and imaginary parts are independent reals (as in
+torch). Following optax's convention, pass the *conjugate* of
+``jax.grad``'s output for a complex leaf (``jax.tree.map(jnp.conj, grads)``):
+``jax.grad`` of a real loss returns ``∂L/∂x - i ∂L/∂y``. The state of a
+complex leaf is complex as well, with a step size ``s`` stored as ``s + s*1j``
+(the same layout as :class:`rprop.Rprop` and :class:`rprop.numpy.Rprop`), so
+every state leaf has its parameter's shape and dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+try:
+    import jax
+    import jax.numpy as jnp
+    import optax
+except ImportError as err:  # pragma: no cover - exercised with jax hidden
+    raise ImportError(
+        'rprop.optax needs jax and optax, an optional extra: pip install "rprop[jax]"'
+    ) from err
+
+from rprop._core import effective_grad, loss_went_up, rprop_update
+from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._variants import Variant, get_variant
+
+__all__ = ["ScaleByRpropState", "rprop", "scale_by_rprop"]
+
+
+class ScaleByRpropState(NamedTuple):
+    """State of :func:`scale_by_rprop`.
+
+    ``step_sizes``, ``prev_grads`` and ``prev_updates`` are pytrees like the
+    params (same shapes and dtypes). ``prev_updates`` (the last update, for
+    undoing it) is ``None`` unless the variant backtracks (``rprop+``,
+    ``irprop+``); ``prev_loss`` (a scalar, +inf at first) is ``None`` unless
+    the variant is ``irprop+``. ``count`` is the number of updates (int32).
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # as in optax's states
+    step_sizes: optax.Updates
+    prev_grads: optax.Updates
+    prev_updates: optax.Updates | None
+    prev_loss: jax.Array | None
+
+
+# Hyper's messages use the torch-style names; say them as this front does.
+_NAMES = [
+    (r"\blr\b", "learning_rate"),
+    (r"\bstep_sizes\b", "(min_step_size, max_step_size)"),
+    (r"\bstep_min\b", "min_step_size"),
+    (r"\bstep_max\b", "max_step_size"),
+]
+
+
+def _hyper(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: Any,
+           max_step_size: Any) -> Hyper:
+    if callable(learning_rate):
+        raise TypeError(
+            "learning_rate must be a number: it is Rprop's initial step size, which then "
+            "adapts per element, so a schedule has nothing to act on"
+        )
+    try:
+        return Hyper(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        for pattern, name in _NAMES:
+            message = re.sub(pattern, name, message)
+        raise type(err)(message) from None
+
+
+def _to_real(x: jax.Array) -> jax.Array:
+    """A complex array as (..., 2) reals; a real array as is."""
+    if jnp.iscomplexobj(x):
+        return jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+    return x
+
+
+def _from_real(x: jax.Array, dtype: Any) -> jax.Array:
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jax.lax.complex(x[..., 0], x[..., 1]).astype(dtype)
+    return x
+
+
+def _loss_dtype() -> Any:
+    # float64 under jax_enable_x64, else float32: the widest float available,
+    # so that the iRprop+ test E(t) > E(t-1) compares losses as given.
+    return jnp.asarray(0.0).dtype
+
+
+def scale_by_rprop(
+    learning_rate: float,
+    eta_minus: float = DEFAULT_ETAS[0],
+    eta_plus: float = DEFAULT_ETAS[1],
+    min_step_size: float = DEFAULT_STEP_SIZES[0],
+    max_step_size: float = DEFAULT_STEP_SIZES[1],
+    *,
+    variant: str = "irprop-",
+) -> optax.GradientTransformationExtraArgs:
+    """Rprop as an optax transformation, with optax's sign convention.
+
+    Like ``optax.scale_by_rprop``, the updates it returns point *uphill*
+    (chain it with ``optax.scale(-1.0)``, as :func:`rprop` does); unlike it,
+    they are the current step's, not the previous one's.
+
+    Args:
+        learning_rate: initial step size Δ0 (a number; schedules do not apply).
+        eta_minus, eta_plus: step-size factors, ``0 < eta_minus < 1 < eta_plus``.
+        min_step_size, max_step_size: bounds on the step sizes.
+        variant: ``"irprop-"`` (default, as optax and torch), ``"irprop+"``,
+            ``"rprop+"`` or ``"rprop-"``. ``"irprop+"`` needs the loss at the
+            current params: ``update(grads, state, params, value=loss)``.
+    """
+    hyper = _hyper(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
+    var = get_variant(variant)
+
+    def init_fn(params: optax.Params) -> ScaleByRpropState:
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+        for path, p in leaves:
+            dtype = jnp.asarray(p).dtype
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                raise TypeError(
+                    f"rprop.optax: every parameter must be floating-point or complex; "
+                    f"params{jax.tree_util.keystr(path)} has dtype {dtype}"
+                )
+
+        def full(p: Any) -> jax.Array:
+            p = jnp.asarray(p)
+            lr = complex(hyper.lr, hyper.lr) if jnp.iscomplexobj(p) else hyper.lr
+            return jnp.full(p.shape, lr, dtype=p.dtype)
+
+        def zeros(p: Any) -> jax.Array:
+            return jnp.zeros(jnp.shape(p), dtype=jnp.asarray(p).dtype)
+
+        return ScaleByRpropState(
+            count=jnp.zeros([], jnp.int32),
+            step_sizes=jax.tree.map(full, params),
+            prev_grads=jax.tree.map(zeros, params),
+            prev_updates=jax.tree.map(zeros, params) if var.backtracks else None,
+            prev_loss=jnp.full((), jnp.inf, dtype=_loss_dtype()) if var.needs_loss else None,
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: ScaleByRpropState, params: optax.Params | None = None,
+        *, value: Any = None, **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByRpropState]:
+        del params, extra_args
+        worse: Any = False
+        prev_loss = state.prev_loss
+        if var.needs_loss:
+            if value is None:
+                raise ValueError(
+                    'variant="irprop+" needs the loss at the current params: call '
+                    "update(grads, state, params, value=loss)"
+                )
+            loss = jnp.asarray(value)
+            if loss.size != 1 or jnp.iscomplexobj(loss):
+                raise ValueError(
+                    f"value (the loss) must be a real scalar, got shape {loss.shape}, "
+                    f"dtype {loss.dtype}"
+                )
+            assert prev_loss is not None
+            loss = loss.reshape(()).astype(prev_loss.dtype)
+            worse = loss_went_up(loss, prev_loss)
+            prev_loss = loss
+        paths_grads, treedef_ = jax.tree_util.tree_flatten_with_path(updates)
+        treedef: Any = treedef_
+        step_sizes = treedef.flatten_up_to(state.step_sizes)
+        prevs = treedef.flatten_up_to(state.prev_grads)
+        prev_updates = (treedef.flatten_up_to(state.prev_updates)
+                        if state.prev_updates is not None else [None] * len(prevs))
+        outs = [
+            _leaf(path, g, s, pv, pu, hyper, var, worse)
+            for (path, g), s, pv, pu in zip(paths_grads, step_sizes, prevs, prev_updates,
+                                            strict=True)
+        ]
+        new_state = ScaleByRpropState(
+            count=optax.safe_increment(state.count),
+            step_sizes=treedef.unflatten([o[2] for o in outs]),
+            prev_grads=treedef.unflatten([o[1] for o in outs]),
+            prev_updates=treedef.unflatten([o[3] for o in outs]) if var.backtracks else None,
+            prev_loss=prev_loss,
+        )
+        # optax's convention for scale_by_*: the uphill direction.
+        return treedef.unflatten([-o[0] for o in outs]), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _leaf(
+    path: Any, g: Any, step_size: jax.Array, prev: jax.Array, prev_update: jax.Array | None,
+    hyper: Hyper, variant: Variant, worse: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """One leaf's step: (delta, prev, step_size, prev_update), in its dtype."""
+    g = jnp.asarray(g)
+    where = f"grads{jax.tree_util.keystr(path)}"
+    if g.shape != step_size.shape:
+        raise ValueError(
+            f"{where} has shape {g.shape}, its parameter has shape {step_size.shape}"
+        )
+    if jnp.iscomplexobj(g) and not jnp.iscomplexobj(step_size):
+        raise TypeError(f"{where} is complex ({g.dtype}) but its parameter is real")
+    dtype = step_size.dtype
+    # weight_decay is 0 here (use optax.add_decayed_weights), so no param is needed.
+    out = rprop_update(
+        effective_grad(_to_real(g.astype(dtype)), None, hyper),
+        _to_real(prev),
+        _to_real(step_size),
+        None if prev_update is None else _to_real(prev_update),
+        hyper=hyper,
+        variant=variant,
+        worse=worse,
+        xp=jnp,
+    )
+    return (
+        _from_real(out.delta, dtype),
+        _from_real(out.prev, dtype),
+        _from_real(out.step_size, dtype),
+        None if out.prev_update is None else _from_real(out.prev_update, dtype),
+    )
+
+
+def rprop(
+    learning_rate: float,
+    eta_minus: float = DEFAULT_ETAS[0],
+    eta_plus: float = DEFAULT_ETAS[1],
+    min_step_size: float = DEFAULT_STEP_SIZES[0],
+    max_step_size: float = DEFAULT_STEP_SIZES[1],
+    *,
+    variant: str = "irprop-",
+) -> optax.GradientTransformationExtraArgs:
+    """The Rprop optimizer for optax (a drop-in for ``optax.rprop``, without its lag).
+
+    ``optax.chain(scale_by_rprop(...), optax.scale(-1.0))``, as ``optax.rprop``
+    is built, so the state is ``(ScaleByRpropState, EmptyState())``. See
+    :func:`scale_by_rprop` for the arguments; ``variant="irprop+"`` needs
+    ``update(grads, state, params, value=loss)``.
+    """
+    return optax.chain(
+        scale_by_rprop(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size,
+                       variant=variant),
+        optax.scale(-1.0),
+    )
