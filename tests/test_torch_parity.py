@@ -149,3 +149,19 @@ def test_zero_grad_and_closure_return_like_torch():
 
     out = opt.step(closure)
     assert isinstance(out, torch.Tensor) and out.requires_grad
+
+
+def test_differentiable_matches_torch():
+    # Autograd through the steps, as torch's differentiable=True allows.
+    def run(cls):
+        w0 = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                         requires_grad=True)
+        w = w0.clone()
+        opt = cls([w], lr=0.1, differentiable=True)
+        for t in range(6):
+            w.grad = torch.sin(w.detach() * 3 + t)
+            opt.step()
+        return w.detach(), torch.autograd.grad((w**2).sum(), (w0,))[0]
+
+    (wa, ga), (wb, gb) = run(torch.optim.Rprop), run(rprop.Rprop)
+    assert torch.equal(wa, wb) and torch.equal(ga, gb)
