@@ -1,0 +1,411 @@
+"""The ``rprop`` command: ``demo``, ``compare`` and ``bench``.
+
+All output is produced here; the work is done by :mod:`rprop.problems`,
+``rprop._compare`` and ``rprop._bench``. Exit codes: 0 on success, 2 on a bad
+argument (one line on stderr, no traceback), 1 when an optional package a
+command needs is missing or a file cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import rprop
+from rprop._hyper import Hyper
+from rprop._variants import VARIANTS, get_variant
+
+BACKENDS = ("torch", "numpy", "jax")
+_EXTRAS = {"torch": ("torch",), "numpy": (), "jax": ("jax", "optax")}
+
+
+class UsageError(Exception):
+    """A bad argument value found after parsing: exit 2."""
+
+
+class MissingError(Exception):
+    """An optional package or a resource the command needs is missing: exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _print(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+# -- demo -----------------------------------------------------------------------
+
+
+def _demo_square(variant: str, lr: float, steps: int) -> None:
+    """f(x) = x² from x = 5, one row per step, with the NumPy front."""
+    import numpy as np
+
+    from rprop.numpy import Rprop as NumpyRprop
+
+    x = np.array([5.0])
+    opt = NumpyRprop([x], lr=lr, variant=variant)
+    _print(f"Minimising f(x) = x² from x = 5 with Rprop ({variant}, initial step size {lr:g}).")
+    _print("Each step moves x by the step size against the sign of f'(x), whatever its size;")
+    _print("the step size grows ×1.2 while f'(x) keeps its sign and halves when it flips.")
+    _print()
+    _print(" step         x     f'(x)  step size       move")
+    step_size, move = lr, 0.0
+    for t in range(1, steps + 1):
+        before = float(x[0])
+        grad = 2.0 * x
+        opt.step([grad], loss=before * before)
+        last_step_size, last_move = step_size, move
+        step_size, move = float(opt.state[0]["step_size"][0]), float(x[0]) - before
+        note = ""
+        if step_size < last_step_size:
+            note = "  sign flip: step size halved"
+            if move == 0.0:
+                note += ", no move"
+            elif move == -last_move:
+                note += ", last move undone"
+        _print(f"{t:5d} {before:9.4f} {grad[0]:9.4f} {step_size:10.4f} {move:+10.4f}{note}")
+    _print(f"after {steps} steps: x = {float(x[0]):.4f}")
+    _print()
+
+
+def _fit_torch(variant: str, lr: float, epochs: int, seed: int,
+               report: Callable[[int, float], None]) -> tuple[float, float]:
+    from rprop import problems
+
+    inst = problems.get("linear-fit").build(seed)
+    opt = rprop.Rprop(inst.params, lr=lr, variant=variant)
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = inst.loss()
+        loss.backward()
+        return loss
+
+    for epoch in range(1, epochs + 1):
+        loss = opt.step(closure)
+        report(epoch, float(loss.detach()))
+    return float(inst.model.weight.item()), float(inst.model.bias.item())
+
+
+def _fit_numpy(variant: str, lr: float, epochs: int, seed: int,
+               report: Callable[[int, float], None]) -> tuple[float, float]:
+    import numpy as np
+
+    from rprop.numpy import Rprop as NumpyRprop
+    from rprop.problems import linear_fit_data
+
+    data = linear_fit_data(seed)
+    x, y = data.x[:, 0], data.y[:, 0]
+    w, b = np.array([data.w0], np.float32), np.array([data.b0], np.float32)
+    opt = NumpyRprop([w, b], lr=lr, variant=variant)
+    for epoch in range(1, epochs + 1):
+        r = w * x + b - y
+        loss = float(np.mean(r * r))
+        opt.step([2.0 * np.mean(r * x, keepdims=True), 2.0 * np.mean(r, keepdims=True)],
+                 loss=loss)
+        report(epoch, loss)
+    return float(w[0]), float(b[0])
+
+
+def _fit_jax(variant: str, lr: float, epochs: int, seed: int,
+             report: Callable[[int, float], None]) -> tuple[float, float]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import rprop.optax
+    from rprop.problems import linear_fit_data
+
+    data = linear_fit_data(seed)
+    x, y = jnp.asarray(data.x[:, 0]), jnp.asarray(data.y[:, 0])
+    params = {"w": jnp.float32(data.w0), "b": jnp.float32(data.b0)}
+    opt = rprop.optax.rprop(lr, variant=variant)
+    state = opt.init(params)
+
+    def mse(p: dict[str, Any]) -> Any:
+        return jnp.mean((p["w"] * x + p["b"] - y) ** 2)
+
+    @jax.jit
+    def step(p: dict[str, Any], s: Any) -> Any:
+        loss, grads = jax.value_and_grad(mse)(p)
+        updates, s = opt.update(grads, s, p, value=loss)
+        return optax.apply_updates(p, updates), s, loss
+
+    for epoch in range(1, epochs + 1):
+        params, state, loss = step(params, state)
+        report(epoch, float(loss))
+    return float(params["w"]), float(params["b"])
+
+
+def _least_squares(seed: int) -> tuple[float, float]:
+    import numpy as np
+
+    from rprop.problems import linear_fit_data
+
+    data = linear_fit_data(seed)
+    a = np.hstack([data.x, np.ones_like(data.x)]).astype(np.float64)
+    (w, b), *_ = np.linalg.lstsq(a, data.y[:, 0].astype(np.float64), rcond=None)
+    return float(w), float(b)
+
+
+_FITS = {"torch": _fit_torch, "numpy": _fit_numpy, "jax": _fit_jax}
+
+
+def _check_backend(backend: str) -> None:
+    missing = [m for m in _EXTRAS[backend] if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = "jax" if backend == "jax" else "torch"
+        raise MissingError(f"the {backend} backend needs {' and '.join(missing)}: "
+                           f"pip install 'rprop[{extra}]'")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    variant = get_variant(args.variant).name
+    Hyper(lr=args.lr)  # a bad --lr is a one-line error before anything runs
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    _check_backend(args.backend)
+    _demo_square(variant, 0.1, 20)
+    _print("Fitting y = 2x + 3 + 0.1·noise (100 points, x ~ N(0, 1)) with one linear layer, "
+           "MSE,")
+    _print(f"full batch: Rprop ({variant}, lr={args.lr:g}), {args.epochs} epochs, "
+           f"{args.backend} backend.")
+    _print()
+
+    def report(epoch: int, loss: float) -> None:
+        if epoch % 50 == 0:
+            _print(f"epoch {epoch:4d}  loss {loss:.6f}")
+
+    w, b = _FITS[args.backend](variant, args.lr, args.epochs, args.seed, report)
+    _print(f"w = {w:.2f}, b = {b:.2f}")
+    w_ls, b_ls = _least_squares(args.seed)
+    _print(f"(least squares on this noisy sample: w = {w_ls:.4f}, b = {b_ls:.4f})")
+    return 0
+
+
+# -- compare --------------------------------------------------------------------
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    """``5`` means seeds 0..4; ``0,3,7`` means those seeds."""
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            count = int(text)
+            if count < 1:
+                raise argparse.ArgumentTypeError(
+                    f"a count of seeds must be >= 1, got {text!r} (for the one seed 0, write '0,')"
+                )
+            seeds = list(range(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count (5) or a comma-separated list (0,3,7), got {text!r}"
+        ) from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    return seeds
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rprop import _compare
+
+    probs, meths, seeds, budget = _compare.plan(args.problems, args.methods, args.seeds,
+                                                args.quick)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise MissingError("--plot needs matplotlib: pip install 'rprop[plot]'")
+    _check_backend("torch")
+    proto = _compare.protocol(probs, meths, seeds, budget)
+    progress = not args.no_progress and sys.stderr.isatty()
+    runs = _compare.compare(probs, meths, seeds, budget, progress=progress)
+    if args.plot:
+        try:
+            _compare.plot(runs, args.plot)
+        except OSError as err:
+            raise MissingError(f"cannot write {args.plot}: {err.strerror or err}") from None
+    if args.json:
+        _print(json.dumps(_finite_or_none(_compare.to_json(proto, runs)), indent=2))
+        return 0
+    _print(_compare.protocol_text(proto))
+    _print()
+    _print(_compare.format_table(_compare.summarize(runs), markdown=args.markdown))
+    _print()
+    _print("success: runs that reached the goal; median evals: gradient evaluations to the goal,")
+    _print("over the successful runs; final loss: median over seeds of the last loss evaluated.")
+    if args.plot:
+        _print(f"Loss curves written to {args.plot}")
+    return 0
+
+
+# -- bench ----------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    _check_backend("torch")
+    try:
+        from rprop import _bench
+    except ImportError as err:
+        raise MissingError(f"the step-speed benchmark is not available: {err}") from None
+    rows = _bench.run(quick=args.quick, device=args.device)
+    _print(_bench.format_table(rows))
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rprop",
+        description="Resilient backpropagation: see it work (demo), compare the variants "
+                    "with Adam and L-BFGS (compare), time a step (bench).",
+    )
+    parser.add_argument("--version", action="version", version=f"rprop {rprop.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+
+    demo = sub.add_parser(
+        "demo", help="f(x) = x² step by step, then a linear fit (a few seconds)",
+        description="Minimise f(x) = x² from x = 5 step by step, showing the step size "
+                    "adapt, then fit y = 2x + 3 + 0.1·noise with one linear layer and "
+                    "full-batch Rprop, printing the loss every 50 epochs and the learned "
+                    "w and b.",
+    )
+    demo.add_argument("--variant", default="irprop-",
+                      help=f"Rprop variant: {', '.join(VARIANTS)} (default: irprop-, "
+                           "torch.optim.Rprop's)")
+    demo.add_argument("--backend", choices=BACKENDS, default="torch",
+                      help="front used for the linear fit: torch (rprop.Rprop), numpy "
+                           "(rprop.numpy.Rprop) or jax (rprop.optax.rprop); default: torch")
+    demo.add_argument("--lr", type=float, default=0.01,
+                      help="initial step size of the linear fit (default: 0.01)")
+    demo.add_argument("--epochs", type=int, default=200, help="epochs of the linear fit "
+                      "(default: 200)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data (default: 0)")
+    demo.set_defaults(func=cmd_demo)
+
+    comp = sub.add_parser(
+        "compare", help="the four variants, torch.optim.Rprop, Adam and L-BFGS on "
+                        "problems from the literature",
+        description="Run the four Rprop variants, torch.optim.Rprop, Adam and L-BFGS on "
+                    "the built-in problems from several seeds, and print success rate, "
+                    "median gradient evaluations to the goal, final loss and time per "
+                    "method and problem. The protocol is printed with the results.",
+    )
+    comp.add_argument("--problems", type=_names, metavar="NAMES",
+                      help="comma-separated problems (default: all available): "
+                           + ", ".join(_problem_names()))
+    comp.add_argument("--methods", type=_names, metavar="NAMES",
+                      help="comma-separated methods (default: all): " + ", ".join(_methods()))
+    comp.add_argument("--seeds", type=_seeds, metavar="N|LIST",
+                      help="a count (seeds 0..N-1) or a comma-separated list "
+                           "(default: 5; 2 with --quick)")
+    comp.add_argument("--quick", action="store_true",
+                      help="a few seconds: three small problems, 2 seeds, budget 150")
+    comp.add_argument("--plot", metavar="PNG",
+                      help="write loss curves to this PNG (needs matplotlib)")
+    comp.add_argument("--json", action="store_true",
+                      help="print the protocol, summary and every run as JSON")
+    comp.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    comp.add_argument("--no-progress", action="store_true",
+                      help="no progress bar (it is off anyway when stderr is not a terminal)")
+    comp.set_defaults(func=cmd_compare)
+
+    bench = sub.add_parser(
+        "bench", help="time one optimizer step against torch.optim.Rprop",
+        description="The step-speed benchmark: milliseconds per optimizer step for "
+                    "parameter sets of several sizes, with ratios against "
+                    "torch.optim.Rprop and the memory-bandwidth floor.",
+    )
+    bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _problem_names() -> list[str]:
+    from rprop.problems import PROBLEMS
+
+    return list(PROBLEMS)
+
+
+def _methods() -> list[str]:
+    from rprop._compare import METHODS
+
+    return list(METHODS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (also for --help and bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    prog = f"rprop {args.command}"
+    try:
+        return int(args.func(args))
+    except (UsageError, ValueError, TypeError) as err:
+        if not isinstance(err, UsageError) and not _raised_by_rprop(err):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except MissingError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into `head` and the like
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _raised_by_rprop(err: BaseException) -> bool:
+    """Whether a ValueError/TypeError comes from rprop's own argument checks
+    (a bad option value), not from a bug deeper down, which keeps its traceback."""
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return False
+    module = last.tb_frame.f_globals.get("__name__", "")
+    return module in ("rprop._hyper", "rprop._variants", "rprop.problems", "rprop._compare")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
