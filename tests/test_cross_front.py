@@ -63,7 +63,7 @@ def _loss(t: int, grads: list[np.ndarray]) -> float:
     return float(sum(np.sum(np.abs(g)) for g in grads)) + (t % 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_run(variant: str, scenario: str, dtype: type) -> tuple[list, list, list]:
     """(initial params, [(grads, loss)] per step, [(params, step sizes)] per step)."""
     rng = np.random.default_rng(7)

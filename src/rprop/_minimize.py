@@ -360,7 +360,7 @@ class _Evaluator:
         with np.errstate(all="ignore"):
             g[free] = approx_derivative(
                 sub, x[free], method=self.jac, rel_step=self.rel_step,
-                f0=f if self.jac != "cs" else None,
+                f0=f,
                 bounds=(self.lo[free], self.hi[free]),
             )
         return g
