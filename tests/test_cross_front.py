@@ -11,6 +11,10 @@ The JAX front has no ``maximize`` or ``weight_decay`` option; those scenarios
 feed it what the option would compute: the negated gradients and loss, and
 ``optax.add_decayed_weights`` chained in front (``g + weight_decay * p``,
 the same operation as the core's), and the trajectory is still exact.
+
+The one difference: XLA on CPU flushes subnormal numbers to zero, so where a
+product g_prev * g falls below the normal range the JAX front sees p = 0
+(see the last test). The gradients here stay far from that.
 """
 
 from __future__ import annotations
@@ -207,3 +211,26 @@ def jax_x64():
     jax = pytest.importorskip("jax")
     with jax.enable_x64(True):
         yield
+
+
+def test_the_one_difference_subnormal_products_under_xla(jax_x64):
+    """XLA on CPU flushes subnormal results to zero. A product g_prev * g below
+    the normal range (|p| < 2.2e-308 in float64, 1.2e-38 in float32) is then 0
+    for the JAX front ("no sign information": the step size is kept), while
+    NumPy, torch and the reference see its sign. Here g = 1e-160 twice."""
+    import jax
+    import jax.numpy as jnp
+
+    import rprop.optax
+
+    grads = [np.array([1e-160]), np.array([1e-160])]
+    w = np.zeros(1)
+    opt_np = rprop.numpy.Rprop([w], lr=0.1)
+    opt_jax = rprop.optax.scale_by_rprop(0.1)
+    state = opt_jax.init(jnp.zeros(1))
+    update = jax.jit(opt_jax.update)
+    for g in grads:
+        opt_np.step([g])
+        _, state = update(jnp.asarray(g), state)
+    assert opt_np.state[0]["step_size"][0] == 0.1 * 1.2  # p = 1e-320 > 0: grown
+    assert float(state.step_sizes[0]) == 0.1  # p flushed to 0: kept

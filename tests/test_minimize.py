@@ -362,7 +362,7 @@ def test_bad_input(call, exc, match):
 def test_missing_scipy_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)
-    monkeypatch.delitem(sys.modules, "rprop._minimize")
+    monkeypatch.delitem(sys.modules, "rprop._minimize", raising=False)
     with pytest.raises(ImportError, match=r'pip install "rprop\[scipy\]"'):
         importlib.import_module("rprop._minimize")
     # the stateful NumPy front does not need SciPy

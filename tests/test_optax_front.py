@@ -130,6 +130,9 @@ def test_complex_state_layout_and_independent_parts():
     # real and imaginary parts move independently, by the sign of each part
     u, state = jax.jit(opt.update)(jnp.array([1 - 2j, -3 + 0j]), state, z)
     np.testing.assert_array_equal(u, np.array([0.5 - 0.5j, -0.5 + 0j]))  # uphill, as optax
+    # the state mirrors the params, so optax's params-aware helpers work on it
+    doubled = optax.tree_map_params(opt, lambda p: 2 * p, state)
+    np.testing.assert_array_equal(doubled.step_sizes, 2 * np.asarray(state.step_sizes))
 
 
 def test_works_inside_optax_chain_with_value():
@@ -186,6 +189,6 @@ def test_bad_input(call, exc, match):
 
 def test_missing_jax_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax", None)
-    monkeypatch.delitem(sys.modules, "rprop.optax")
+    monkeypatch.delitem(sys.modules, "rprop.optax", raising=False)
     with pytest.raises(ImportError, match=r'pip install "rprop\[jax\]"'):
         importlib.import_module("rprop.optax")

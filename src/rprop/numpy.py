@@ -239,7 +239,7 @@ class Rprop:
     ) -> None:
         prev_update = _pairs(state["prev_update"]) if variant.backtracks else None
         out = rprop_update(
-            effective_grad(g, _as_pairs(p), hyper),
+            effective_grad(g, _as_pairs(p) if hyper.weight_decay else p, hyper),
             _pairs(state["prev"]),
             _pairs(state["step_size"]),
             prev_update,
