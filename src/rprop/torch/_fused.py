@@ -1,19 +1,426 @@
-"""The fused step (placeholder until the fused kernel lands)."""
+"""The fused step: one pass over memory per (device, dtype) group.
+
+On CPU, a small C kernel (``_kernels/rprop_kernel.c``: plain C with OpenMP,
+no Python or torch headers) is compiled at first use with the system C
+compiler, cached on disk, and loaded with :mod:`ctypes`. One call steps every
+tensor of a group: Python hands over arrays of data pointers and element
+counts, the kernel splits the concatenated elements between threads and
+reads and writes each element once. Nothing proportional to the parameter
+count is allocated.
+
+The kernel performs the same IEEE operations as :func:`rprop._core.rprop_update`
+in the same order and precision (compiled with ``-ffp-contract=off``), so its
+results are bitwise those of :func:`rprop.torch._paths.single_tensor`, for
+float32, float64, float16 and bfloat16.
+
+Cache: one shared library per dtype, in ``$RPROP_CACHE_DIR``, else
+``$XDG_CACHE_HOME/rprop``, else ``~/.cache/rprop``. The file name is a hash
+of the kernel source, the compiler command and flags, the compiler's
+``--version`` and the CPU's feature flags (``-march=native``), so a change of
+any of them compiles afresh and machines sharing a home directory do not
+share an incompatible binary. A library is written to a temporary file and
+renamed into place, so concurrent processes never load a half-written file.
+The compiler is ``$CC`` (default ``cc``).
+
+Elsewhere: CUDA tensors have no fused kernel yet; ``fused=None`` gives them
+the mask-free foreach path and ``fused=True`` raises (see docs/fused.md).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from array import array
+from operator import attrgetter
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
+
+from rprop._hyper import Hyper
+from rprop._variants import Variant
+
+__all__ = ["available", "fused_step", "kernel_info", "require"]
+
+SOURCE = Path(__file__).with_name("_kernels") / "rprop_kernel.c"
+ABI = 1  # RPROP_KERNEL_ABI in the C source
+
+# Kernel builds (RPROP_DTYPE in the C source) by (param, grad, state) dtype:
+# one dtype throughout, or half parameters with float32 state (state_dtype).
+_F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+_CODES = {
+    (_F32, _F32, _F32): 0, (_F64, _F64, _F64): 1, (_F16, _F16, _F16): 2, (_BF16, _BF16, _BF16): 3,
+    (_F16, _F16, _F32): 4, (_BF16, _BF16, _F32): 5, (_F16, _F32, _F32): 6, (_BF16, _F32, _F32): 7,
+}
+# Complex parameters arrive as real views: complex64 -> float32, ...
+_REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64,
+            torch.complex32: torch.float16}
+# prev_update handling (PU_* in the C source).
+PU_NONE, PU_UNDO, PU_KEEP = 0, 1, 2
+# Compiler flags, best first; each later set drops something a compiler may
+# refuse (OpenMP on Apple clang, -march=native elsewhere). Never -ffast-math,
+# and always -ffp-contract=off: a fused multiply-add would change rounding.
+BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-std=c99")
+FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
+# Tensor types the kernel may read through data_ptr(): plain tensors only
+# (DTensor, fake and other subclasses keep the plain paths).
+_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+_lock = threading.Lock()
+_libs: dict[int, Any] = {}  # dtype code -> loaded library
+_failures: dict[int, str] = {}  # dtype code -> why it cannot be built
+_info: dict[int, dict[str, Any]] = {}
+compile_count = 0  # compilations done by this process (tests read it)
+
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_is_contiguous = Tensor.is_contiguous
+_get_is_cpu = attrgetter("is_cpu")
+_get_dtype = attrgetter("dtype")
+
+
+# -- building and loading the kernel ------------------------------------------
+
+
+def compiler() -> list[str]:
+    """The C compiler command: ``$CC`` split like a shell would, or ``cc``."""
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("RPROP_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rprop"
+
+
+def _cpu_flags() -> str:
+    """What -march=native depends on: the CPU's feature flags where Linux
+    lists them, else the platform's description."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler_version(cc: list[str]) -> str:
+    out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise OSError(f"`{shlex.join(cc)} --version` failed: {out.stderr.strip()[-500:]}")
+    return out.stdout
+
+
+def _build(code: int) -> tuple[Path, dict[str, Any]]:
+    """Return a compiled library for dtype ``code``: from the cache, or built."""
+    global compile_count
+    cc = compiler()
+    if not cc or shutil.which(cc[0]) is None:
+        raise RuntimeError(
+            f"no C compiler found (looked for {cc[0] if cc else '$CC'!r}; set CC to one)"
+        )
+    source = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError:
+        # No writable cache: build into a private directory of this process
+        # (never a shared, predictable one: the library is loaded as code).
+        directory = Path(tempfile.mkdtemp(prefix="rprop-kernel-"))
+    errors = []
+    for extra in FLAG_SETS:
+        flags = [*BASE_FLAGS, *extra, f"-DRPROP_DTYPE={code}"]
+        key = hashlib.sha256(
+            b"\0".join([source, shlex.join([*cc, *flags]).encode(), version.encode(),
+                        _cpu_flags().encode() if "-march=native" in extra else b""])
+        ).hexdigest()[:24]
+        path = directory / f"rprop_kernel_{code}_{key}.so"
+        info = {"path": str(path), "compiler": shlex.join(cc), "flags": flags,
+                "openmp": "-fopenmp" in extra, "compiled": False, "compile_s": 0.0}
+        if path.exists():
+            return path, info
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            start = time.perf_counter()
+            out = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp],
+                                 capture_output=True, text=True, timeout=300)
+            if out.returncode == 0:
+                os.replace(tmp, path)  # atomic: readers see all of it or nothing
+                compile_count += 1
+                info.update(compiled=True, compile_s=time.perf_counter() - start)
+                return path, info
+            errors.append(f"{' '.join(extra) or '(no extra flags)'}: {out.stderr.strip()[-800:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("compiling the fused kernel failed:\n" + "\n".join(errors))
+
+
+def _load(code: int) -> Any:
+    lib = _libs.get(code)
+    if lib is not None:
+        return lib
+    if code in _failures:
+        raise RuntimeError(_failures[code])
+    with _lock:
+        if code in _libs:
+            return _libs[code]
+        try:
+            path, info = _build(code)
+            lib = ctypes.CDLL(str(path))
+            if lib.rprop_kernel_abi() != ABI or lib.rprop_kernel_dtype() != code:
+                raise RuntimeError(f"{path} is not a build of this kernel; delete it")
+        except Exception as err:  # no compiler, failed build, unloadable file, ...
+            _failures[code] = f"the fused CPU kernel is unavailable: {err}"
+            raise RuntimeError(_failures[code]) from err
+        fn = lib.rprop_fused_step
+        fn.restype = ctypes.c_int
+        fn.argtypes = (
+            [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_int]
+            + [ctypes.c_double] * 5 + [ctypes.c_int] * 4
+        )
+        info["openmp"] = bool(lib.rprop_kernel_openmp())
+        _info[code] = info
+        _libs[code] = lib
+        return lib
+
+
+def kernel_info(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Where the CPU kernel for ``dtype`` lives and how it was built (loading,
+    and compiling if needed); ``{"error": why}`` when it cannot be built."""
+    real = _REAL_OF.get(dtype, dtype)
+    code = _CODES[(real, real, real)]
+    try:
+        _load(code)
+    except RuntimeError as err:
+        return {"error": str(err)}
+    return dict(_info[code])
+
+
+def _reset_for_tests() -> None:
+    """Forget loaded libraries and failures (the files on disk stay)."""
+    with _lock:
+        _libs.clear()
+        _failures.clear()
+        _info.clear()
+        _checked.clear()
+
+
+# -- can it run? ----------------------------------------------------------------
+
+
+def _unsupported(params: list[Tensor]) -> str | None:
+    """Why the fused kernel cannot step these parameters, or None."""
+    if not set(map(type, params)) <= _PLAIN_TYPES:
+        from rprop.torch._dispatch import local_tensor
+
+        # A DTensor steps its local shard, a plain tensor (see local_tensor).
+        params = [local_tensor(p) for p in params]
+        others = sorted({type(p).__name__ for p in params if type(p) not in _PLAIN_TYPES})
+        if others:
+            return f"fused=True supports plain tensors and DTensors, got {', '.join(others)}"
+    if not all(map(_get_is_cpu, params)):
+        devices = sorted({str(p.device) for p in params if not p.is_cpu})
+        return (f"fused=True runs on CPU only for now, got parameters on {', '.join(devices)}; "
+                "use foreach=True there (mask-free, no host syncs)")
+    for dtype in set(map(_get_dtype, params)):
+        real = _REAL_OF.get(dtype, dtype)
+        code = _CODES.get((real, real, real))
+        if code is None:
+            return f"fused=True does not support dtype {dtype}"
+        if code not in _libs:
+            try:
+                _load(code)
+            except RuntimeError as err:
+                return str(err)
+    return None
 
 
 def available(params: list[Tensor]) -> bool:
-    return False
+    """Whether the fused kernel can step every one of ``params`` (it compiles
+    the kernel on the first call that needs it). False while torch.compile
+    traces the step: the foreach path traces without graph breaks, an opaque
+    ctypes call would not."""
+    if torch.compiler.is_compiling():
+        return False
+    return _unsupported(params) is None
 
 
 def require(params: list[Tensor]) -> None:
-    raise RuntimeError("fused=True is not available in this build")
+    """Raise a RuntimeError saying why the fused kernel cannot run, if it cannot."""
+    why = _unsupported(params)
+    if why is not None:
+        raise RuntimeError(why)
 
 
-def fused_step(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("fused=True is not available in this build")
+# -- the step -------------------------------------------------------------------
+
+# Validated layouts: key (kernel code, data pointers of params/state/counters,
+# param sizes) -> (counter kind, all params contiguous). Counter kind: 0
+# float32, 1 float64, -1 increment them in Python. A parameter or state tensor
+# replaced by a new one changes the key, so the next step validates again.
+_checked: dict[tuple[int, bytes, bytes], tuple[int, bool]] = {}
+_CHECKED_MAX = 64
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers exactly ``numel`` consecutive elements from data_ptr."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(p: Tensor, t: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernel may walk ``t`` (of ``dtype``) element by element
+    alongside ``p``."""
+    if t.numel() != p.numel() or t.dtype != dtype or not t.is_cpu:
+        return False
+    if p.is_contiguous():
+        return t.is_contiguous()
+    return t.shape == p.shape and t.stride() == p.stride() and _dense(p)
+
+
+def _walkable(p: Tensor, ts: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether ``p`` is dense and its state tensors ``ts`` line up with it."""
+    return (p.is_contiguous() or _dense(p)) and all(_same_layout(p, t, dtype) for t in ts)
+
+
+def _counter_kind(steps: list[Tensor]) -> int:
+    """0/1 when every counter is a CPU float32/float64 scalar the kernel can
+    increment, else -1."""
+    kinds = set(map(_get_dtype, steps))
+    if len(kinds) == 1 and all(s.is_cpu and s.numel() == 1 for s in steps):
+        return {torch.float32: 0, torch.float64: 1}.get(kinds.pop(), -1)
+    return -1
+
+
+def fused_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    prevs: list[Tensor],
+    step_sizes: list[Tensor],
+    prev_updates: list[Tensor] | None,
+    *,
+    steps: list[Tensor],
+    hyper: Hyper,
+    variant: Variant,
+    worse: Any,
+    differentiable: bool = False,
+) -> None:
+    """One Rprop step for a (device, dtype) group: same arguments and bitwise
+    the same result as :func:`rprop.torch._paths.single_tensor`.
+
+    Every tensor is walked as a flat array from its ``data_ptr()``: contiguous,
+    or dense with the same strides as its parameter (channels_last). Others
+    (non-dense views, a gradient laid out unlike its parameter) are stepped by
+    the foreach path, which gives the same bits; so are dtype combinations the
+    kernel lacks (see ``_CODES``).
+    """
+    from rprop.torch import _paths
+
+    if differentiable:
+        raise ValueError("fused=True does not support differentiable=True")
+    n = len(params)
+    if n == 0:
+        return
+    if not params[0].is_cpu:
+        raise RuntimeError(f"the fused kernel steps CPU tensors, got {params[0].device}")
+    kw = {"steps": steps, "hyper": hyper, "variant": variant, "worse": worse}
+    states = [prevs, step_sizes] if prev_updates is None else [prevs, step_sizes, prev_updates]
+    gdt, sdt = grads[0].dtype, prevs[0].dtype
+    code = _CODES.get((params[0].dtype, gdt, sdt))
+    if code is None or len(set(map(_get_dtype, grads))) != 1:
+        _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
+        return
+    lib = _load(code)
+
+    ptrs = array("q", map(_data_ptr, params))
+    for ts in states:
+        ptrs.extend(map(_data_ptr, ts))
+    ptrs.extend(map(_data_ptr, steps))
+    numels = array("q", map(_numel, params))
+    key = (code, ptrs.tobytes(), numels.tobytes())
+    entry = _checked.get(key)
+    if entry is None and all(
+        _walkable(p, [ts[i] for ts in states], sdt) for i, p in enumerate(params)
+    ):
+        if len(_checked) >= _CHECKED_MAX:
+            _checked.clear()
+        entry = _checked[key] = (_counter_kind(steps), all(map(_is_contiguous, params)))
+    if entry is not None and (
+        (entry[1] and all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
+        or all(_same_layout(p, g, gdt) for p, g in zip(params, grads, strict=True))
+    ):
+        ptrs.extend(map(_data_ptr, grads))
+        _call(lib, code, n, ptrs, numels, entry[0], len(states) == 3, **kw)
+        return
+    # Some tensors cannot be walked flat: fuse the others, foreach these.
+    fusable: list[int] = []
+    other: list[int] = []
+    for i, p in enumerate(params):
+        ok = _walkable(p, [ts[i] for ts in states], sdt) and _same_layout(p, grads[i], gdt)
+        (fusable if ok else other).append(i)
+    for idx in (fusable, other):
+        if not idx:
+            continue
+        sub_params, sub_grads, sub_steps, *sub_states = (
+            [ts[i] for i in idx] for ts in (params, grads, steps, *states)
+        )
+        if idx is fusable:
+            ptrs = array("q")
+            for ts in (sub_params, *sub_states, sub_steps, sub_grads):
+                ptrs.extend(map(_data_ptr, ts))
+            numels = array("q", map(_numel, sub_params))
+            _call(lib, code, len(idx), ptrs, numels, _counter_kind(sub_steps),
+                  len(sub_states) == 3, **{**kw, "steps": sub_steps})
+        else:
+            _paths.multi_tensor(sub_params, sub_grads, sub_states[0], sub_states[1],
+                                sub_states[2] if len(sub_states) == 3 else None,
+                                **{**kw, "steps": sub_steps})
+
+
+def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
+          backtracks: bool, *, steps: list[Tensor], hyper: Hyper, variant: Variant,
+          worse: Any) -> None:
+    """Run the kernel. ``ptrs`` holds n pointers each of params, prevs,
+    step_sizes, [prev_updates,] step counters, grads, in that order."""
+    from rprop.torch import _paths
+
+    base, word = ptrs.buffer_info()[0], n * ptrs.itemsize
+    if not backtracks:
+        pu_mode = PU_NONE
+    elif variant.undo == "always":
+        pu_mode = PU_UNDO
+    else:  # "if_worse": one flag for the whole step, read once
+        pu_mode = PU_UNDO if bool(worse) else PU_KEEP
+    k = 3 if backtracks else 2  # state arrays after params
+    if kind < 0:
+        _paths.increment_steps(steps)
+    rc = lib.rprop_fused_step(
+        code, n, base, base + (2 + k) * word, base + word, base + 2 * word,
+        base + 3 * word if backtracks else None, numels.buffer_info()[0],
+        base + (1 + k) * word if kind >= 0 else None, max(kind, 0),
+        hyper.eta_minus, hyper.eta_plus, hyper.step_min, hyper.step_max,
+        hyper.weight_decay, hyper.maximize, variant.forget, pu_mode, torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"the fused kernel rejected its arguments (code {rc})")

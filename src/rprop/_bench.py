@@ -1,0 +1,236 @@
+"""Step-speed benchmark: ms per optimizer step, against torch and the memory floor.
+
+Shared by ``benchmarks/step_speed.py`` and the command line. For each size
+(``tensors x elements``, float32) it times ``torch.optim.Rprop`` (for-loop and
+foreach) and each ``rprop.Rprop`` path (for-loop, foreach, fused), and
+measures in the same run the memory-bandwidth floor: the rate of a large
+tensor copy, scaled to the bytes one step must move (28 bytes per parameter
+for iRprop-/Rprop-: read param, grad, prev, step size; write param, prev,
+step size; 36 for the backtracking variants, which also read and write the
+last update).
+
+Peak extra memory of a step: on CPU, the largest total of live torch
+allocations made during one step (torch profiler memory events, replayed in
+order); on CUDA, ``max_memory_allocated`` above the memory in use before the
+step. Neither counts memory allocated outside torch; the fused kernel
+allocates none (its pointer arrays are Python objects of 8 bytes per tensor
+and state array).
+
+torch is imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["FULL_SIZES", "QUICK_SIZES", "bytes_per_param", "format_table", "run"]
+
+# (tensors, elements per tensor)
+FULL_SIZES = [(1, 10_000_000), (100, 100_000), (1000, 1000), (10, 10_000_000)]
+CUDA_EXTRA_SIZES = [(1000, 100_000)]
+QUICK_SIZES = [(1, 100_000), (100, 1000)]
+
+PATHS = ("torch for-loop", "torch foreach", "rprop for-loop", "rprop foreach", "rprop fused")
+
+
+def bytes_per_param(variant: str = "irprop-", itemsize: int = 4) -> int:
+    """Bytes one step must read and write per parameter."""
+    from rprop._variants import get_variant
+
+    arrays = 7 + 2 * get_variant(variant).backtracks
+    return arrays * itemsize
+
+
+def _label(count: int, numel: int) -> str:
+    def short(n: int) -> str:
+        for unit, scale in (("M", 1_000_000), ("k", 1000)):
+            if n >= scale and n % scale == 0:
+                return f"{n // scale}{unit}"
+        return str(n)
+
+    return f"{count}x{short(numel)}"
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_ms(step: Callable[[], Any], device: str, repeats: int, budget_s: float) -> float:
+    """Median wall time of ``step`` in ms: one warm-up call, then ``repeats``
+    timed calls, fewer (at least 3) when they exceed ``budget_s``."""
+    step()
+    _sync(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < repeats and (len(times) < 3 or spent < budget_s):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times) * 1e3
+
+
+def copy_rate(device: str = "cpu", numel: int = 1 << 26, repeats: int = 10) -> float:
+    """Bytes per second of a large float32 tensor copy (read + write counted)."""
+    import torch
+
+    src = torch.ones(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device, repeats, budget_s=5.0)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def peak_step_memory(step: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak bytes of torch allocations live during one call of ``step``,
+    beyond what was allocated before it."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return max(torch.cuda.max_memory_allocated() - base, 0)
+    from torch import profiler
+
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU],
+                          profile_memory=True) as prof:
+        step()
+    results = prof.profiler.kineto_results if prof.profiler is not None else None
+    if results is None:
+        return 0
+    cpu = torch.autograd.DeviceType.CPU
+    events = sorted((e for e in results.events()
+                     if e.name() == "[memory]" and e.device_type() == cpu),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _optimizer(path: str, params: list[Any], variant: str) -> Any:
+    import torch
+
+    import rprop
+
+    if path == "torch for-loop":
+        return torch.optim.Rprop(params, foreach=False)
+    if path == "torch foreach":
+        return torch.optim.Rprop(params, foreach=True)
+    flags = {"rprop for-loop": {"foreach": False}, "rprop foreach": {"foreach": True},
+             "rprop fused": {"fused": True}}[path]
+    return rprop.Rprop(params, variant=variant, **flags)
+
+
+def run(
+    sizes: list[tuple[int, int]] | None = None,
+    *,
+    quick: bool = False,
+    device: str = "cpu",
+    repeats: int | None = None,
+    variant: str = "irprop-",
+    paths: tuple[str, ...] = PATHS,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time one optimizer step for every (size, path); return one row each.
+
+    Row keys: ``size`` (label), ``tensors``, ``numel`` (per tensor),
+    ``params``, ``path``, ``ms`` (median per step), ``floor_ms``,
+    ``copy_gbps``, ``vs_torch_foreach`` (speed-up over torch foreach, > 1 is
+    faster), ``vs_floor`` (ms / floor_ms), ``peak_extra_mb`` (None when
+    ``memory`` is False), ``variant``, ``device``, ``threads``. A path that
+    cannot run here (the fused kernel without a C compiler) gets ``ms`` None
+    and its reason in ``error``. torch.optim.Rprop only has iRprop-; with
+    another ``variant`` its rows still time iRprop-.
+    """
+    import torch
+
+    if sizes is None:
+        sizes = QUICK_SIZES if quick else FULL_SIZES + (
+            CUDA_EXTRA_SIZES if device.startswith("cuda") else [])
+    if repeats is None:
+        repeats = 5 if quick else 15
+    budget = 0.5 if quick else 4.0
+    say = progress or (lambda _msg: None)
+    say("measuring the copy rate")
+    rate = copy_rate(device, numel=(1 << 22) if quick else (1 << 26),
+                     repeats=5 if quick else 10)
+    per_param = bytes_per_param(variant)
+    rows: list[dict[str, Any]] = []
+    for count, numel in sizes:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(numel, generator=gen).to(device).requires_grad_()
+                  for _ in range(count)]
+        for p in params:
+            p.grad = torch.randn(numel, generator=gen).to(device)
+        floor_ms = count * numel * per_param / rate * 1e3
+        for path in paths:
+            say(f"{_label(count, numel)} {path}")
+            row: dict[str, Any] = {
+                "size": _label(count, numel), "tensors": count, "numel": numel,
+                "params": count * numel, "path": path, "variant": variant, "device": device,
+                "threads": torch.get_num_threads(), "copy_gbps": rate / 1e9,
+                "floor_ms": floor_ms, "ms": None, "vs_floor": None, "vs_torch_foreach": None,
+                "peak_extra_mb": None,
+            }
+            try:
+                opt = _optimizer(path, params, variant)
+                row["ms"] = _median_ms(opt.step, device, repeats, budget)
+                if memory:
+                    row["peak_extra_mb"] = peak_step_memory(opt.step, device) / 2**20
+            except RuntimeError as err:  # e.g. fused=True without a C compiler
+                row["error"] = str(err).splitlines()[0]
+            finally:
+                opt = None
+                gc.collect()
+            rows.append(row)
+        torch_foreach = next((r["ms"] for r in rows[-len(paths):]
+                              if r["path"] == "torch foreach"), None)
+        for r in rows[-len(paths):]:
+            if r["ms"] is not None:
+                r["vs_floor"] = r["ms"] / floor_ms
+                if torch_foreach:
+                    r["vs_torch_foreach"] = torch_foreach / r["ms"]
+        del params
+        gc.collect()
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`run`'s rows, one block per size."""
+    if not rows:
+        return "(no results)"
+    first = rows[0]
+    lines = [
+        f"Rprop step speed, float32, {first['device']}, {first['threads']} threads, "
+        f"variant {first['variant']}; copy rate {first['copy_gbps']:.1f} GB/s "
+        f"(floor = bytes moved per step / copy rate); medians.",
+        f"{'size':>9}  {'path':<15} {'ms/step':>9} {'x faster':>9} {'x floor':>8} "
+        f"{'peak extra':>11}",
+        f"{'':>9}  {'':<15} {'':>9} {'vs torch':>9} {'':>8} {'MB':>11}",
+    ]
+    size = None
+    for r in rows:
+        if r["size"] != size:
+            size = r["size"]
+            lines.append(f"{size:>9}  {'(floor)':<15} {r['floor_ms']:9.3f}")
+        if r["ms"] is None:
+            lines.append(f"{'':>9}  {r['path']:<15} unavailable: {r.get('error', '')}")
+            continue
+        speedup = "" if r["vs_torch_foreach"] is None else f"{r['vs_torch_foreach']:9.1f}"
+        mem = "" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:11.1f}"
+        lines.append(f"{'':>9}  {r['path']:<15} {r['ms']:9.3f} {speedup:>9} "
+                     f"{r['vs_floor']:8.2f} {mem:>11}")
+    return "\n".join(lines)

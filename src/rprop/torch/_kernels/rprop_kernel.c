@@ -1,0 +1,262 @@
+/* The fused Rprop step on CPU: one pass over memory for a whole group.
+ *
+ * Plain C (C99, optional OpenMP), no Python or torch headers: rprop compiles
+ * it at first use with the system C compiler and loads it with ctypes (see
+ * rprop/torch/_fused.py). One call steps every tensor of a (device, dtype)
+ * group: the caller passes arrays of data pointers and element counts, the
+ * threads split the concatenated elements evenly, and each element is read
+ * once and written once.
+ *
+ * Numerics: every operation below is the single IEEE operation that
+ * rprop._core.rprop_update performs with torch tensors, in the same order and
+ * at the same precision, so the result is bitwise that of the for-loop path.
+ * It must be compiled with -ffp-contract=off (no fused multiply-add) and
+ * without -ffast-math. float16/bfloat16 compute in float32 and round to the
+ * storage type after every operation, as torch's CPU kernels do (each torch
+ * op returns a half tensor); the etas, the bounds and weight_decay are float32
+ * there, as in torch ("opmath" float).
+ *
+ * Per element, with g the gradient and p = g * prev:
+ *   g = maximize ? -g : g;  g = g + wd * param          (when wd != 0)
+ *   step = clamp(p > 0 ? step*eta_plus : p < 0 ? step*eta_minus : step, lo, hi)
+ *   forget variants: g = p < 0 ? 0 : g
+ *   update = -(sign(g) * step)
+ *   delta = (undo and p < 0) ? -prev_update : update;  prev_update = update
+ *   param += delta;  prev = g
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define RPROP_KERNEL_ABI 1
+
+/* what happens to prev_update, shared with _fused.py */
+enum { PU_NONE = 0, PU_UNDO = 1, PU_KEEP = 2 };
+
+/* Work below this many elements runs on the calling thread only. */
+#define PARALLEL_MIN 32768
+/* Thread boundaries fall on multiples of this many elements (cache lines). */
+#define ALIGN_ELEMS 64
+
+static inline float f32_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+/* IEEE half <-> float, exact, round-to-nearest-even (the branch-free
+ * conversions of the FP16 library by Marat Dukhan, MIT licence, which torch
+ * also uses). NaN keeps its sign and becomes the quiet NaN 0x7E00. */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & UINT32_C(0x80000000);
+    const uint32_t two_w = w + w;
+    const float normalized = f32_from_bits((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
+    const float denormalized = f32_from_bits((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+    const uint32_t bits = two_w < (UINT32_C(1) << 27) ? f32_to_bits(denormalized)
+                                                      : f32_to_bits(normalized);
+    return f32_from_bits(sign | bits);
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f32_to_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & UINT32_C(0x80000000);
+    uint32_t bias = shl1_w & UINT32_C(0xFF000000);
+    if (bias < UINT32_C(0x71000000)) bias = UINT32_C(0x71000000);
+    base = f32_from_bits((bias >> 1) + UINT32_C(0x07800000)) + base;
+    const uint32_t bits = f32_to_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & UINT32_C(0x7C00)) + (bits & UINT32_C(0x0FFF));
+    return (uint16_t)((sign >> 16) | (shl1_w > UINT32_C(0xFF000000) ? UINT32_C(0x7E00) : nonsign));
+}
+
+static inline float bf16_to_f32(uint16_t b) { return f32_from_bits((uint32_t)b << 16); }
+
+/* torch's c10::BFloat16 rounding: nearest-even; NaN becomes 0x7FC0. */
+static inline uint16_t f32_to_bf16(float f) {
+    const uint32_t u = f32_to_bits(f);
+    const uint32_t r = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
+    return (uint16_t)(f != f ? UINT32_C(0x7FC0) : r);
+}
+
+/* Round a float32 value to half / bfloat16 precision and back. */
+static inline float rnd_f16(float x) { return f16_to_f32(f32_to_f16(x)); }
+static inline float rnd_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+typedef struct {
+    double eta_minus, eta_plus, lo, hi, wd;
+    int maximize, has_wd;
+} hyper_t;
+
+/* Elements [a, b) of one tensor. Storage types: PT parameter, GT gradient,
+ * ST state (prev, step size, prev update); C is the compute type. xLOAD and
+ * xSTORE convert between storage and compute type; xRND rounds a computed
+ * value to the precision of that storage type, which is where torch rounds:
+ * an op's result has the promoted dtype of its tensor operands (a Python
+ * scalar does not promote). So wd * param rounds like the parameter, grad +
+ * that like the gradient (GT is the parameter's type or wider), and the
+ * sign test and step sizes like the state (ST is GT or wider). FORGET and
+ * PU are compile-time constants in each instantiation. */
+#define DEFINE_SEGMENT(NAME, PT, GT, ST, C, PLOAD, PSTORE, PRND, GLOAD, GRND, SLOAD, SSTORE, \
+                       SRND, FORGET, PU)                                                     \
+    static void NAME(void *param_, const void *grad_, void *prev_, void *step_,              \
+                     void *prev_update_, int64_t a, int64_t b, const hyper_t *hp) {          \
+        PT *restrict param = (PT *)param_;                                                   \
+        const GT *restrict grad = (const GT *)grad_;                                         \
+        ST *restrict prev = (ST *)prev_, *restrict step = (ST *)step_;                       \
+        ST *restrict prev_update = (ST *)prev_update_;                                       \
+        const C eta_minus = (C)hp->eta_minus, eta_plus = (C)hp->eta_plus;                   \
+        const C lo = SRND((C)hp->lo), hi = SRND((C)hp->hi), wd = (C)hp->wd;                 \
+        const int maximize = hp->maximize, has_wd = hp->has_wd;                             \
+        for (int64_t i = a; i < b; i++) {                                                    \
+            C g = GLOAD(grad[i]);                                                            \
+            if (maximize) g = -g;                                                            \
+            if (has_wd) g = GRND(g + PRND(wd * PLOAD(param[i])));                            \
+            const C p = SRND(g * SLOAD(prev[i]));                                            \
+            C s = SLOAD(step[i]);                                                            \
+            s = p > 0 ? SRND(s * eta_plus) : (p < 0 ? SRND(s * eta_minus) : s);             \
+            s = s < lo ? lo : s;                                                             \
+            s = s > hi ? hi : s;                                                             \
+            if (FORGET) g = p < 0 ? (C)0 : g;                                                \
+            const C sg = g > 0 ? (C)1 : (g < 0 ? (C)-1 : (C)0);                              \
+            const C update = -(sg * s);                                                      \
+            C delta = update;                                                                \
+            if (PU == PU_UNDO) delta = p < 0 ? -SLOAD(prev_update[i]) : update;              \
+            if (PU != PU_NONE) prev_update[i] = SSTORE(update);                              \
+            param[i] = PSTORE(PLOAD(param[i]) + delta);                                      \
+            prev[i] = SSTORE(g);                                                             \
+            step[i] = SSTORE(s);                                                             \
+        }                                                                                    \
+    }
+
+#define ID(x) (x)
+#define F16_LOAD(x) f16_to_f32(x)
+#define F16_STORE(x) f32_to_f16(x)
+#define BF16_LOAD(x) bf16_to_f32(x)
+#define BF16_STORE(x) f32_to_bf16(x)
+
+/* Storage type, compute type, load, store, round, for each dtype. */
+#define F32 float, ID, ID, ID
+#define F64 double, ID, ID, ID
+#define F16 uint16_t, F16_LOAD, F16_STORE, rnd_f16
+#define BF16 uint16_t, BF16_LOAD, BF16_STORE, rnd_bf16
+
+#define SEG(...) DEFINE_SEGMENT(__VA_ARGS__)
+/* P, G, S: parameter, gradient and state dtypes (one of the four above). */
+#define DEFINE_ALL(C, P, G, S) DEFINE_ALL_(C, P, G, S)
+#define DEFINE_ALL_(C, PT, PL, PS, PR, GT, GL, GS, GR, ST, SL, SS, SR)                        \
+    SEG(seg_0_0, PT, GT, ST, C, PL, PS, PR, GL, GR, SL, SS, SR, 0, PU_NONE)                   \
+    SEG(seg_1_0, PT, GT, ST, C, PL, PS, PR, GL, GR, SL, SS, SR, 1, PU_NONE)                   \
+    SEG(seg_0_1, PT, GT, ST, C, PL, PS, PR, GL, GR, SL, SS, SR, 0, PU_UNDO)                   \
+    SEG(seg_1_1, PT, GT, ST, C, PL, PS, PR, GL, GR, SL, SS, SR, 1, PU_UNDO)                   \
+    SEG(seg_0_2, PT, GT, ST, C, PL, PS, PR, GL, GR, SL, SS, SR, 0, PU_KEEP)                   \
+    SEG(seg_1_2, PT, GT, ST, C, PL, PS, PR, GL, GR, SL, SS, SR, 1, PU_KEEP)
+
+/* RPROP_DTYPE selects the dtypes this build steps (each combination is built
+ * into its own small library at first use, which keeps compiling fast):
+ *   0..3  parameter, gradient and state all float32 / float64 / float16 / bfloat16
+ *   4, 5  float16 / bfloat16 parameter and gradient, float32 state
+ *   6, 7  float16 / bfloat16 parameter, float32 gradient and state
+ * (4..7 are rprop.Rprop(state_dtype=torch.float32) for half parameters.) */
+#ifndef RPROP_DTYPE
+#define RPROP_DTYPE 0
+#endif
+
+#if RPROP_DTYPE == 0
+DEFINE_ALL(float, F32, F32, F32)
+#elif RPROP_DTYPE == 1
+DEFINE_ALL(double, F64, F64, F64)
+#elif RPROP_DTYPE == 2
+DEFINE_ALL(float, F16, F16, F16)
+#elif RPROP_DTYPE == 3
+DEFINE_ALL(float, BF16, BF16, BF16)
+#elif RPROP_DTYPE == 4
+DEFINE_ALL(float, F16, F16, F32)
+#elif RPROP_DTYPE == 5
+DEFINE_ALL(float, BF16, BF16, F32)
+#elif RPROP_DTYPE == 6
+DEFINE_ALL(float, F16, F32, F32)
+#elif RPROP_DTYPE == 7
+DEFINE_ALL(float, BF16, F32, F32)
+#else
+#error "RPROP_DTYPE must be one of 0..7"
+#endif
+
+typedef void (*segment_fn)(void *, const void *, void *, void *, void *, int64_t, int64_t,
+                           const hyper_t *);
+
+static const segment_fn SEGMENTS[6] = {seg_0_0, seg_1_0, seg_0_1, seg_1_1, seg_0_2, seg_1_2};
+
+int rprop_kernel_abi(void) { return RPROP_KERNEL_ABI; }
+
+int rprop_kernel_dtype(void) { return RPROP_DTYPE; }
+
+int rprop_kernel_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Step n tensors of one dtype. Each pointer array has n entries;
+ * prev_updates is read only when pu_mode != PU_NONE. counters (may be NULL)
+ * are the per-tensor step counters, float32 (counter_kind 0) or float64
+ * (counter_kind 1), each incremented by 1. Returns 0, or -1 on bad codes. */
+int rprop_fused_step(int dtype, int64_t n, void *const *params, void *const *grads,
+                     void *const *prevs, void *const *steps, void *const *prev_updates,
+                     const int64_t *numels, void *const *counters, int counter_kind,
+                     double eta_minus, double eta_plus, double lo, double hi, double wd,
+                     int maximize, int forget, int pu_mode, int nthreads) {
+    if (dtype != RPROP_DTYPE || pu_mode < 0 || pu_mode > 2 || forget < 0 || forget > 1)
+        return -1;
+    const segment_fn seg = SEGMENTS[pu_mode * 2 + forget];
+    const hyper_t hp = {eta_minus, eta_plus, lo, hi, wd, maximize != 0, wd != 0.0};
+
+    if (counters != NULL) {
+        for (int64_t t = 0; t < n; t++) {
+            if (counter_kind == 0)
+                *(float *)counters[t] += 1.0f;
+            else
+                *(double *)counters[t] += 1.0;
+        }
+    }
+
+    int64_t total = 0;
+    for (int64_t t = 0; t < n; t++) total += numels[t];
+    if (total == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (total < PARALLEL_MIN) nthreads = 1;
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int64_t tid = 0, nth = 1;
+#endif
+        /* This thread's share [begin, end) of the concatenated elements. */
+        const int64_t share = (total + nth - 1) / nth;
+        const int64_t per = (share + ALIGN_ELEMS - 1) / ALIGN_ELEMS * ALIGN_ELEMS;
+        int64_t begin = tid * per, end = begin + per;
+        if (end > total) end = total;
+        int64_t offset = 0; /* global index of tensor t's first element */
+        for (int64_t t = 0; t < n && begin < end; t++) {
+            const int64_t m = numels[t];
+            if (offset + m > begin) {
+                const int64_t a = begin - offset;
+                const int64_t b = (end - offset < m ? end - offset : m);
+                seg(params[t], grads[t], prevs[t], steps[t],
+                    pu_mode != PU_NONE ? prev_updates[t] : NULL, a, b, &hp);
+                begin = offset + b;
+            }
+            offset += m;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,399 @@
+"""The fused kernel (rprop.torch._fused): bitwise the for-loop path, always.
+
+Path-level tests drive ``fused_step``, ``single_tensor`` and ``multi_tensor``
+on the same randomized problems and compare every tensor bit for bit
+(NaN included); optimizer-level tests do the same through ``rprop.Rprop``
+with its param groups, complex parameters, missing gradients and state_dict
+round trips. The kernel cache and the missing-compiler fallback are tested
+against a temporary cache directory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import rprop
+from _helpers import torch_grad_like
+from rprop._hyper import Hyper
+from rprop._variants import VARIANTS
+from rprop.torch import _fused, _paths
+
+needs_kernel = pytest.mark.skipif(
+    not _fused.available([torch.zeros(1)]),
+    reason=f"no fused CPU kernel here: {_fused.kernel_info().get('error')}",
+)
+
+VARIANT_NAMES = tuple(VARIANTS)
+HALF = (torch.float16, torch.bfloat16)
+HYPERS = {
+    "default": Hyper(),
+    "maximize+wd": Hyper(lr=0.1, maximize=True, weight_decay=0.01),
+    "lr-outside-bounds": Hyper(lr=100.0, step_min=1e-3, step_max=1.0),
+    "odd-etas": Hyper(lr=1e-7, eta_minus=0.3, eta_plus=1.7, step_min=1e-6, step_max=2.0),
+}
+BIT_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = torch.view_as_real(t) if t.is_complex() else t
+    return t.view(BIT_DTYPES[t.element_size()])
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None:
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: tensor {i}"
+        if x.is_complex():
+            x, y = torch.view_as_real(x), torch.view_as_real(y)
+        if x.dtype == torch.bfloat16:
+            # torch itself writes NaN as 0x7FC0 or 0xFFFF depending on the
+            # code path (scalar or vectorized), so only NaN-ness is compared.
+            nan = x.isnan()
+            assert torch.equal(nan, y.isnan()), f"{what}: tensor {i} NaNs differ"
+            x, y = x[~nan], y[~nan]
+        assert torch.equal(bits(x), bits(y)), f"{what}: tensor {i} differs"
+
+
+def run_path(path, variant, hyper, shapes, steps, *, dtype, state_dtype=None, grad_dtype=None,
+             seed=0, specials=True):
+    """Step fresh tensors ``steps`` times with ``path``; return every tensor.
+
+    Gradients span 11 orders of magnitude (the sign test underflows in half
+    precision), are exactly 0 in ~10% of elements, and once hold NaN and inf.
+    """
+    sdt, gdt = state_dtype or dtype, grad_dtype or dtype
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    prevs = [torch.zeros_like(p, dtype=sdt) for p in params]
+    step_sizes = [torch.full_like(p, hyper.lr, dtype=sdt) for p in params]
+    prev_updates = [torch.zeros_like(p, dtype=sdt) for p in params] if variant.backtracks else None
+    counters = [torch.zeros(()) for _ in params]
+    for t in range(steps):
+        scale = 10.0 ** torch.randint(-8, 3, (), generator=gen).item()
+        grads = []
+        for s in shapes:
+            g = torch.randn(s, generator=gen, dtype=torch.float64) * scale
+            g = g * (torch.rand(s, generator=gen) > 0.1)
+            grads.append(g.to(gdt))
+        if specials and t == 3:
+            grads[0].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+        worse = torch.tensor(t % 3 == 1) if variant.needs_loss else None
+        path(params, grads, prevs, step_sizes, prev_updates, steps=counters, hyper=hyper,
+             variant=variant, worse=worse)
+    return params + prevs + step_sizes + (prev_updates or []) + counters
+
+
+SHAPES = [(3,), (0,), (257,), (5, 7), (1,)]
+BIG_SHAPES = [(20_000,), (13,), (0,), (20_001,)]  # over the kernel's threading threshold
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper", list(HYPERS), ids=list(HYPERS))
+def test_paths_bitwise(variant, dtype, hyper):
+    v, h = VARIANTS[variant], HYPERS[hyper]
+    runs = {name: run_path(path, v, h, SHAPES, 25, dtype=dtype)
+            for name, path in (("single", _paths.single_tensor), ("foreach", _paths.multi_tensor),
+                               ("fused", _fused.fused_step))}
+    assert_bitwise(runs["single"], runs["fused"], "fused vs for-loop")
+    assert_bitwise(runs["foreach"], runs["fused"], "fused vs foreach")
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threaded_split_bitwise(variant, threads):
+    """Thread boundaries fall inside tensors and skip empty ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        v, h = VARIANTS[variant], HYPERS["maximize+wd"]
+        a = run_path(_paths.single_tensor, v, h, BIG_SHAPES, 6, dtype=torch.float32)
+        b = run_path(_fused.fused_step, v, h, BIG_SHAPES, 6, dtype=torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert_bitwise(a, b, "fused vs for-loop")
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["half-state", "float32-state", "float32-state-and-grad"])
+def test_half_precision_bitwise(variant, dtype, mode):
+    """Half parameters: each op rounds to the storage dtype as torch does;
+    with float32 state (rprop.Rprop(state_dtype=torch.float32)) the
+    arithmetic is float32 and the parameter is rounded once."""
+    kw = {"dtype": dtype}
+    if mode != "half-state":
+        kw["state_dtype"] = torch.float32
+    if mode == "float32-state-and-grad":
+        kw["grad_dtype"] = torch.float32
+    v = VARIANTS[variant]
+    for h in (HYPERS["default"], HYPERS["maximize+wd"], HYPERS["lr-outside-bounds"]):
+        a = run_path(_paths.single_tensor, v, h, SHAPES, 15, **kw)
+        b = run_path(_fused.fused_step, v, h, SHAPES, 15, **kw)
+        assert_bitwise(a, b, f"fused vs for-loop ({h})")
+
+
+@needs_kernel
+def test_non_dense_and_channels_last_tensors():
+    """Channels-last tensors are walked flat; non-dense views (and gradients
+    laid out unlike their parameter) go through the foreach path; all agree."""
+    v, h = VARIANTS["rprop+"], HYPERS["maximize+wd"]
+
+    def make():
+        gen = torch.Generator().manual_seed(3)
+        base = torch.randn(6, 8, generator=gen)
+        return [
+            torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last),
+            base[:, ::2],  # not dense
+            torch.randn(4, 5, generator=gen).t(),  # dense, transposed
+            torch.randn(9, generator=gen),
+        ]
+
+    results = []
+    for path in (_paths.single_tensor, _fused.fused_step):
+        params = make()
+        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        for s in states[1]:
+            s.fill_(0.05)
+        counters = [torch.zeros(()) for _ in params]
+        gen = torch.Generator().manual_seed(4)
+        for t in range(8):
+            grads = [torch.randn(p.shape, generator=gen) for p in params]
+            grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
+            if t % 2:
+                grads[2] = grads[2].contiguous()  # laid out unlike its parameter
+            path(params, grads, *states, steps=counters, hyper=h, variant=v, worse=None)
+        results.append(params + [t for s in states for t in s] + counters)
+    assert_bitwise(results[0], results[1], "fused vs for-loop")
+
+
+# -- through rprop.Rprop ------------------------------------------------------------
+
+SETTINGS = {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for-loop": {"foreach": False}, "default": {}}
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cdt = torch.complex64 if dtype == torch.float32 else torch.complex128
+    return [
+        torch.randn(17, dtype=dtype, generator=gen),
+        torch.randn(3, 4, dtype=dtype, generator=gen),
+        torch.randn((), dtype=dtype, generator=gen),
+        torch.randn(5, dtype=cdt, generator=gen),
+        torch.randn(6, dtype=dtype, generator=gen),  # never gets a gradient
+        torch.randn(7, dtype=dtype, generator=gen),  # gets one every other step
+        torch.randn(0, dtype=dtype, generator=gen),  # empty
+        torch.randn(4, 6, dtype=dtype, generator=gen).t(),  # dense, not contiguous
+    ]
+
+
+def groups_for(params, variant, weight_decay=0.0):
+    """Four groups with different hyperparameters, and the optimizer kwargs."""
+    groups = [
+        {"params": params[:2], "lr": 0.03},
+        {"params": params[2:4], "lr": 3.0, "step_sizes": (1e-4, 0.5), "etas": (0.3, 1.5)},
+        {"params": params[4:6], "lr": 1e-7, "step_sizes": (1e-3, 2.0), "maximize": True},
+        {"params": params[6:]},
+    ]
+    if weight_decay:
+        groups[3]["weight_decay"] = 10 * weight_decay
+        return groups, {"variant": variant, "weight_decay": weight_decay}
+    return groups, {"variant": variant}
+
+
+def drive(opts, params_sets, steps, start=0, seed=1):
+    """Give every optimizer the same gradients (and losses) for ``steps`` steps."""
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(start, start + steps):
+        grads = [None if i == 4 or (i == 5 and t % 2) else torch_grad_like(p, t, gen)
+                 for i, p in enumerate(params_sets[0])]
+        loss = float(torch.randn((), generator=gen))
+        for opt, params in zip(opts, params_sets, strict=True):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = None if g is None else g.to(p.device, copy=True)
+            opt.step(loss=loss) if opt.defaults.get("variant") == "irprop+" else opt.step()
+
+
+def assert_same_optimizers(params_a, params_b, opt_a, opt_b):
+    assert_bitwise([p.detach() for p in params_a], [p.detach() for p in params_b], "params")
+    for i, (a, b) in enumerate(zip(params_a, params_b, strict=True)):
+        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+        assert sa.keys() == sb.keys(), f"param {i}: state keys differ"
+        for key in sa:
+            x, y = sa[key], sb[key]
+            x, y = (torch.view_as_real(x), torch.view_as_real(y)) if x.is_complex() else (x, y)
+            assert_bitwise([x], [y], f"state {key!r} of param {i}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optimizer_paths_bitwise(variant, dtype):
+    sets = {name: make_params(dtype) for name in SETTINGS}
+    opts = {}
+    for name, params in sets.items():
+        groups, kw = groups_for(params, variant, weight_decay=0.01)
+        opts[name] = rprop.Rprop(groups, **kw, **SETTINGS[name])
+    names = list(SETTINGS)
+    drive([opts[n] for n in names], [sets[n] for n in names], 40)
+    for name in names[1:]:
+        assert_same_optimizers(sets["fused"], sets[name], opts["fused"], opts[name])
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize(("saver", "loader"), [("fused", "foreach"), ("for-loop", "fused"),
+                                                ("fused", "fused")])
+def test_state_dict_moves_between_paths(variant, saver, loader):
+    """State saved by one path loads into another and continues bitwise."""
+    ref_params, params = make_params(torch.float32), make_params(torch.float32)
+    groups, kw = groups_for(ref_params, variant)
+    ref = rprop.Rprop(groups, **kw, **SETTINGS["for-loop"])
+    groups, kw = groups_for(params, variant)
+    first = rprop.Rprop(groups, **kw, **SETTINGS[saver])
+    drive([ref, first], [ref_params, params], 15)
+    saved = copy.deepcopy(first.state_dict())
+    # The saved dict records the saver's path flags; the loader keeps its own.
+    for g in saved["param_groups"]:
+        g.pop("fused"), g.pop("foreach")
+    groups, kw = groups_for(params, variant)
+    second = rprop.Rprop(groups, **kw, **SETTINGS[loader])
+    second.load_state_dict(saved)
+    drive([ref, second], [ref_params, params], 15, start=15)
+    assert_same_optimizers(ref_params, params, ref, second)
+
+
+@needs_kernel
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_torch_optim_rprop(foreach):
+    """The default variant (iRprop-) is torch.optim.Rprop, bitwise, fused too."""
+    ours, theirs = make_params(torch.float32), make_params(torch.float32)
+    opt = rprop.Rprop(groups_for(ours, "irprop-")[0], fused=True)
+    ref = torch.optim.Rprop(groups_for(theirs, "irprop-")[0], foreach=foreach)
+    drive([opt, ref], [ours, theirs], 40)
+    assert_bitwise([p.detach() for p in ours], [p.detach() for p in theirs], "params")
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        for key in ("prev", "step_size"):
+            if b in ref.state:
+                x, y = opt.state[a][key], ref.state[b][key]
+                if x.is_complex():
+                    x, y = torch.view_as_real(x), torch.view_as_real(y)
+                assert_bitwise([x], [y], f"state {key!r} of param {i}")
+
+
+@needs_kernel
+def test_default_picks_fused_on_cpu(monkeypatch):
+    calls = []
+    real = _fused.fused_step
+    monkeypatch.setattr(_fused, "fused_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    rprop.Rprop([p]).step()
+    assert calls == [1]
+
+
+@needs_kernel
+def test_fused_step_allocates_nothing_per_parameter():
+    """No temporaries proportional to the parameter count: no torch
+    allocation is live during a fused step (the foreach path's peak is
+    several parameter-sized tensors, as the measurement shows)."""
+    from rprop._bench import peak_step_memory
+
+    params = [torch.zeros(100_000, requires_grad=True) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn(100_000)
+    peaks = {}
+    for name in ("fused", "foreach"):
+        opt = rprop.Rprop(params, variant="rprop+", **SETTINGS[name])
+        opt.step()
+        peaks[name] = peak_step_memory(opt.step)
+    assert peaks["fused"] == 0
+    assert peaks["foreach"] >= 4 * 100_000 * 4
+
+
+# -- refusals, fallbacks and the kernel cache ---------------------------------------------
+
+
+def test_require_explains_refusals():
+    with pytest.raises(RuntimeError, match="CPU only"):
+        _fused.require([torch.zeros(2, device="meta")])
+
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(RuntimeError, match="plain tensors"):
+        _fused.require([torch.zeros(2).as_subclass(Sub)])
+    with pytest.raises(ValueError, match="differentiable"):
+        _fused.fused_step([torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)],
+                          None, steps=[torch.zeros(())], hyper=Hyper(),
+                          variant=VARIANTS["irprop-"], worse=None, differentiable=True)
+
+
+@pytest.fixture
+def fresh_kernel_cache(tmp_path, monkeypatch):
+    """An empty kernel cache directory and no kernel loaded in this process;
+    afterwards the regular cache is used again."""
+    monkeypatch.setenv("RPROP_CACHE_DIR", str(tmp_path))
+    _fused._reset_for_tests()
+    yield tmp_path
+    monkeypatch.undo()
+    _fused._reset_for_tests()
+
+
+@needs_kernel
+def test_kernel_cache_is_reused(fresh_kernel_cache):
+    before = _fused.compile_count
+    first = _fused.kernel_info(torch.float64)
+    assert first["compiled"] and _fused.compile_count == before + 1
+    assert [f.name for f in fresh_kernel_cache.iterdir()] == [first["path"].split("/")[-1]]
+    _fused._reset_for_tests()  # as a new process would: load from disk, no compiler run
+    second = _fused.kernel_info(torch.float64)
+    assert not second["compiled"] and second["path"] == first["path"]
+    assert _fused.compile_count == before + 1
+
+
+def test_missing_compiler(fresh_kernel_cache, monkeypatch):
+    monkeypatch.setenv("CC", "rprop-no-such-compiler")
+    p = torch.zeros(3, requires_grad=True)
+    assert not _fused.available([p])
+    assert "no C compiler" in _fused.kernel_info()["error"]
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        rprop.Rprop([p], fused=True).step()
+    rprop.Rprop([p]).step()  # fused=None falls back to foreach, silently
+    assert torch.equal(p.detach(), torch.full((3,), -0.01))
+
+
+# -- CUDA ------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_fused_true_is_a_clear_error():
+    p = torch.zeros(3, device="cuda", requires_grad=True)
+    p.grad = torch.ones(3, device="cuda")
+    assert not _fused.available([p])
+    with pytest.raises(RuntimeError, match="CPU only"):
+        rprop.Rprop([p], fused=True).step()
+
+
+@needs_kernel
+@cuda
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_cuda_default_is_foreach_and_matches_cpu_fused(variant):
+    """fused=None on CUDA takes the foreach path; it agrees with the CPU kernel."""
+    cpu = make_params(torch.float32)
+    gpu = [p.cuda() for p in cpu]
+    groups, kw = groups_for(cpu, variant)
+    a = rprop.Rprop(groups, **kw, fused=True)
+    groups, kw = groups_for(gpu, variant)
+    b = rprop.Rprop(groups, **kw)
+    drive([a, b], [cpu, gpu], 20)
+    assert_bitwise([p.detach() for p in cpu], [p.detach().cpu() for p in gpu], "params")
