@@ -1,5 +1,7 @@
 """The PyTorch front: :class:`Rprop` and full-batch helpers."""
 
+from rprop.torch._fit import EpochInfo, FitHistory, fit
+from rprop.torch._full_batch import full_batch_backward
 from rprop.torch._optimizer import LrChangeWarning, Rprop
 
-__all__ = ["LrChangeWarning", "Rprop"]
+__all__ = ["EpochInfo", "FitHistory", "LrChangeWarning", "Rprop", "fit", "full_batch_backward"]
