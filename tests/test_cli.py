@@ -81,6 +81,10 @@ def test_demo_rprop_plus_undoes(capsys: pytest.CaptureFixture[str]) -> None:
         (["compare", "--problems", "rosenbrock,nope"], "unknown problem 'nope'"),
         (["compare", "--methods", "sgd"], "unknown method 'sgd'"),
         (["bench", "--fast"], "unrecognized arguments: --fast"),
+        (["bench", "--sizes", "3y"], "expected TENSORSxELEMENTS"),
+        (["bench", "--device", "floppy"], "--device: Expected one of cpu"),
+        (["bench", "--variant", "irprop+"], "--variant irprop+ is not timed"),
+        (["bench", "--variant", "fast"], "variant must be one of"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(
@@ -158,11 +162,30 @@ def test_compare_plot_to_a_missing_folder(capsys: pytest.CaptureFixture[str], tm
 
 
 def test_bench_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    if importlib.util.find_spec("rprop._bench") is None:
-        pytest.skip("rprop._bench is not in the tree yet")
     code, out, _ = run(capsys, "bench", "--quick")
     assert code == 0
-    assert "torch" in out
+    assert out.startswith("Rprop step speed, float32, cpu")
+    for path in ("torch foreach", "rprop foreach", "rprop fused"):
+        assert path in out
+
+
+def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "bench", "--quick", "--json", "--no-memory", "--sizes", "3x100",
+                       "--repeats", "2", "--variant", "rprop+")
+    assert code == 0
+    rows = json.loads(out)
+    assert {r["size"] for r in rows} == {"3x100"}
+    assert all(r["variant"] == "rprop+" and r["peak_extra_mb"] is None for r in rows)
+
+
+def test_bench_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, out, err = run(capsys, "bench", "--quick", "--device", "cuda")
+    assert code == 1 and out == ""
+    assert err == "rprop bench: error: --device cuda: CUDA is not available here\n"
 
 
 def test_python_dash_m() -> None:

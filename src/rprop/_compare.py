@@ -345,6 +345,7 @@ def plot(runs: Sequence[Run], path: str) -> None:
                     color=colors[meth], linestyle=styles.get(meth, "-"), linewidth=1.2)
         if goal is not None:
             ax.axhline(goal, color="0.5", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(prob, fontsize=9)
         ax.tick_params(labelsize=7)

@@ -268,14 +268,59 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # -- bench ----------------------------------------------------------------------
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    _check_backend("torch")
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """``100x100000,1000x1000``: tensors x elements per tensor."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            count, numel = item.lower().split("x")
+            size = int(count), int(float(numel))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected TENSORSxELEMENTS[,...] such as 100x100000,1000x1000, got {item!r}"
+            ) from None
+        if min(size) < 1:
+            raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {item!r}")
+        sizes.append(size)
+    return sizes
+
+
+def _check_device(device: str) -> None:
+    import torch
+
     try:
-        from rprop import _bench
-    except ImportError as err:
-        raise MissingError(f"the step-speed benchmark is not available: {err}") from None
-    rows = _bench.run(quick=args.quick, device=args.device)
-    _print(_bench.format_table(rows))
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise UsageError(f"--device: {str(err).splitlines()[0]}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MissingError(f"--device {device}: CUDA is not available here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise MissingError(f"--device {device}: MPS is not available here")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rprop import _bench
+
+    variant = get_variant(args.variant).name
+    if variant == "irprop+":  # _bench.run steps without a loss, which iRprop+ needs
+        raise UsageError("--variant irprop+ is not timed (a step needs the loss); rprop+ "
+                         "moves the same bytes per step")
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    _check_backend("torch")
+    _check_device(args.device)
+    progress = not args.no_progress and sys.stderr.isatty()
+
+    def say(message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+    rows = _bench.run(args.sizes, quick=args.quick, device=args.device, repeats=args.repeats,
+                      variant=variant, memory=not args.no_memory,
+                      progress=say if progress else None)
+    if args.json:
+        _print(json.dumps(_finite_or_none(rows), indent=2))
+    else:
+        _print(_bench.format_table(rows))
     return 0
 
 
@@ -327,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated methods (default: all): " + ", ".join(_methods()))
     comp.add_argument("--seeds", type=_seeds, metavar="N|LIST",
                       help="a count (seeds 0..N-1) or a comma-separated list "
-                           "(default: 5; 2 with --quick)")
+                           "(default: 10; 2 with --quick)")
     comp.add_argument("--quick", action="store_true",
                       help="a few seconds: three small problems, 2 seeds, budget 150")
     comp.add_argument("--plot", metavar="PNG",
@@ -341,12 +386,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="time one optimizer step against torch.optim.Rprop",
-        description="The step-speed benchmark: milliseconds per optimizer step for "
-                    "parameter sets of several sizes, with ratios against "
-                    "torch.optim.Rprop and the memory-bandwidth floor.",
+        description="The step-speed benchmark (also benchmarks/step_speed.py): "
+                    "milliseconds per optimizer step of torch.optim.Rprop and of each "
+                    "rprop.Rprop path for float32 parameter sets of several sizes, with the "
+                    "speed-up over torch.optim.Rprop(foreach=True) and the ratio to the "
+                    "memory-bandwidth floor measured in the same run.",
     )
-    bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, few repeats "
+                       "(a few seconds)")
+    bench.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    bench.add_argument("--variant", default="irprop-",
+                       help=f"variant timed for rprop.Rprop: {', '.join(VARIANTS)} "
+                            "(default: irprop-; torch.optim.Rprop is always iRprop-)")
+    bench.add_argument("--sizes", type=_sizes, metavar="TxN[,...]",
+                       help="parameter sets to time, TENSORSxELEMENTS, e.g. "
+                            "100x100000,1000x1000 (default: 1x10M, 100x100k, 1000x1k, 10x10M)")
+    bench.add_argument("--repeats", type=int, help="timed steps per measurement "
+                       "(default: 15; 5 with --quick)")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="skip measuring the peak extra memory of a step")
+    bench.add_argument("--json", action="store_true", help="print the rows as JSON")
+    bench.add_argument("--no-progress", action="store_true",
+                       help="no progress lines (off anyway when stderr is not a terminal)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

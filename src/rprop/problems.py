@@ -291,7 +291,7 @@ _ALL = [
     Problem("parity", "3-bit parity, 3-3-1 tanh, cross-entropy",
             "Rumelhart, Hinton & Williams 1986", goal=1e-3, budget=1000, make=_parity),
     Problem("sin", "sin(x) on [-π, π], 1-5-1 tanh, MSE, 50 points",
-            "Igel & Hüsken 2003", goal=1e-3, budget=3000, make=_sin),
+            "curve fitting", goal=1e-3, budget=3000, make=_sin),
     Problem("spirals", "two spirals (194 points), 2-20-20-1 tanh, cross-entropy",
             "Lang & Witbrock 1988", goal=0.01, budget=3000, make=_spirals),
     Problem("linear-fit", "y = 2x + 3 + 0.1·noise, 100 points, nn.Linear(1, 1), MSE",
