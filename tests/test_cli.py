@@ -153,6 +153,18 @@ def test_compare_plot_without_matplotlib(
     assert err == "rprop compare: error: --plot needs matplotlib: pip install 'rprop[plot]'\n"
 
 
+def test_compare_problem_without_sklearn(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))
+    code, out, err = run(capsys, "compare", "--quick", "--problems", "digits")
+    assert code == 1 and out == ""
+    assert err == ("rprop compare: error: problem 'digits' needs scikit-learn: "
+                   "pip install 'rprop[datasets]'\n")
+
+
 def test_compare_plot_to_a_missing_folder(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     pytest.importorskip("matplotlib")
     code, _, err = run(capsys, "compare", "--quick", "--problems", "square", "--methods",

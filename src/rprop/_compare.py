@@ -184,13 +184,14 @@ def plan(
     problem_names: Sequence[str] | None, method_names: Sequence[str] | None,
     seeds: Sequence[int] | None, quick: bool,
 ) -> tuple[list[_problems.Problem], list[Method], list[int], int | None]:
-    """Resolve the selections (ValueError on unknown names) and the budget override."""
+    """Resolve the selections and the budget override: a ValueError on an unknown name,
+    an ImportError for a problem whose optional package is missing."""
     if problem_names:
         probs = [_problems.get(n) for n in problem_names]
         for p in probs:
             if not p.is_available:
-                raise ValueError(f"problem {p.name!r} needs scikit-learn "
-                                 "(pip install 'rprop[datasets]')")
+                raise ImportError(f"problem {p.name!r} needs scikit-learn: "
+                                  "pip install 'rprop[datasets]'")
     elif quick:
         probs = [_problems.get(n) for n in QUICK_PROBLEMS]
     else:

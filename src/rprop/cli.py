@@ -9,12 +9,13 @@ command needs is missing or a file cannot be written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import rprop
@@ -40,8 +41,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+@contextlib.contextmanager
+def _checking_arguments() -> Iterator[None]:
+    """The library's ValueError/TypeError on a bad option value becomes a UsageError
+    (exit 2, one line); a missing optional package found here, a MissingError."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    except ImportError as err:
+        raise MissingError(str(err)) from None
+
+
 def _print(*args: Any) -> None:
-    print(*args, flush=True)
+    text = " ".join(map(str, args))
+    try:
+        print(text, flush=True)
+    except UnicodeEncodeError:  # a terminal or file without ², ×, π: print '?' for those
+        encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+        print(text.encode(encoding, "replace").decode(encoding), flush=True)
 
 
 # -- demo -----------------------------------------------------------------------
@@ -171,8 +189,9 @@ def _check_backend(backend: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    variant = get_variant(args.variant).name
-    Hyper(lr=args.lr)  # a bad --lr is a one-line error before anything runs
+    with _checking_arguments():
+        variant = get_variant(args.variant).name
+        Hyper(lr=args.lr)  # a bad --lr is a one-line error before anything runs
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     _check_backend(args.backend)
@@ -238,8 +257,9 @@ def _finite_or_none(obj: Any) -> Any:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rprop import _compare
 
-    probs, meths, seeds, budget = _compare.plan(args.problems, args.methods, args.seeds,
-                                                args.quick)
+    with _checking_arguments():
+        probs, meths, seeds, budget = _compare.plan(args.problems, args.methods, args.seeds,
+                                                    args.quick)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise MissingError("--plot needs matplotlib: pip install 'rprop[plot]'")
     _check_backend("torch")
@@ -301,7 +321,8 @@ def _check_device(device: str) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from rprop import _bench
 
-    variant = get_variant(args.variant).name
+    with _checking_arguments():
+        variant = get_variant(args.variant).name
     if variant == "irprop+":  # _bench.run steps without a loss, which iRprop+ needs
         raise UsageError("--variant irprop+ is not timed (a step needs the loss); rprop+ "
                          "moves the same bytes per step")
@@ -434,9 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"rprop {args.command}"
     try:
         return int(args.func(args))
-    except (UsageError, ValueError, TypeError) as err:
-        if not isinstance(err, UsageError) and not _raised_by_rprop(err):
-            raise
+    except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except MissingError as err:
@@ -452,20 +471,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
-
-def _raised_by_rprop(err: BaseException) -> bool:
-    """Whether a ValueError/TypeError comes from rprop's own argument checks
-    (a bad option value), not from a bug deeper down, which keeps its traceback."""
-    tb = err.__traceback__
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    if last is None:
-        return False
-    module = last.tb_frame.f_globals.get("__name__", "")
-    return module in ("rprop._hyper", "rprop._variants", "rprop.problems", "rprop._compare")
 
 
 if __name__ == "__main__":
