@@ -148,6 +148,26 @@ def main(folder: Path) -> None:
         out["fsdp_empty_error"] = None
     except ValueError as err:
         out["fsdp_empty_error"] = str(err)
+    # nonfinite under FSDP2: the last bias has one element, so rank 1's shard of it is
+    # empty; a NaN sits in rank 1's shard of the first weight only. Every rank must take
+    # the same decision (skip together / raise together), without hanging.
+    for mode in ("skip", "raise"):
+        model = wrap("fsdp", make_model())
+        opt = rprop.Rprop(model.parameters(), variant="irprop+", lr=LR, nonfinite=mode)
+        loss = full_batch_backward(model, loss_fn, batches)
+        before = [full(p) for p in model.parameters()]
+        if rank == 1:
+            next(iter(model.parameters())).grad._local_tensor.view(-1)[0] = float("nan")
+        try:
+            opt.step(loss=loss)
+            error = None
+        except FloatingPointError as err:
+            error = str(err)
+        out[f"fsdp_nonfinite_{mode}"] = {
+            "unchanged": all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before)),
+            "skipped": opt.param_groups[0]["skipped_steps"],
+            "error": error,
+        }
     # fit: progress on rank 0 only; checkpoints gathered/consolidated, exact resume.
     for setup in ("ddp", "fsdp", "zero"):
         out["fit"][setup, "whole"] = run_fit(setup, rank, batches, folder, 6, setup == "ddp",

@@ -164,6 +164,16 @@ def test_fsdp_rank_without_batches_raises_on_every_rank(run):
         assert message is not None and "every rank needs at least one batch" in message
 
 
+def test_fsdp_nonfinite_skip_and_raise_agree_across_ranks(run):
+    # The NaN is on rank 1 only; rank 0 must skip (or raise) as well.
+    for r in range(WORLD):
+        skip = run["ranks"][r]["fsdp_nonfinite_skip"]
+        assert skip == {"unchanged": True, "skipped": 1, "error": None}
+        raised = run["ranks"][r]["fsdp_nonfinite_raise"]
+        assert raised["unchanged"] and raised["skipped"] == 0
+        assert raised["error"].startswith("non-finite value in the gradient of parameter 0")
+
+
 @pytest.mark.parametrize("setup", ["ddp", "fsdp", "zero"])
 def test_fit_matches_and_resumes_bitwise(run, setup):
     steps = reference("irprop+")

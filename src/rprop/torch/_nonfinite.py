@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rprop.torch._dispatch import local_tensor
+
 
 def first_nonfinite(
     optimizer: Any, checked: list[dict[str, list[Tensor]]], loss: Tensor | None
@@ -14,26 +16,48 @@ def first_nonfinite(
     """Describe the first NaN/±inf among the loss and the groups' gradients,
     or return None when all are finite.
 
-    One ``_foreach_norm(inf)`` per group (NaN and inf survive a max-abs
-    reduction) and one host synchronisation for the whole step.
+    One ``_foreach_norm(inf)`` per (device) list of gradients (NaN and inf
+    survive a max-abs reduction) and one host synchronisation per step. With
+    DTensor parameters (FSDP2, tensor parallel) each rank looks at its own
+    shards, then one MIN all-reduce of "first bad parameter index" makes every
+    rank take the same decision; without it, a rank that skips while another
+    steps would desynchronise them (or hang the next collective).
     """
     if loss is not None and not bool(torch.isfinite(loss)):
         return f"the loss ({float(loss)})"
-    for lists in checked:
-        grads = [g for g in lists["grads"] if g.numel() > 0]
-        if not grads:
-            continue
-        norms = torch._foreach_norm(
-            [torch.view_as_real(g) if g.is_complex() else g for g in grads], ord=float("inf")
-        )
-        finite = torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))
-        if bool(finite.all()):
-            continue
-        bad = int((~finite).nonzero()[0, 0])
-        param = [p for p, g in zip(lists["params"], lists["grads"], strict=True) if g.numel()][bad]
-        index = _param_index(optimizer, param)
-        return f"the gradient of parameter {index} (shape {tuple(param.shape)})"
-    return None
+    params = [p for lists in checked for p in lists["params"]]
+    grads = [local_tensor(g) for lists in checked for g in lists["grads"]]
+    none_bad = len(params)
+    first_bad = none_bad
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g.numel() > 0:
+            by_device.setdefault(g.device, []).append(i)
+    for idx in by_device.values():
+        reals = [torch.view_as_real(grads[i]) if grads[i].is_complex() else grads[i]
+                 for i in idx]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(reals, ord=float("inf"))))
+        if not bool(finite.all()):
+            first_bad = min(first_bad, idx[int((~finite).nonzero()[0, 0])])
+    first_bad = _agree_across_ranks(params, first_bad)
+    if first_bad == none_bad:
+        return None
+    param = params[first_bad]
+    index = _param_index(optimizer, param)
+    return f"the gradient of parameter {index} (shape {tuple(param.shape)})"
+
+
+def _agree_across_ranks(params: list[Tensor], first_bad: int) -> int:
+    """MIN-reduce ``first_bad`` over the ranks sharing DTensor parameters."""
+    mesh = next((p.device_mesh for p in params if hasattr(p, "device_mesh")), None)
+    if mesh is None:
+        return first_bad
+    import torch.distributed as dist
+
+    group = mesh.get_group() if mesh.ndim == 1 else None  # None: the default group
+    flag = torch.tensor([first_bad], dtype=torch.int64, device=mesh.device_type)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return int(flag.item())
 
 
 def _param_index(optimizer: Any, param: Tensor) -> int:
