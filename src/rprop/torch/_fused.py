@@ -71,8 +71,9 @@ PU_NONE, PU_UNDO, PU_KEEP = 0, 1, 2
 # and always -ffp-contract=off: a fused multiply-add would change rounding.
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-std=c99")
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
-# Tensor types the kernel may read through data_ptr(): plain tensors only
-# (DTensor, fake and other subclasses keep the plain paths).
+# Tensor types the kernel may read through data_ptr(). A DTensor reaches the
+# kernel as its local shard (a plain tensor, see _dispatch.local_tensor);
+# other subclasses (fake, functional, wrapper tensors) keep the plain paths.
 _PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 _lock = threading.Lock()
@@ -299,9 +300,11 @@ def _same_layout(p: Tensor, t: Tensor, dtype: torch.dtype) -> bool:
     return t.shape == p.shape and t.stride() == p.stride() and _dense(p)
 
 
-def _walkable(p: Tensor, ts: list[Tensor], dtype: torch.dtype) -> bool:
-    """Whether ``p`` is dense and its state tensors ``ts`` line up with it."""
-    return (p.is_contiguous() or _dense(p)) and all(_same_layout(p, t, dtype) for t in ts)
+def _walkable(p: Tensor, pdt: torch.dtype, ts: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether ``p`` is a dense CPU tensor of ``pdt`` and the tensors ``ts``
+    (of ``dtype``) line up with it."""
+    return (p.dtype == pdt and p.is_cpu and (p.is_contiguous() or _dense(p))
+            and all(_same_layout(p, t, dtype) for t in ts))
 
 
 def _counter_kind(steps: list[Tensor]) -> int:
@@ -329,6 +332,9 @@ def fused_step(
     """One Rprop step for a (device, dtype) group: same arguments and bitwise
     the same result as :func:`rprop.torch._paths.single_tensor`.
 
+    The lists are one group as ``group_by_device_and_dtype`` makes them: all
+    parameters share a device and dtype, all gradients a dtype.
+
     Every tensor is walked as a flat array from its ``data_ptr()``: contiguous,
     or dense with the same strides as its parameter (channels_last). Others
     (non-dense views, a gradient laid out unlike its parameter) are stepped by
@@ -346,9 +352,9 @@ def fused_step(
         raise RuntimeError(f"the fused kernel steps CPU tensors, got {params[0].device}")
     kw = {"steps": steps, "hyper": hyper, "variant": variant, "worse": worse}
     states = [prevs, step_sizes] if prev_updates is None else [prevs, step_sizes, prev_updates]
-    gdt, sdt = grads[0].dtype, prevs[0].dtype
-    code = _CODES.get((params[0].dtype, gdt, sdt))
-    if code is None or len(set(map(_get_dtype, grads))) != 1:
+    pdt, gdt, sdt = params[0].dtype, grads[0].dtype, prevs[0].dtype
+    code = _CODES.get((pdt, gdt, sdt))
+    if code is None:
         _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
         return
     lib = _load(code)
@@ -361,7 +367,7 @@ def fused_step(
     key = (code, ptrs.tobytes(), numels.tobytes())
     entry = _checked.get(key)
     if entry is None and all(
-        _walkable(p, [ts[i] for ts in states], sdt) for i, p in enumerate(params)
+        _walkable(p, pdt, [ts[i] for ts in states], sdt) for i, p in enumerate(params)
     ):
         if len(_checked) >= _CHECKED_MAX:
             _checked.clear()
@@ -377,7 +383,7 @@ def fused_step(
     fusable: list[int] = []
     other: list[int] = []
     for i, p in enumerate(params):
-        ok = _walkable(p, [ts[i] for ts in states], sdt) and _same_layout(p, grads[i], gdt)
+        ok = _walkable(p, pdt, [ts[i] for ts in states], sdt) and _same_layout(p, grads[i], gdt)
         (fusable if ok else other).append(i)
     for idx in (fusable, other):
         if not idx:
