@@ -362,7 +362,7 @@ def test_dtensor_steps_its_local_shard():
 
 
 def test_require_explains_refusals():
-    with pytest.raises(RuntimeError, match="CPU only"):
+    with pytest.raises(RuntimeError, match="runs on CPU and CUDA, got parameters on meta"):
         _fused.require([torch.zeros(2, device="meta")])
 
     class Sub(torch.Tensor):
@@ -411,30 +411,130 @@ def test_missing_compiler(fresh_kernel_cache, monkeypatch):
     assert torch.equal(p.detach(), torch.full((3,), -0.01))
 
 
-# -- CUDA ------------------------------------------------------------------------------
+# -- CUDA: the Triton kernel --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted_triton():
+    """A copy of the Triton kernel module built with TRITON_INTERPRET=1: the
+    kernel then runs on CPU tensors, in numpy, one IEEE operation at a time."""
+    pytest.importorskip("triton")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(_fused.__file__).with_name("_kernels") / "triton_kernel.py"
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("_rprop_triton_interpreted", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    return module
+
+
+TRITON_DTYPES = {
+    "float32": (torch.float32, None, None), "float64": (torch.float64, None, None),
+    "float16": (torch.float16, None, None), "bfloat16": (torch.bfloat16, None, None),
+    "float16-f32state": (torch.float16, torch.float32, None),
+    "bfloat16-f32state-f32grad": (torch.bfloat16, torch.float32, torch.float32),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize("dtypes", list(TRITON_DTYPES), ids=list(TRITON_DTYPES))
+def test_triton_kernel_bitwise_in_interpreter(interpreted_triton, variant, dtypes):
+    """The CUDA kernel's arithmetic, run by Triton's interpreter on CPU
+    tensors, is bitwise the for-loop path (what a GPU adds on top, FMA and
+    NaN payloads, is for the CUDA tests below)."""
+    import numpy as np
+
+    dtype, sdt, gdt = TRITON_DTYPES[dtypes]
+
+    def triton_path(params, grads, prevs, step_sizes, prev_updates, *, steps, hyper, variant,
+                    worse):
+        _paths.increment_steps(steps)
+        interpreted_triton.step(params, grads, prevs, step_sizes, prev_updates, hyper=hyper,
+                                variant=variant, worse=worse)
+
+    v = VARIANTS[variant]
+    shapes = [(3,), (0,), (1500,), (5, 7)]  # 1500: two blocks, the second partly masked
+    for h in (HYPERS["maximize+wd"], HYPERS["lr-outside-bounds"]):
+        kw = {"dtype": dtype, "state_dtype": sdt, "grad_dtype": gdt}
+        a = run_path(_paths.single_tensor, v, h, shapes, 6, **kw)
+        with np.errstate(all="ignore"):  # 0 * inf and casts of inf, as intended
+            b = run_path(triton_path, v, h, shapes, 6, **kw)
+        assert_bitwise(a, b, f"Triton (interpreted) vs for-loop ({h})")
+
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @cuda
-def test_cuda_fused_true_is_a_clear_error():
+def test_cuda_fused_true_runs_triton_or_explains():
     p = torch.zeros(3, device="cuda", requires_grad=True)
     p.grad = torch.ones(3, device="cuda")
-    assert not _fused.available([p])
-    with pytest.raises(RuntimeError, match="CPU only"):
-        rprop.Rprop([p], fused=True).step()
+    assert _fused.available([p]) == (_fused.CUDA_BY_DEFAULT and _has_triton())
+    opt = rprop.Rprop([p], fused=True)
+    if not _has_triton():
+        with pytest.raises(RuntimeError, match="needs Triton"):
+            opt.step()
+        return
+    opt.step()
+    assert torch.equal(p.detach().cpu(), torch.full((3,), -0.01))
 
 
-@needs_kernel
 @cuda
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_cuda_default_is_foreach_and_matches_cpu_fused(variant):
-    """fused=None on CUDA takes the foreach path; it agrees with the CPU kernel."""
-    cpu = make_params(torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("setting", ["fused", "default", "foreach", "for-loop"])
+def test_cuda_paths_match_cpu_fused(variant, dtype, setting):
+    """Every CUDA path (the Triton kernel with fused=True) is bitwise the CPU
+    kernel: same groups, complex and transposed params, missing gradients."""
+    if setting == "fused" and not _has_triton():
+        pytest.skip("fused=True on CUDA needs Triton")
+    cpu = make_params(dtype)
     gpu = [p.cuda() for p in cpu]
-    groups, kw = groups_for(cpu, variant)
+    groups, kw = groups_for(cpu, variant, weight_decay=0.01)
     a = rprop.Rprop(groups, **kw, fused=True)
-    groups, kw = groups_for(gpu, variant)
-    b = rprop.Rprop(groups, **kw)
-    drive([a, b], [cpu, gpu], 20)
+    groups, kw = groups_for(gpu, variant, weight_decay=0.01)
+    b = rprop.Rprop(groups, **kw, **SETTINGS[setting])
+    drive([a, b], [cpu, gpu], 30)
     assert_bitwise([p.detach() for p in cpu], [p.detach().cpu() for p in gpu], "params")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_fused_matches_for_loop(dtype):
+    if not _has_triton():
+        pytest.skip("fused=True on CUDA needs Triton")
+    v, h = VARIANTS["irprop+"], HYPERS["maximize+wd"]
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen).to(dtype) for s in [(7,), (1500,), (0,)]]
+    results = []
+    for path in (_paths.single_tensor, _fused.fused_step):
+        params = [p.cuda() for p in base]
+        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        for s in states[1]:
+            s.fill_(0.01)
+        counters = [torch.zeros(()) for _ in params]
+        g = torch.Generator().manual_seed(1)
+        for t in range(10):
+            grads = [(torch.randn(p.shape, generator=g) * 10.0 ** (t - 5)).to(dtype).cuda()
+                     for p in params]
+            worse = torch.tensor(t % 3 == 1, device="cuda")
+            path(params, grads, *states, steps=counters, hyper=h, variant=v, worse=worse)
+        results.append([t.cpu() for t in params + [x for s in states for x in s]])
+    assert_bitwise(results[0], results[1], "CUDA fused vs for-loop")

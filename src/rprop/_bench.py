@@ -21,10 +21,13 @@ torch is imported inside the functions, so importing this module is cheap.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["FULL_SIZES", "QUICK_SIZES", "bytes_per_param", "format_table", "run"]
@@ -88,6 +91,20 @@ def copy_rate(device: str = "cpu", numel: int = 1 << 26, repeats: int = 10) -> f
     return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_step_memory(step: Callable[[], Any], device: str = "cpu") -> int:
     """Peak bytes of torch allocations live during one call of ``step``,
     beyond what was allocated before it."""
@@ -102,8 +119,8 @@ def peak_step_memory(step: Callable[[], Any], device: str = "cpu") -> int:
         return max(torch.cuda.max_memory_allocated() - base, 0)
     from torch import profiler
 
-    with profiler.profile(activities=[profiler.ProfilerActivity.CPU],
-                          profile_memory=True) as prof:
+    with _quiet_stderr(), profiler.profile(activities=[profiler.ProfilerActivity.CPU],
+                                           profile_memory=True) as prof:
         step()
     results = prof.profiler.kineto_results if prof.profiler is not None else None
     if results is None:

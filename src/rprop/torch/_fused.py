@@ -226,8 +226,32 @@ def _reset_for_tests() -> None:
 # -- can it run? ----------------------------------------------------------------
 
 
-def _unsupported(params: list[Tensor]) -> str | None:
-    """Why the fused kernel cannot step these parameters, or None."""
+# Whether fused=None uses the Triton kernel on CUDA. Off until the CUDA tests
+# of tests/test_fused.py have passed on a GPU: the kernel is verified bitwise
+# in Triton's interpreter only (no GPU was available when it was written).
+CUDA_BY_DEFAULT = False
+
+
+def _triton() -> Any:
+    """The Triton kernel module, or a str saying why it cannot be had."""
+    global _triton_module
+    if _triton_module is None:
+        try:
+            from rprop.torch._kernels import triton_kernel
+        except ImportError as err:
+            _triton_module = (f"fused=True on CUDA needs Triton ({err}; pip install triton); "
+                              "foreach=True is the mask-free alternative")
+        else:
+            _triton_module = triton_kernel
+    return _triton_module
+
+
+_triton_module: Any = None
+
+
+def _unsupported(params: list[Tensor], default: bool = False) -> str | None:
+    """Why the fused kernel cannot step these parameters, or None.
+    ``default``: asked for ``fused=None`` rather than ``fused=True``."""
     if not set(map(type, params)) <= _PLAIN_TYPES:
         from rprop.torch._dispatch import local_tensor
 
@@ -236,31 +260,41 @@ def _unsupported(params: list[Tensor]) -> str | None:
         others = sorted({type(p).__name__ for p in params if type(p) not in _PLAIN_TYPES})
         if others:
             return f"fused=True supports plain tensors and DTensors, got {', '.join(others)}"
-    if not all(map(_get_is_cpu, params)):
-        devices = sorted({str(p.device) for p in params if not p.is_cpu})
-        return (f"fused=True runs on CPU only for now, got parameters on {', '.join(devices)}; "
-                "use foreach=True there (mask-free, no host syncs)")
-    for dtype in set(map(_get_dtype, params)):
+    dtypes = set(map(_get_dtype, params))
+    for dtype in dtypes:
         real = _REAL_OF.get(dtype, dtype)
-        code = _CODES.get((real, real, real))
-        if code is None:
+        if (real, real, real) not in _CODES:
             return f"fused=True does not support dtype {dtype}"
-        if code not in _libs:
-            try:
-                _load(code)
-            except RuntimeError as err:
-                return str(err)
+    devices = {"cpu"} if all(map(_get_is_cpu, params)) else {p.device.type for p in params}
+    if not devices <= {"cpu", "cuda"}:
+        return (f"fused=True runs on CPU and CUDA, got parameters on "
+                f"{', '.join(sorted(devices - {'cpu', 'cuda'}))}; use foreach=True there")
+    if "cuda" in devices:
+        if default and not CUDA_BY_DEFAULT:
+            return "fused=None takes the foreach path on CUDA (see _fused.CUDA_BY_DEFAULT)"
+        triton = _triton()
+        if isinstance(triton, str):
+            return triton
+    if "cpu" in devices:
+        for dtype in dtypes:
+            real = _REAL_OF.get(dtype, dtype)
+            code = _CODES[(real, real, real)]
+            if code not in _libs:
+                try:
+                    _load(code)
+                except RuntimeError as err:
+                    return str(err)
     return None
 
 
 def available(params: list[Tensor]) -> bool:
-    """Whether the fused kernel can step every one of ``params`` (it compiles
-    the kernel on the first call that needs it). False while torch.compile
-    traces the step: the foreach path traces without graph breaks, an opaque
-    ctypes call would not."""
+    """Whether ``fused=None`` should take the fused kernel for ``params``: it
+    can step every one of them (compiling the CPU kernel on the first call
+    that needs it). False while torch.compile traces the step: the foreach
+    path traces without graph breaks, an opaque kernel call would not."""
     if torch.compiler.is_compiling():
         return False
-    return _unsupported(params) is None
+    return _unsupported(params, default=True) is None
 
 
 def require(params: list[Tensor]) -> None:
@@ -293,7 +327,7 @@ def _dense(t: Tensor) -> bool:
 def _same_layout(p: Tensor, t: Tensor, dtype: torch.dtype) -> bool:
     """Whether the kernel may walk ``t`` (of ``dtype``) element by element
     alongside ``p``."""
-    if t.numel() != p.numel() or t.dtype != dtype or not t.is_cpu:
+    if t.numel() != p.numel() or t.dtype != dtype or t.get_device() != p.get_device():
         return False
     if p.is_contiguous():
         return t.is_contiguous()
@@ -301,9 +335,9 @@ def _same_layout(p: Tensor, t: Tensor, dtype: torch.dtype) -> bool:
 
 
 def _walkable(p: Tensor, pdt: torch.dtype, ts: list[Tensor], dtype: torch.dtype) -> bool:
-    """Whether ``p`` is a dense CPU tensor of ``pdt`` and the tensors ``ts``
-    (of ``dtype``) line up with it."""
-    return (p.dtype == pdt and p.is_cpu and (p.is_contiguous() or _dense(p))
+    """Whether ``p`` is a dense tensor of ``pdt`` and the tensors ``ts`` (of
+    ``dtype``, on its device) line up with it."""
+    return (p.dtype == pdt and (p.is_contiguous() or _dense(p))
             and all(_same_layout(p, t, dtype) for t in ts))
 
 
@@ -348,16 +382,27 @@ def fused_step(
     n = len(params)
     if n == 0:
         return
-    if not params[0].is_cpu:
-        raise RuntimeError(f"the fused kernel steps CPU tensors, got {params[0].device}")
     kw = {"steps": steps, "hyper": hyper, "variant": variant, "worse": worse}
     states = [prevs, step_sizes] if prev_updates is None else [prevs, step_sizes, prev_updates]
     pdt, gdt, sdt = params[0].dtype, grads[0].dtype, prevs[0].dtype
     code = _CODES.get((pdt, gdt, sdt))
+    cuda = params[0].is_cuda
+    if cuda and torch.cuda.is_current_stream_capturing():
+        # The kernel's pointer tables are copied from the host each step,
+        # which a CUDA graph cannot capture; the foreach path can be.
+        _paths.multi_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
+        return
     if code is None:
         _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
         return
-    lib = _load(code)
+    if cuda:
+        kernel = _triton()
+        if isinstance(kernel, str):
+            raise RuntimeError(kernel)
+    elif params[0].is_cpu:
+        kernel = _load(code)
+    else:
+        raise RuntimeError(f"the fused kernel steps CPU and CUDA tensors, got {params[0].device}")
 
     ptrs = array("q", map(_data_ptr, params))
     for ts in states:
@@ -376,8 +421,13 @@ def fused_step(
         (entry[1] and all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
         or all(_same_layout(p, g, gdt) for p, g in zip(params, grads, strict=True))
     ):
-        ptrs.extend(map(_data_ptr, grads))
-        _call(lib, code, n, ptrs, numels, entry[0], len(states) == 3, **kw)
+        if cuda:
+            _paths.increment_steps(steps)
+            kernel.step(params, grads, prevs, step_sizes, prev_updates, hyper=hyper,
+                        variant=variant, worse=worse)
+        else:
+            ptrs.extend(map(_data_ptr, grads))
+            _call(kernel, code, n, ptrs, numels, entry[0], len(states) == 3, **kw)
         return
     # Some tensors cannot be walked flat: fuse the others, foreach these.
     fusable: list[int] = []
@@ -391,17 +441,22 @@ def fused_step(
         sub_params, sub_grads, sub_steps, *sub_states = (
             [ts[i] for i in idx] for ts in (params, grads, steps, *states)
         )
-        if idx is fusable:
+        sub_pu = sub_states[2] if len(sub_states) == 3 else None
+        sub_kw = {**kw, "steps": sub_steps}
+        if idx is other:
+            _paths.multi_tensor(sub_params, sub_grads, sub_states[0], sub_states[1], sub_pu,
+                                **sub_kw)
+        elif cuda:
+            _paths.increment_steps(sub_steps)
+            kernel.step(sub_params, sub_grads, sub_states[0], sub_states[1], sub_pu,
+                        hyper=hyper, variant=variant, worse=worse)
+        else:
             ptrs = array("q")
             for ts in (sub_params, *sub_states, sub_steps, sub_grads):
                 ptrs.extend(map(_data_ptr, ts))
             numels = array("q", map(_numel, sub_params))
-            _call(lib, code, len(idx), ptrs, numels, _counter_kind(sub_steps),
-                  len(sub_states) == 3, **{**kw, "steps": sub_steps})
-        else:
-            _paths.multi_tensor(sub_params, sub_grads, sub_states[0], sub_states[1],
-                                sub_states[2] if len(sub_states) == 3 else None,
-                                **{**kw, "steps": sub_steps})
+            _call(kernel, code, len(idx), ptrs, numels, _counter_kind(sub_steps),
+                  len(sub_states) == 3, **sub_kw)
 
 
 def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
