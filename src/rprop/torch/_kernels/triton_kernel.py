@@ -128,6 +128,16 @@ def _blocks(numels: bytes, device: torch.device) -> tuple[Tensor, Tensor, Tensor
     return tensor.to(device), start.to(device), sizes.to(device), total
 
 
+@functools.lru_cache(maxsize=64)
+def _hyper_tensor(hyper: Any, cdt: torch.dtype, sdt: torch.dtype, device: torch.device) -> Tensor:
+    """eta_minus, eta_plus, step_min, step_max, weight_decay as torch rounds
+    them: in the compute dtype, the bounds then in the state's dtype (clamp
+    compares in the tensor's dtype)."""
+    bounds = torch.tensor([hyper.step_min, hyper.step_max], dtype=cdt).to(sdt).to(cdt)
+    return torch.cat([torch.tensor([hyper.eta_minus, hyper.eta_plus], dtype=cdt), bounds,
+                      torch.tensor([hyper.weight_decay], dtype=cdt)]).to(device)
+
+
 def step(
     params: list[Tensor], grads: list[Tensor], prevs: list[Tensor], step_sizes: list[Tensor],
     prev_updates: list[Tensor] | None, *, hyper: Any, variant: Any, worse: Tensor | None,
@@ -145,12 +155,10 @@ def step(
     ptrs = array("q")
     for ts in (params, grads, prevs, step_sizes, prev_updates or prevs):
         ptrs.extend(t.data_ptr() for t in ts)
-    table = torch.frombuffer(ptrs, dtype=torch.int64).to(device)
-    # Scalars as torch rounds them: in the compute dtype, the bounds then in
-    # the state's dtype (clamp compares in the tensor's dtype).
-    bounds = torch.tensor([hyper.step_min, hyper.step_max], dtype=cdt).to(sdt).to(cdt)
-    hyp = torch.cat([torch.tensor([hyper.eta_minus, hyper.eta_plus], dtype=cdt), bounds,
-                     torch.tensor([hyper.weight_decay], dtype=cdt)]).to(device)
+    # non_blocking: no wait for the work queued before this step (the copy
+    # from pageable memory is staged before the call returns).
+    table = torch.frombuffer(ptrs, dtype=torch.int64).to(device, non_blocking=True)
+    hyp = _hyper_tensor(hyper, cdt, sdt, device)
     if not variant.backtracks:
         pu = PU_NONE
     else:
