@@ -22,8 +22,10 @@ share an incompatible binary. A library is written to a temporary file and
 renamed into place, so concurrent processes never load a half-written file.
 The compiler is ``$CC`` (default ``cc``).
 
-Elsewhere: CUDA tensors have no fused kernel yet; ``fused=None`` gives them
-the mask-free foreach path and ``fused=True`` raises (see docs/fused.md).
+On CUDA, ``fused=True`` runs the Triton kernel of ``_kernels/triton_kernel.py``
+(one launch per group; Triton is optional) and ``fused=None`` the foreach
+path until that kernel has been verified on a GPU (``CUDA_BY_DEFAULT``).
+See docs/fused.md.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def _build(code: int) -> tuple[Path, dict[str, Any]]:
         try:
             start = time.perf_counter()
             out = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp],
-                                 capture_output=True, text=True, timeout=300)
+                                 capture_output=True, text=True, timeout=120)
             if out.returncode == 0:
                 os.replace(tmp, path)  # atomic: readers see all of it or nothing
                 compile_count += 1
