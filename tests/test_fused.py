@@ -538,3 +538,24 @@ def test_cuda_half_fused_matches_for_loop(dtype):
             path(params, grads, *states, steps=counters, hyper=h, variant=v, worse=worse)
         results.append([t.cpu() for t in params + [x for s in states for x in s]])
     assert_bitwise(results[0], results[1], "CUDA fused vs for-loop")
+
+
+# -- the benchmark's logic (rprop._bench), smoke only: no timing assertions ----------
+
+
+@pytest.mark.parametrize("variant", ["irprop-", "irprop+"])
+def test_bench_rows_and_table(variant):
+    from rprop import _bench
+
+    rows = _bench.run([(3, 100)], quick=True, repeats=3, variant=variant)
+    assert [r["path"] for r in rows] == list(_bench.PATHS)
+    for r in rows:
+        assert r["ms"] is not None and r["ms"] > 0, r
+        assert r["floor_ms"] == pytest.approx(
+            300 * _bench.bytes_per_param(variant) / (r["copy_gbps"] * 1e9) * 1e3)
+        assert r["peak_extra_mb"] is not None
+    fused = rows[-1]
+    # Nothing per parameter (iRprop+ makes a few scalars: the loss, its test).
+    assert fused["path"] == "rprop fused" and fused["peak_extra_mb"] * 2**20 < 1024
+    table = _bench.format_table(rows)
+    assert "3x100" in table and "rprop fused" in table and "GB/s" in table

@@ -22,7 +22,9 @@ torch is imported inside the functions, so importing this module is cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import itertools
 import os
 import statistics
 import sys
@@ -150,6 +152,10 @@ def _optimizer(path: str, params: list[Any], variant: str) -> Any:
     return rprop.Rprop(params, variant=variant, **flags)
 
 
+def _step_with_loss(opt: Any, losses: Iterator[float]) -> None:
+    opt.step(loss=next(losses))
+
+
 def run(
     sizes: list[tuple[int, int]] | None = None,
     *,
@@ -170,9 +176,12 @@ def run(
     ``memory`` is False), ``variant``, ``device``, ``threads``. A path that
     cannot run here (the fused kernel without a C compiler) gets ``ms`` None
     and its reason in ``error``. torch.optim.Rprop only has iRprop-; with
-    another ``variant`` its rows still time iRprop-.
+    another ``variant`` its rows still time iRprop-. iRprop+ steps get a
+    loss that alternately rises and falls, so half of them backtrack.
     """
     import torch
+
+    from rprop._variants import get_variant
 
     if sizes is None:
         sizes = QUICK_SIZES if quick else FULL_SIZES + (
@@ -185,6 +194,7 @@ def run(
     rate = copy_rate(device, numel=(1 << 22) if quick else (1 << 26),
                      repeats=5 if quick else 10)
     per_param = bytes_per_param(variant)
+    needs_loss = get_variant(variant).needs_loss
     rows: list[dict[str, Any]] = []
     for count, numel in sizes:
         gen = torch.Generator().manual_seed(0)
@@ -204,9 +214,15 @@ def run(
             }
             try:
                 opt = _optimizer(path, params, variant)
-                row["ms"] = _median_ms(opt.step, device, repeats, budget)
+                step = opt.step
+                if needs_loss and path.startswith("rprop"):
+                    # iRprop+ reads the loss; a rising one makes every other
+                    # step backtrack, so both kernel modes are timed.
+                    losses = itertools.cycle([1.0, 2.0])
+                    step = functools.partial(_step_with_loss, opt, losses)
+                row["ms"] = _median_ms(step, device, repeats, budget)
                 if memory:
-                    row["peak_extra_mb"] = peak_step_memory(opt.step, device) / 2**20
+                    row["peak_extra_mb"] = peak_step_memory(step, device) / 2**20
             except RuntimeError as err:  # e.g. fused=True without a C compiler
                 row["error"] = str(err).splitlines()[0]
             finally:
