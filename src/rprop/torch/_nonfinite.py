@@ -10,9 +10,7 @@ from torch import Tensor
 from rprop.torch._dispatch import local_tensor
 
 
-def first_nonfinite(
-    optimizer: Any, checked: list[dict[str, list[Tensor]]], loss: Tensor | None
-) -> str | None:
+def first_nonfinite(optimizer: Any, checked: list[Any], loss: Tensor | None) -> str | None:
     """Describe the first NaN/±inf among the loss and the groups' gradients,
     or return None when all are finite.
 
@@ -25,8 +23,8 @@ def first_nonfinite(
     """
     if loss is not None and not bool(torch.isfinite(loss)):
         return f"the loss ({float(loss)})"
-    params = [p for lists in checked for p in lists["params"]]
-    grads = [local_tensor(g) for lists in checked for g in lists["grads"]]
+    params = [p for bucket in checked for p in bucket.params]
+    grads = [local_tensor(g) for bucket in checked for g in bucket.grads]
     none_bad = len(params)
     first_bad = none_bad
     by_device: dict[torch.device, list[int]] = {}

@@ -13,13 +13,33 @@ from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_di
 
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
 from rprop._variants import Variant, get_variant
-from rprop.torch import _paths
 
 __all__ = ["LrChangeWarning", "Rprop"]
 
 NONFINITE_MODES = ("propagate", "skip", "raise")
 # Keys of the saved state, per parameter. torch.optim.Rprop has the first three.
 TORCH_KEYS = ("step", "prev", "step_size")
+
+
+# Tensor types stepped as they are; others (DTensor) go through _real_views.
+_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+
+class _Bucket:
+    """One (device, dtype, grad dtype) slice of a param group, as the paths take it."""
+
+    __slots__ = ("grads", "params", "plain", "prev_losses", "prev_updates", "prevs",
+                 "step_sizes", "steps")
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.prevs: list[Tensor] = []
+        self.step_sizes: list[Tensor] = []
+        self.steps: list[Tensor] = []
+        self.prev_updates: list[Tensor] = []
+        self.prev_losses: list[Tensor] = []
+        self.plain = True  # no complex parameter, no DTensor: no views needed
 
 
 class LrChangeWarning(UserWarning):
@@ -156,6 +176,7 @@ class Rprop(Optimizer):
         defaults["variant"] = get_variant(variant).name
         self._seen_lr: dict[int, Any] = {}
         self._warned_lr = False
+        self._checked: dict[tuple[Any, ...], tuple[Hyper, Variant]] = {}
         super().__init__(params, defaults)
 
     # -- groups and state ---------------------------------------------------
@@ -182,6 +203,7 @@ class Rprop(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_seen_lr", {})
         self.__dict__.setdefault("_warned_lr", False)
+        self.__dict__.setdefault("_checked", {})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -210,54 +232,69 @@ class Rprop(Optimizer):
                     self.state[p] = state[index]
         self._seen_lr.clear()
 
-    def _init_group(self, group: dict[str, Any], variant: Variant) -> dict[str, list[Tensor]]:
-        lists: dict[str, list[Tensor]] = {
-            k: []
-            for k in ("params", "grads", "prevs", "step_sizes", "steps", "prev_updates",
-                      "prev_losses")
-        }
+    def _init_group(self, group: dict[str, Any], variant: Variant) -> list[_Bucket]:
+        """The group's parameters that have gradients, with their state
+        (created on first use), split into buckets of one (device, dtype,
+        grad dtype). One pass, touching each tensor as few times as possible:
+        at a thousand small tensors this bookkeeping, not the arithmetic, is
+        what a step costs."""
+        buckets: dict[tuple[Any, ...], _Bucket] = {}
+        backtracks, needs_loss = variant.backtracks, variant.needs_loss
+        all_state = self.state
         for p in group["params"]:
-            if p.grad is None:
-                continue
             grad = p.grad
+            if grad is None:
+                continue
             if grad.is_sparse:
                 raise TypeError(
                     "rprop.Rprop does not support sparse gradients; got one for a parameter "
                     f"of shape {tuple(p.shape)} (use dense gradients, e.g. sparse=False in "
                     "nn.Embedding)"
                 )
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros(
-                    (), dtype=_get_scalar_dtype(),
-                    device=p.device if group["capturable"] else torch.device("cpu"),
-                )
-                sdt = state_dtype_for(p, group)
-                state["prev"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-                lr = group["lr"]
-                if p.is_complex():
-                    # Real and imaginary parts are independent reals, as in torch.
-                    state["step_size"] = torch.full_like(grad, complex(lr, lr), dtype=sdt)
-                else:
-                    # full_like takes a 0-dim Tensor lr as well (torch's _to_scalar).
-                    fill = cast(float, lr.squeeze() if isinstance(lr, Tensor) else lr)
-                    state["step_size"] = torch.full_like(grad, fill, dtype=sdt)
-            if variant.backtracks and "prev_update" not in state:
+            state = all_state[p]
+            if not state:
+                self._init_state(p, grad, state, group)
+            if backtracks and "prev_update" not in state:
                 state["prev_update"] = torch.zeros_like(
                     p, dtype=state_dtype_for(p, group), memory_format=torch.preserve_format
                 )
-            if variant.needs_loss and "prev_loss" not in state:
+            if needs_loss and "prev_loss" not in state:
                 state["prev_loss"] = torch.tensor(math.inf, dtype=_loss_dtype(p), device=p.device)
-            lists["params"].append(p)
-            lists["grads"].append(grad)
-            lists["prevs"].append(state["prev"])
-            lists["step_sizes"].append(state["step_size"])
-            lists["steps"].append(state["step"])
-            if variant.backtracks:
-                lists["prev_updates"].append(state["prev_update"])
-            if variant.needs_loss:
-                lists["prev_losses"].append(state["prev_loss"])
-        return lists
+            dtype = p.dtype
+            key = (p.device, dtype, grad.dtype)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _Bucket()
+            bucket.params.append(p)
+            bucket.grads.append(grad)
+            bucket.prevs.append(state["prev"])
+            bucket.step_sizes.append(state["step_size"])
+            bucket.steps.append(state["step"])
+            if backtracks:
+                bucket.prev_updates.append(state["prev_update"])
+            if needs_loss:
+                bucket.prev_losses.append(state["prev_loss"])
+            if dtype.is_complex or type(p) not in _PLAIN_TYPES:
+                bucket.plain = False
+        return list(buckets.values())
+
+    @staticmethod
+    def _init_state(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """torch.optim.Rprop's initial state (in ``state_dtype`` if asked)."""
+        state["step"] = torch.zeros(
+            (), dtype=_get_scalar_dtype(),
+            device=p.device if group["capturable"] else torch.device("cpu"),
+        )
+        sdt = state_dtype_for(p, group)
+        state["prev"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+        lr = group["lr"]
+        if p.is_complex():
+            # Real and imaginary parts are independent reals, as in torch.
+            state["step_size"] = torch.full_like(grad, complex(lr, lr), dtype=sdt)
+        else:
+            # full_like takes a 0-dim Tensor lr as well (torch's _to_scalar).
+            fill = cast(float, lr.squeeze() if isinstance(lr, Tensor) else lr)
+            state["step_size"] = torch.full_like(grad, fill, dtype=sdt)
 
     # -- the step -----------------------------------------------------------
 
@@ -280,10 +317,10 @@ class Rprop(Optimizer):
                 loss = closure()
         work = []
         for group in self.param_groups:
-            hyper, variant = _check_group(group)
-            lists = self._init_group(group, variant)
-            if lists["params"]:
-                work.append((group, hyper, variant, lists))
+            hyper, variant = self._checked_group(group)
+            buckets = self._init_group(group, variant)
+            if buckets:
+                work.append((group, hyper, variant, buckets))
         needs_loss = any(variant.needs_loss for _, _, variant, _ in work)
         if needs_loss and loss is None:
             raise ValueError(
@@ -296,46 +333,59 @@ class Rprop(Optimizer):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             return loss
-        for group, hyper, variant, lists in work:
+        for group, hyper, variant, buckets in work:
             self._warn_if_lr_changed(group)
-            self._step_group(group, hyper, variant, lists, loss)
+            for bucket in buckets:
+                self._step_bucket(group, hyper, variant, bucket, loss)
         return loss
 
-    def _step_group(
-        self, group: dict[str, Any], hyper: Hyper, variant: Variant,
-        lists: dict[str, list[Tensor]], loss: Any,
-    ) -> None:
-        from rprop.torch._dispatch import group_by_device_and_dtype, pick_path
+    def _checked_group(self, group: dict[str, Any]) -> tuple[Hyper, Variant]:
+        """:func:`_check_group`, remembered for hyperparameter values already seen."""
+        try:
+            key = tuple(group[k] for k in self.defaults)
+            return self._checked[key]
+        except TypeError:  # an unhashable value (a list for etas, say): check every time
+            return _check_group(group)
+        except KeyError:
+            if len(self._checked) > 64:
+                self._checked.clear()
+            result = self._checked[key] = _check_group(group)
+            return result
 
-        chosen = pick_path(group, lists["params"])
-        for idx in group_by_device_and_dtype(lists["params"], lists["grads"]):
-            sub = {k: [v[i] for i in idx] if v else [] for k, v in lists.items()}
-            path = chosen
-            if sub["prevs"][0].dtype != sub["params"][0].dtype:
-                # Higher-precision state (state_dtype): the arithmetic runs in
-                # the state's dtype and rounds once into the parameter. The
-                # fused kernel assumes one dtype, so a plain path does this.
-                sdt = sub["prevs"][0].dtype
-                sub["grads"] = [g.to(sdt) for g in sub["grads"]]
-                if path not in (_paths.single_tensor, _paths.multi_tensor):
-                    path = _paths.multi_tensor
-            worse = None
-            if variant.needs_loss:
-                signed = -loss if hyper.maximize else loss
-                prev_loss = sub["prev_losses"][0]
-                worse = signed.to(prev_loss.device) > prev_loss
-            path(
-                *_real_views(sub["params"], sub["grads"], sub["prevs"], sub["step_sizes"]),
-                _real_views(sub["prev_updates"])[0] if variant.backtracks else None,
-                steps=sub["steps"],
-                hyper=hyper,
-                variant=variant,
-                worse=worse,
-                differentiable=group["differentiable"],
-            )
-            if variant.needs_loss:
-                signed = (-loss if hyper.maximize else loss).to(sub["prev_losses"][0].device)
-                torch._foreach_copy_(sub["prev_losses"], [signed] * len(sub["prev_losses"]))
+    def _step_bucket(
+        self, group: dict[str, Any], hyper: Hyper, variant: Variant, b: _Bucket, loss: Any
+    ) -> None:
+        from rprop.torch._dispatch import pick_path
+
+        # A plain bucket shares device, dtype and tensor type: its first
+        # parameter speaks for all of them when choosing the path.
+        path = pick_path(group, b.params[:1] if b.plain else b.params)
+        grads = b.grads
+        if b.prevs[0].dtype != b.params[0].dtype:
+            # Higher-precision state (state_dtype): the arithmetic runs in the
+            # state's dtype and rounds once into the parameter.
+            grads = [g.to(b.prevs[0].dtype) for g in grads]
+        worse = None
+        if variant.needs_loss:
+            prev_loss = b.prev_losses[0]
+            signed = (-loss if hyper.maximize else loss).to(prev_loss.device)
+            worse = signed > prev_loss
+        tensors = [b.params, grads, b.prevs, b.step_sizes]
+        prev_updates = b.prev_updates if variant.backtracks else None
+        if not b.plain:
+            tensors = _real_views(*tensors)
+            prev_updates = None if prev_updates is None else _real_views(prev_updates)[0]
+        path(
+            *tensors,
+            prev_updates,
+            steps=b.steps,
+            hyper=hyper,
+            variant=variant,
+            worse=worse,
+            differentiable=group["differentiable"],
+        )
+        if variant.needs_loss:
+            torch._foreach_copy_(b.prev_losses, [signed] * len(b.prev_losses))
 
     def _finite_or_handled(self, work: list[Any], loss: Tensor | None) -> bool:
         """Apply the groups' ``nonfinite`` policy; False means skip this step."""
@@ -344,7 +394,8 @@ class Rprop(Optimizer):
         modes = {group["nonfinite"] for group, _, _, _ in work}
         if modes <= {"propagate"}:
             return True
-        checked = [lists for g, _, _, lists in work if g["nonfinite"] != "propagate"]
+        checked = [b for g, _, _, buckets in work if g["nonfinite"] != "propagate"
+                   for b in buckets]
         culprit = first_nonfinite(self, checked, loss)
         if culprit is None:
             return True
