@@ -207,9 +207,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _print(f"epoch {epoch:4d}  loss {loss:.6f}")
 
     w, b = _FITS[args.backend](variant, args.lr, args.epochs, args.seed, report)
-    _print(f"w = {w:.2f}, b = {b:.2f}")
     w_ls, b_ls = _least_squares(args.seed)
     _print(f"(least squares on this noisy sample: w = {w_ls:.4f}, b = {b_ls:.4f})")
+    _print(f"w = {w:.2f}, b = {b:.2f}")
     return 0
 
 
@@ -323,9 +323,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     with _checking_arguments():
         variant = get_variant(args.variant).name
-    if variant == "irprop+":  # _bench.run steps without a loss, which iRprop+ needs
-        raise UsageError("--variant irprop+ is not timed (a step needs the loss); rprop+ "
-                         "moves the same bytes per step")
     if args.repeats is not None and args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     _check_backend("torch")
