@@ -83,35 +83,42 @@ def multi_tensor(
         grads = list(torch._foreach_neg(grads))
     if hyper.weight_decay != 0.0:
         grads = list(torch._foreach_add(grads, torch._foreach_mul(params, hyper.weight_decay)))
-    signs = torch._foreach_mul(grads, prevs)
+    signs = list(torch._foreach_mul(grads, prevs))
     torch._foreach_sign_(signs)  # torch.sign maps NaN to 0, as rprop._core.sign does
-    grown = torch._foreach_mul(step_sizes, hyper.eta_plus)
-    shrunk = torch._foreach_mul(step_sizes, hyper.eta_minus)
+    # Each sign becomes the step-size factor (eta+, eta- or 1) in the dtype
+    # the core's `step_size * eta` computes in: the step size's own, or
+    # float32 for half precision (torch's opmath), so roundings match.
+    sdt = step_sizes[0].dtype
+    one = torch.ones((), dtype=torch.float32 if sdt.itemsize < 4 else sdt,
+                     device=step_sizes[0].device)
     flips = []
     for i, s in enumerate(signs):
-        new = torch.where(s > 0, grown[i], torch.where(s < 0, shrunk[i], step_sizes[i]))
-        step_sizes[i].copy_(new)
         flips.append(s < 0)
-    del grown, shrunk
+        signs[i] = torch.where(s > 0, hyper.eta_plus, torch.where(s < 0, hyper.eta_minus, one))
+    torch._foreach_mul_(step_sizes, signs)
+    del signs
     torch._foreach_clamp_min_(step_sizes, hyper.step_min)
     torch._foreach_clamp_max_(step_sizes, hyper.step_max)
-    # prev now takes the gradient, zeroed on flips for forgetting variants.
-    for i, flipped in enumerate(flips):
-        g = torch.where(flipped, 0, grads[i]) if variant.forget else grads[i]
-        prevs[i].copy_(g)
-    updates = torch._foreach_sign(prevs)
-    torch._foreach_mul_(updates, step_sizes)
-    torch._foreach_neg_(updates)
+    # prev takes the gradient, zeroed on flips for forgetting variants.
+    if variant.forget:
+        for i, flipped in enumerate(flips):
+            prevs[i].copy_(torch.where(flipped, 0, grads[i]))
+    else:
+        torch._foreach_copy_(prevs, grads)
     if variant.undo == "never":
-        torch._foreach_add_(params, updates)
+        # param + (-1 * sign(g)) * step: the core's param + -(sign(g) * step).
+        torch._foreach_addcmul_(params, torch._foreach_sign(prevs), step_sizes, value=-1)
         return
     assert prev_updates is not None, "backtracking variants carry prev_update"
-    deltas = []
+    moves = torch._foreach_sign(prevs)
+    torch._foreach_mul_(moves, step_sizes)  # sign(g) * step, the update negated
+    back = []
     for i, flipped in enumerate(flips):
         undo = flipped if variant.undo == "always" else flipped & worse
-        deltas.append(torch.where(undo, prev_updates[i].neg(), updates[i]))
-    torch._foreach_add_(params, deltas)
-    torch._foreach_copy_(prev_updates, updates)
+        back.append(torch.where(undo, prev_updates[i], moves[i]))
+    torch._foreach_sub_(params, back)  # param - x is param + (-x), bit for bit
+    torch._foreach_neg_(moves)
+    torch._foreach_copy_(prev_updates, moves)
 
 
 def increment_steps(steps: list[Tensor]) -> None:
