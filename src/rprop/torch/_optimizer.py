@@ -341,6 +341,8 @@ class Rprop(Optimizer):
 
     def _checked_group(self, group: dict[str, Any]) -> tuple[Hyper, Variant]:
         """:func:`_check_group`, remembered for hyperparameter values already seen."""
+        if torch.compiler.is_compiling():  # traced once into constants; no cache to guard on
+            return _check_group(group)
         try:
             key = tuple(group[k] for k in self.defaults)
             return self._checked[key]
