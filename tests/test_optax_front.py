@@ -192,3 +192,24 @@ def test_missing_jax_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "rprop.optax", raising=False)
     with pytest.raises(ImportError, match=r'pip install "rprop\[jax\]"'):
         importlib.import_module("rprop.optax")
+
+
+def test_apply_if_finite_skips_non_finite_steps():
+    # The JAX front's counterpart of nonfinite="skip": optax's own wrapper.
+    import optax
+
+    opt = optax.apply_if_finite(rprop.optax.rprop(0.1, variant="irprop+"),
+                                max_consecutive_errors=3)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = opt.init(params)
+    seen = []
+    for g, loss in [([1.0, 1.0], 2.0), ([float("nan"), 1.0], 3.0), ([1.0, -1.0], 1.0)]:
+        updates, state = opt.update({"w": jnp.array(g)}, state, params, value=loss)
+        params = optax.apply_updates(params, updates)
+        seen.append((np.asarray(params["w"]).tolist(), int(state.notfinite_count)))
+    # step 1 moves by -lr*sign; the NaN step is skipped; step 3 grows w[0]'s step to
+    # 0.12 and flips w[1] (irprop+: no move, the loss went down).
+    np.testing.assert_allclose(seen[0][0], [0.9, -2.1], rtol=0, atol=1e-7)
+    assert seen[1] == (seen[0][0], 1)
+    np.testing.assert_allclose(seen[2][0], [0.78, -2.1], rtol=0, atol=1e-6)
+    assert seen[2][1] == 0
