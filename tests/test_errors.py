@@ -25,6 +25,7 @@ BAD_CONSTRUCTOR = [
     ({"etas": 0.5}, TypeError, r"etas must be a pair of two numbers"),
     ({"step_sizes": (1.0, 0.1)}, ValueError, r"step_sizes must satisfy 0 <= step_min <= step_max"),
     ({"step_sizes": (-1e-6, 1.0)}, ValueError, r"step_sizes must satisfy"),
+    ({"step_sizes": (float("inf"),) * 2}, ValueError, r"step_min finite, got \(inf, inf\)"),
     ({"step_sizes": (1e-6, "big")}, TypeError, r"step_sizes\[1\] must be a real number"),
     ({"weight_decay": -0.1}, ValueError, r"weight_decay must be a finite number >= 0"),
     ({"variant": "adam"}, ValueError,

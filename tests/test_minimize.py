@@ -112,10 +112,11 @@ def test_scipy_custom_method_with_callable_jac():
 
 
 def test_scipy_custom_method_jac_true_and_tol():
+    # SciPy's tol sets gtol: a loose one must be what stops the run.
     res = scipy_optimize.minimize(lambda x: (quad(x), quad_grad(x)), np.zeros(2), jac=True,
-                                  method=rprop.minimize, tol=1e-9)
-    assert res.success and res.stop_rule in ("gtol", "xtol")
-    assert np.max(np.abs(quad_grad(res.x))) <= 1e-9 or res.stop_rule == "xtol"
+                                  method=rprop.minimize, tol=1e-2)
+    assert res.success and res.stop_rule == "gtol"
+    assert np.max(np.abs(quad_grad(res.x))) <= 1e-2
     # SciPy memoizes (f, g): one call of fun per iterate
     assert res.nfev == res.njev == res.nit + 1
 

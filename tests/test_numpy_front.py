@@ -315,7 +315,8 @@ def _run(grad_seq, h, variant, scale=1.0, observe=None):
     for t, g in enumerate(grad_seq):
         before = w.copy()
         grad = np.array(g) * scale
-        opt.step([grad], loss=float(np.sum(np.square(g))) * scale + (t % 3))
+        # the whole loss scales too: iRprop+ compares losses, scaling keeps their order
+        opt.step([grad], loss=(float(np.sum(np.square(g))) + (t % 3)) * scale)
         if observe:
             observe(before, grad, w, opt.state[0], bounds)
         path.append(w.copy())
@@ -370,3 +371,17 @@ def test_scaling_gradients_by_a_power_of_two_changes_nothing(grad_seq, h, varian
     b = _run(grad_seq, h, variant, scale=math.ldexp(1.0, k))
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_gradient_that_is_the_array_itself(variant):
+    # f = |x|^2 / 2 has gradient x: passing x itself must equal passing a copy.
+    def run(alias):
+        x = np.array([0.005, -0.3, 2.0])
+        opt = Rprop([x], variant=variant)
+        for t in range(6):
+            opt.step([x if alias else x.copy()], loss=float(6 - t))
+        return x, opt.state[0]["step_size"]
+
+    (xa, sa), (xb, sb) = run(True), run(False)
+    assert np.array_equal(xa, xb) and np.array_equal(sa, sb)

@@ -41,7 +41,8 @@ def run(grad_seq, h, variant, scale=1.0, observe=None):
         before = w.detach().clone()
         grad = torch.tensor(g, dtype=torch.float64) * scale
         w.grad = grad.clone()
-        opt.step(loss=float(np.sum(np.square(g))) * scale + (t % 3))
+        # the whole loss scales too: iRprop+ compares losses, scaling keeps their order
+        opt.step(loss=(float(np.sum(np.square(g))) + (t % 3)) * scale)
         if observe:
             observe(before, grad, w.detach(), opt.state[w], bounds)
         path.append(w.detach().clone())

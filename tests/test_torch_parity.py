@@ -165,3 +165,19 @@ def test_differentiable_matches_torch():
 
     (wa, ga), (wb, gb) = run(torch.optim.Rprop), run(rprop.Rprop)
     assert torch.equal(wa, wb) and torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("variant", ["rprop-", "rprop+", "irprop-"])
+def test_gradient_sharing_memory_with_the_parameter(path, variant):
+    # f = |p|^2 / 2 has gradient p: a caller may pass p's own storage as grad.
+    def run(alias):
+        p = torch.tensor([0.005, -0.3, 2.0], dtype=torch.float64, requires_grad=True)
+        opt = rprop.Rprop([p], variant=variant, **PATHS[path])
+        for _ in range(6):
+            p.grad = p.detach() if alias else p.detach().clone()
+            opt.step()
+        return p.detach().clone(), opt.state[p]["step_size"].clone()
+
+    (pa, sa), (pb, sb) = run(True), run(False)
+    assert torch.equal(pa, pb) and torch.equal(sa, sb)

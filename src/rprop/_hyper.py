@@ -65,9 +65,11 @@ class Hyper:
                 "etas must satisfy 0 < eta_minus < 1 < eta_plus < inf, "
                 f"got ({self.eta_minus}, {self.eta_plus})"
             )
-        if not 0.0 <= self.step_min <= self.step_max:
+        # step_max may be inf (no upper bound); an infinite step_min would move
+        # every parameter to ±inf.
+        if not (0.0 <= self.step_min <= self.step_max and math.isfinite(self.step_min)):
             raise ValueError(
-                "step_sizes must satisfy 0 <= step_min <= step_max, "
+                "step_sizes must satisfy 0 <= step_min <= step_max, step_min finite, "
                 f"got ({self.step_min}, {self.step_max})"
             )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):

@@ -248,15 +248,17 @@ class Rprop:
             worse=worse,
             xp=np,
         )
+        # State first: out.prev may be the caller's gradient array, and that
+        # may be p itself (f = ||x||^2 / 2 has gradient x).
+        _pairs(state["prev"])[...] = out.prev
+        _pairs(state["step_size"])[...] = out.step_size
+        if prev_update is not None:
+            prev_update[...] = out.prev_update
         if np.iscomplexobj(p):
             p.real += out.delta[..., 0]
             p.imag += out.delta[..., 1]
         else:
             p += out.delta
-        _pairs(state["prev"])[...] = out.prev
-        _pairs(state["step_size"])[...] = out.step_size
-        if prev_update is not None:
-            prev_update[...] = out.prev_update
 
     def _prepare_grads(self, grads: Any) -> list[tuple[Any, np.ndarray, np.ndarray]]:
         """(key, param, real gradient in the param's real dtype) for each

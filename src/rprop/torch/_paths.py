@@ -54,11 +54,13 @@ def single_tensor(
             worse=worse,
             xp=torch,
         )
-        param.add_(out.delta)
+        # State first: out.prev may be the gradient itself, which may share
+        # memory with the parameter (p.grad = p.detach() for f = |p|^2 / 2).
         prevs[i].copy_(out.prev)
         step_sizes[i].copy_(out.step_size)
         if prev_updates is not None and out.prev_update is not None:
             prev_updates[i].copy_(out.prev_update)
+        param.add_(out.delta)
 
 
 def multi_tensor(
