@@ -83,9 +83,11 @@ def test_sparse_gradient_refused():
 
 BAD_LOSS = [
     ({}, ValueError, r'variant="irprop\+" needs the loss at the current parameters'),
-    ({"loss": "1.0"}, TypeError, r"loss must be a float or a 0-dim tensor, got str"),
+    ({"loss": "1.0"}, TypeError, r"loss must be a real number or a one-element tensor, got str"),
+    ({"loss": torch.tensor(True)}, TypeError, r"loss must be a real number, got a torch.bool"),
     ({"loss": torch.ones(2)}, ValueError, r"loss must be a scalar \(one element\)"),
-    ({"loss": torch.ones((), dtype=torch.complex64)}, TypeError, r"loss must be real"),
+    ({"loss": torch.ones((), dtype=torch.complex64)}, TypeError,
+     r"loss must be a real number, got a torch.complex64 tensor"),
 ]
 
 

@@ -98,3 +98,44 @@ def test_irprop_plus_backtracks_only_when_loss_goes_up():
         w.grad = torch.tensor([g], dtype=torch.float64)
         opt.step(loss=loss)
     assert w.item() == pytest.approx(-0.05)
+
+
+@pytest.mark.parametrize("order", ["AB", "BA"])
+def test_irprop_plus_has_one_previous_loss_whatever_the_order(order):
+    # Worked by hand: lr 0.1. Step 1, both grads +1, loss 5: A = B = -0.1.
+    # Step 2, only A has a grad (+1), loss 1: A grows to 0.12, A = -0.22; B rests.
+    # Step 3, both -1, loss 3 > 1 = E(t-1): both flipped and the loss went up,
+    # so both undo their last update: A = -0.22 + 0.12 = -0.1, B = -0.1 + 0.1 = 0.
+    a = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = rprop.Rprop([a, b] if order == "AB" else [b, a], lr=0.1, variant="irprop+")
+    for grads, loss in [((1.0, 1.0), 5.0), ((1.0, None), 1.0), ((-1.0, -1.0), 3.0)]:
+        for p, g in zip((a, b), grads):
+            p.grad = None if g is None else torch.tensor([g], dtype=torch.float64)
+        opt.step(loss=loss)
+    assert a.item() == pytest.approx(-0.1, abs=1e-15)
+    assert b.item() == 0.0
+    assert opt.state[a]["prev_loss"].item() == opt.state[b]["prev_loss"].item() == 3.0
+
+
+def test_irprop_plus_parameter_added_later_takes_the_current_loss():
+    a = torch.zeros(1, requires_grad=True)
+    opt = rprop.Rprop([a], variant="irprop+")
+    a.grad = torch.ones(1)
+    opt.step(loss=2.0)
+    b = torch.zeros(1, requires_grad=True)
+    opt.add_param_group({"params": [b]})
+    a.grad, b.grad = torch.ones(1), torch.ones(1)
+    opt.step(loss=1.0)
+    assert opt.state[b]["prev_loss"].item() == opt.state[a]["prev_loss"].item() == 1.0
+
+
+@pytest.mark.parametrize("loss", [np.float32(1.5), np.int64(2), np.array(1.5), np.array([1.5]),
+                                  torch.tensor(3, dtype=torch.uint8), 2])
+def test_loss_types(loss):
+    w = torch.zeros(1, requires_grad=True)
+    opt = rprop.Rprop([w], variant="irprop+", maximize=True)
+    w.grad = torch.ones(1)
+    opt.step(loss=loss)
+    # maximize stores the negated loss, computed in float64 (a uint8 3 must not wrap).
+    assert opt.state[w]["prev_loss"].item() == -float(np.asarray(loss).reshape(()))

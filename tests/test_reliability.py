@@ -211,3 +211,25 @@ def test_half_precision_paths_agree():
 def test_state_dtype_validation():
     with pytest.raises(TypeError, match=r"state_dtype must be None or a floating torch\.dtype"):
         rprop.Rprop([torch.zeros(2, requires_grad=True)], state_dtype=torch.int32)
+
+
+def test_each_group_applies_its_own_nonfinite_mode():
+    a = torch.zeros(2, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    opt = rprop.Rprop([{"params": [a], "nonfinite": "skip"},
+                       {"params": [b], "nonfinite": "raise"}])
+    a.grad, b.grad = torch.tensor([float("nan"), 1.0]), torch.ones(2)
+    opt.step()  # the NaN is in the "skip" group: the step is skipped, nothing raises
+    assert torch.equal(a, torch.zeros(2)) and torch.equal(b, torch.zeros(2))
+    assert [g["skipped_steps"] for g in opt.param_groups] == [1, 1]
+    a.grad, b.grad = torch.ones(2), torch.tensor([1.0, float("inf")])
+    with pytest.raises(FloatingPointError, match="gradient of parameter 1"):
+        opt.step()
+
+
+def test_nan_loss_does_not_concern_a_group_that_ignores_the_loss():
+    w = torch.zeros(2, requires_grad=True)
+    opt = rprop.Rprop([w], variant="irprop-", nonfinite="raise")
+    w.grad = torch.ones(2)
+    opt.step(loss=float("nan"))  # irprop- does not use the loss
+    assert torch.equal(w, torch.full((2,), -0.01))

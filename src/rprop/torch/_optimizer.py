@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -241,6 +242,7 @@ class Rprop(Optimizer):
         buckets: dict[tuple[Any, ...], _Bucket] = {}
         backtracks, needs_loss = variant.backtracks, variant.needs_loss
         all_state = self.state
+        fresh_losses: list[Tensor] = []
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -260,6 +262,7 @@ class Rprop(Optimizer):
                 )
             if needs_loss and "prev_loss" not in state:
                 state["prev_loss"] = torch.tensor(math.inf, dtype=_loss_dtype(p), device=p.device)
+                fresh_losses.append(state["prev_loss"])
             dtype = p.dtype
             key = (p.device, dtype, grad.dtype)
             bucket = buckets.get(key)
@@ -276,7 +279,22 @@ class Rprop(Optimizer):
                 bucket.prev_losses.append(state["prev_loss"])
             if dtype.is_complex or type(p) not in _PLAIN_TYPES:
                 bucket.plain = False
+        if fresh_losses:
+            # E(t-1) is one number for the whole optimizer: a parameter joining
+            # later (first gradient, add_param_group) takes the current one.
+            known = self._last_loss(group)
+            if known is not None:
+                for t in fresh_losses:
+                    t.copy_(known)
         return list(buckets.values())
+
+    def _last_loss(self, group: dict[str, Any]) -> Tensor | None:
+        """The E(t-1) a group's parameters hold (they all hold the same)."""
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st and "prev_loss" in st and not bool(torch.isinf(st["prev_loss"])):
+                return st["prev_loss"]
+        return None
 
     @staticmethod
     def _init_state(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -337,7 +355,22 @@ class Rprop(Optimizer):
             self._warn_if_lr_changed(group)
             for bucket in buckets:
                 self._step_bucket(group, hyper, variant, bucket, loss)
+            if variant.needs_loss:
+                self._remember_loss(group, -loss if hyper.maximize else loss)
         return loss
+
+    def _remember_loss(self, group: dict[str, Any], signed: Tensor) -> None:
+        """E(t-1) <- E(t) for *every* parameter of the group that keeps one,
+        also those without a gradient this step, so that all hold the same
+        number and no decision depends on which parameter comes first."""
+        held = [st["prev_loss"] for p in group["params"]
+                if (st := self.state.get(p)) and "prev_loss" in st]
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in held:
+            by_device.setdefault(t.device, []).append(t)
+        for device, ts in by_device.items():
+            value = signed.to(device)
+            torch._foreach_copy_(ts, [value] * len(ts))
 
     def _checked_group(self, group: dict[str, Any]) -> tuple[Hyper, Variant]:
         """:func:`_check_group`, remembered for hyperparameter values already seen."""
@@ -386,24 +419,28 @@ class Rprop(Optimizer):
             worse=worse,
             differentiable=group["differentiable"],
         )
-        if variant.needs_loss:
-            torch._foreach_copy_(b.prev_losses, [signed] * len(b.prev_losses))
 
     def _finite_or_handled(self, work: list[Any], loss: Tensor | None) -> bool:
-        """Apply the groups' ``nonfinite`` policy; False means skip this step."""
+        """Apply the groups' ``nonfinite`` policy; False means skip this step.
+
+        A group checks its own gradients, and the loss when its variant uses
+        it; "raise" groups are checked first, so a "skip" group's NaN skips
+        the step rather than raising for another group."""
         from rprop.torch._nonfinite import first_nonfinite
 
-        modes = {group["nonfinite"] for group, _, _, _ in work}
-        if modes <= {"propagate"}:
-            return True
-        checked = [b for g, _, _, buckets in work if g["nonfinite"] != "propagate"
-                   for b in buckets]
-        culprit = first_nonfinite(self, checked, loss)
-        if culprit is None:
-            return True
-        if "raise" in modes:
-            raise FloatingPointError(f"non-finite value in {culprit} (nonfinite='raise')")
-        return False
+        for mode in ("raise", "skip"):
+            groups = [(g, v, bs) for g, _, v, bs in work if g["nonfinite"] == mode]
+            if not groups:
+                continue
+            checked = [b for _, _, bs in groups for b in bs]
+            uses_loss = loss is not None and any(v.needs_loss for _, v, _ in groups)
+            culprit = first_nonfinite(self, checked, loss if uses_loss else None)
+            if culprit is None:
+                continue
+            if mode == "raise":
+                raise FloatingPointError(f"non-finite value in {culprit} (nonfinite='raise')")
+            return False
+        return True
 
     def _warn_if_lr_changed(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
@@ -455,15 +492,24 @@ def _loss_dtype(p: Tensor) -> torch.dtype:
 
 
 def _as_loss(loss: Any) -> Tensor:
+    """The loss as a 0-dim float tensor (float64 unless it is a float tensor
+    already: an integer or bool tensor would wrap when negated)."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}")
-        if loss.is_complex():
-            raise TypeError("loss must be real, got a complex tensor")
-        return loss.detach().reshape(())
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-        raise TypeError(f"loss must be a float or a 0-dim tensor, got {type(loss).__name__}")
-    return torch.tensor(float(loss), dtype=torch.float64)
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise TypeError(f"loss must be a real number, got a {loss.dtype} tensor")
+        loss = loss.detach().reshape(())
+        return loss if loss.is_floating_point() else loss.to(torch.float64)
+    value = loss
+    if not isinstance(value, numbers.Real) and hasattr(value, "item") and \
+            getattr(value, "size", 1) == 1:
+        value = value.item()  # NumPy 0-dim and one-element arrays
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"loss must be a real number or a one-element tensor, got {type(loss).__name__}"
+        )
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def _real_views(*lists: list[Tensor]) -> list[list[Tensor]]:
