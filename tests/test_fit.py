@@ -176,6 +176,7 @@ def test_data_as_function_and_generators_refused():
         ({"patience": 0}, ValueError, "patience"),
         ({"min_improvement": 1.0}, ValueError, "min_improvement"),
         ({"target_loss": "low"}, TypeError, "target_loss"),
+        ({"target_loss": float("nan")}, ValueError, "target_loss must not be NaN"),
     ],
 )
 def test_argument_errors(kwargs, error, match):
@@ -293,3 +294,21 @@ def test_example_runs_in_one_process(capsys):
     loss = example["main"](["--epochs", "25", "--samples", "400"])
     out = capsys.readouterr().out
     assert "ranks: 1" in out and f"final loss {loss:.6f}" in out
+
+
+def test_numpy_numbers_are_accepted():
+    import numpy as np
+
+    hist = fit(make_model(), loss_fn, problem(), max_epochs=np.int64(3),
+               target_loss=np.float32(1e-12), progress=False)
+    assert len(hist.loss) == 3
+
+
+def test_checkpoint_file_follows_the_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "ckpt.pt"
+        fit(make_model(), loss_fn, problem(), max_epochs=2, progress=False, checkpoint=path)
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

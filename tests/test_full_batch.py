@@ -225,3 +225,26 @@ def test_argument_errors():
         full_batch_backward(model(), per_sample, [], bucket_cap_mb=0)
     with pytest.raises(RuntimeError, match="not initialised"):
         full_batch_backward(model(), per_sample, [], process_group=object())
+
+
+def test_half_precision_losses_add_up_in_float32():
+    # 20000 fp16 per-sample losses of ~9 sum to ~1.8e5, past fp16's 65504.
+    model = torch.nn.Linear(2, 1).half()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    x = torch.randn(20000, 2).half()
+    y = torch.full((20000, 1), 3.0).half()
+    loss = full_batch_backward(model, lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1), [(x, y)])
+    assert float(loss) == 9.0  # exactly (0 - 3)^2 for every sample
+    # The gradient *sum* (-120000 for the bias) still overflows fp16; the
+    # documented remedy: pre-scale (loss_sum, count) by a known sample count.
+    assert torch.isinf(model.bias.grad).all()
+    n = len(x)
+
+    def scaled(m, b):
+        return ((m(b[0]) - b[1]) ** 2).sum(dtype=torch.float32) / n, len(b[0]) / n
+
+    loss = full_batch_backward(model, scaled, [(x, y)])
+    assert float(loss) == pytest.approx(9.0, rel=1e-3)  # fp16 rounding of each term / n
+    assert model.bias.grad.item() == pytest.approx(-6.0, rel=1e-3)

@@ -4,6 +4,7 @@ and atomic, exactly resumable checkpoints. See ``docs/full_batch.md``."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import tempfile
@@ -234,15 +235,18 @@ def _check_fit_args(
         get_variant(variant)
     for name, value, low in (("max_epochs", max_epochs, 0), ("checkpoint_every",
                                                             checkpoint_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
-                                 or patience < 1):
+    if patience is not None and (isinstance(patience, bool)
+                                 or not isinstance(patience, numbers.Integral) or patience < 1):
         raise ValueError(f"patience must be None or an int >= 1, got {patience!r}")
-    if not (isinstance(min_improvement, (int, float)) and 0 <= min_improvement < 1):
+    if not (isinstance(min_improvement, numbers.Real) and 0 <= min_improvement < 1):
         raise ValueError(f"min_improvement must be a number in [0, 1), got {min_improvement!r}")
-    if target_loss is not None and not isinstance(target_loss, (int, float)):
+    if target_loss is not None and (isinstance(target_loss, bool)
+                                    or not isinstance(target_loss, numbers.Real)):
         raise TypeError(f"target_loss must be a number or None, got {target_loss!r}")
+    if target_loss is not None and math.isnan(target_loss):
+        raise ValueError("target_loss must not be NaN (it would never be reached)")
     if isinstance(data, Iterator):
         raise TypeError(
             "data is an iterator (e.g. a generator), which the first epoch would exhaust; "
@@ -418,6 +422,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain
+        # torch.save would, following the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

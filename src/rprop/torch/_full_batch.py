@@ -184,7 +184,10 @@ def _sum_and_count(out: Any) -> tuple[Tensor, Any]:
                 f"loss_fn must return a 1-D tensor of per-sample losses or (loss_sum, count); "
                 f"got a tensor of shape {tuple(out.shape)}: {hint}"
             )
-        total, count = out.sum(), out.numel()
+        # Half-precision losses add up in float32: 20k fp16 losses of ~10 overflow.
+        half = out.is_floating_point() and out.dtype.itemsize < 4
+        total = out.sum(dtype=torch.float32) if half else out.sum()
+        count = out.numel()
     else:
         raise TypeError(
             "loss_fn must return a 1-D tensor of per-sample losses or a pair "
