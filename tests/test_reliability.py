@@ -60,6 +60,16 @@ BAD_STATES = [
      r"param group 0 of state_dict: variant must be one of"),
     ("stray", lambda sd: sd["state"].__setitem__(7, {}),
      r"state_dict has state for parameter 7, which no group lists"),
+    ("negative-step", lambda sd: sd["state"][1]["step_size"].__setitem__(0, -1.0),
+     r"state 'step_size' of parameter 1 .* has NaN or negative values"),
+    ("nan-step", lambda sd: sd["state"][0]["step_size"].__setitem__((0, 0), float("nan")),
+     r"state 'step_size' of parameter 0 .* has NaN or negative values"),
+    ("skipped", lambda sd: sd["param_groups"][0].__setitem__("skipped_steps", "x"),
+     r"param group 0 of state_dict: skipped_steps must be an int >= 0"),
+    ("state-list", lambda sd: sd.__setitem__("state", []),
+     r"state_dict\['state'\] must be a dict"),
+    ("group-no-params", lambda sd: sd["param_groups"][0].pop("params"),
+     r"must be a list of dicts with a 'params' list"),
 ]
 
 

@@ -29,7 +29,13 @@ def prepare_state_dict(
 
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError("state_dict['state'] must be a dict (parameter index -> state)")
     saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups
+    ):
+        raise ValueError("state_dict['param_groups'] must be a list of dicts with a 'params' list")
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(
             f"state_dict has {len(saved_groups)} param groups, the optimizer has "
@@ -49,6 +55,9 @@ def prepare_state_dict(
         merged["params"] = list(saved["params"])
         try:
             _check_group(merged)
+            skipped = merged.get("skipped_steps", 0)
+            if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+                raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
         except (TypeError, ValueError) as err:
             raise ValueError(f"param group {gi} of state_dict: {err}") from None
         merged["variant"] = get_variant(merged["variant"]).name
@@ -101,6 +110,10 @@ def _check_entry(
                 raise ValueError(
                     f"state {key!r} of {where} has dtype {value.dtype}, expected {expected}"
                 )
+            if key == "step_size":
+                sizes = torch.view_as_real(value) if value.is_complex() else value
+                if bool((sizes.isnan() | (sizes < 0)).any()):
+                    raise ValueError(f"state 'step_size' of {where} has NaN or negative values")
             out[key] = value.to(device=p.device, copy=True)
         else:
             if value.numel() != 1:
