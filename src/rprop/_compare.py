@@ -180,14 +180,24 @@ def summarize(runs: Iterable[Run]) -> list[Summary]:
     return out
 
 
+def _refuse_duplicates(kind: str, items: Sequence[Any]) -> None:
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{kind} {item!r} is listed more than once")
+        seen.add(item)
+
+
 def plan(
     problem_names: Sequence[str] | None, method_names: Sequence[str] | None,
     seeds: Sequence[int] | None, quick: bool,
 ) -> tuple[list[_problems.Problem], list[Method], list[int], int | None]:
-    """Resolve the selections and the budget override: a ValueError on an unknown name,
-    an ImportError for a problem whose optional package is missing."""
+    """Resolve the selections and the budget override: a ValueError on an unknown name
+    or on one listed twice (it would run twice and count twice in the summary), an
+    ImportError for a problem whose optional package is missing."""
     if problem_names:
         probs = [_problems.get(n) for n in problem_names]
+        _refuse_duplicates("problem", [p.name for p in probs])
         for p in probs:
             if not p.is_available:
                 raise ImportError(f"problem {p.name!r} needs scikit-learn: "
@@ -200,8 +210,10 @@ def plan(
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     meths = [METHODS[n] for n in method_names] if method_names else list(METHODS.values())
+    _refuse_duplicates("method", [m.name for m in meths])
     if seeds is None:
         seeds = range(QUICK_SEEDS if quick else DEFAULT_SEEDS)
+    _refuse_duplicates("seed", list(seeds))
     return probs, meths, list(seeds), QUICK_BUDGET if quick else None
 
 
@@ -312,9 +324,10 @@ def to_json(proto: dict[str, Any], runs: Sequence[Run]) -> dict[str, Any]:
     }
 
 
-def plot(runs: Sequence[Run], path: str) -> None:
+def plot(runs: Sequence[Run], path: str, format: str | None = None) -> None:
     """Loss against gradient evaluations: per problem, per method, the median over
-    seeds of the best loss so far (a run that stopped at the goal stays there)."""
+    seeds of the best loss so far (a run that stopped at the goal stays there).
+    ``format`` is matplotlib's (by default, from the extension of ``path``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,5 +371,5 @@ def plot(runs: Sequence[Run], path: str) -> None:
     fig.suptitle("loss (median over seeds of the best so far) vs gradient evaluations; "
                  "dashed: goal", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=72, format=format)
     plt.close(fig)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import decimal
 import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -194,6 +197,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Hyper(lr=args.lr)  # a bad --lr is a one-line error before anything runs
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     _check_backend(args.backend)
     _demo_square(variant, 0.1, 20)
     _print("Fitting y = 2x + 3 + 0.1·noise (100 points, x ~ N(0, 1)) with one linear layer, "
@@ -254,23 +259,59 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def _plot_format(path: str) -> str:
+    """Check ``--plot PATH`` before anything runs; return the file format, from the
+    extension (savefig would otherwise append '.png' to a name without one)."""
+    if not path:
+        raise UsageError("--plot needs a file name such as curves.png")
+    if path.endswith(tuple(filter(None, (os.sep, os.altsep)))) or os.path.isdir(path):
+        raise UsageError(f"--plot {path}: a folder; give a file name such as curves.png")
+    ext = os.path.splitext(path)[1][1:].lower()
+    if not ext:
+        raise UsageError(f"--plot {path}: no extension; give a file name such as curves.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingError("--plot needs matplotlib: pip install 'rprop[plot]'")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if ext not in formats:
+        raise UsageError(f"--plot {path}: matplotlib cannot write .{ext} files; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    if ext == "pgf":
+        import matplotlib
+
+        tex = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(tex) is None:
+            raise MissingError(f"--plot {path}: matplotlib writes .pgf files with {tex}, "
+                               "which is not installed")
+    folder = os.path.dirname(path) or os.curdir
+    if not os.path.isdir(folder):
+        raise MissingError(f"cannot write {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+            os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise MissingError(f"cannot write {path}: permission denied")
+    return ext
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from rprop import _compare
 
     with _checking_arguments():
         probs, meths, seeds, budget = _compare.plan(args.problems, args.methods, args.seeds,
                                                     args.quick)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise MissingError("--plot needs matplotlib: pip install 'rprop[plot]'")
+    plot_format = None if args.plot is None else _plot_format(args.plot)
     _check_backend("torch")
     proto = _compare.protocol(probs, meths, seeds, budget)
     progress = not args.no_progress and sys.stderr.isatty()
     runs = _compare.compare(probs, meths, seeds, budget, progress=progress)
-    if args.plot:
+    if plot_format is not None:
         try:
-            _compare.plot(runs, args.plot)
+            _compare.plot(runs, args.plot, format=plot_format)
         except OSError as err:
             raise MissingError(f"cannot write {args.plot}: {err.strerror or err}") from None
+        except RuntimeError as err:  # a TeX system or a Pillow plug-in matplotlib lacks
+            raise MissingError(f"cannot write {args.plot}: {str(err).splitlines()[0]}"
+                               ) from None
     if args.json:
         _print(json.dumps(_finite_or_none(_compare.to_json(proto, runs)), indent=2))
         return 0
@@ -280,7 +321,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _print()
     _print("success: runs that reached the goal; median evals: gradient evaluations to the goal,")
     _print("over the successful runs; final loss: median over seeds of the last loss evaluated.")
-    if args.plot:
+    if plot_format is not None:
         _print(f"Loss curves written to {args.plot}")
     return 0
 
@@ -288,33 +329,86 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # -- bench ----------------------------------------------------------------------
 
 
+MAX_TENSORS = 2**20
+MAX_PARAMS = 2**31  # tensors x elements, per size: 8 GiB per float32 array
+_SCALES = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def _whole(text: str) -> int | None:
+    """A count: ``1000``, ``1_000``, ``1e3``, ``1k``, ``10M``; None when it is not a whole
+    number >= 1 (``1.5``, ``inf``, ``nan``, ``0``), MAX_PARAMS + 1 for any number above
+    MAX_PARAMS (``1e30``). A ValueError when it is not a number at all."""
+    text = text.strip().lower()
+    scale = _SCALES.get(text[-1:], 1)
+    if scale != 1:
+        text = text[:-1]
+    try:
+        value = decimal.Decimal(text)  # exact, whatever the exponent: no float rounding
+    except decimal.InvalidOperation:
+        raise ValueError(text) from None
+    if not value.is_finite() or value <= 0:
+        return None
+    if value > MAX_PARAMS:  # checked before scaling, which could overflow
+        return MAX_PARAMS + 1
+    with decimal.localcontext() as ctx:
+        ctx.prec = 50
+        ctx.traps[decimal.Inexact] = True
+        try:
+            value *= scale
+        except decimal.Inexact:  # more than 40 decimals, or an underflow: not a whole number
+            return None
+    if value < 1 or value != value.to_integral_value():
+        return None
+    return min(int(value), MAX_PARAMS + 1)
+
+
 def _sizes(text: str) -> list[tuple[int, int]]:
     """``100x100000,1000x1000``: tensors x elements per tensor."""
     sizes = []
     for item in text.split(","):
         try:
-            count, numel = item.lower().split("x")
-            size = int(count), int(float(numel))
+            count, numel = (_whole(part) for part in item.lower().split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected TENSORSxELEMENTS[,...] such as 100x100000,1000x1000, got {item!r}"
             ) from None
-        if min(size) < 1:
-            raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {item!r}")
-        sizes.append(size)
+        if count is None or numel is None:
+            raise argparse.ArgumentTypeError(
+                f"sizes must be whole numbers >= 1 (such as 1000, 1e5, 100k or 10M), "
+                f"got {item!r}")
+        if count > MAX_TENSORS or count * numel > MAX_PARAMS:
+            raise argparse.ArgumentTypeError(
+                f"sizes are limited to {MAX_TENSORS} tensors and 2**31 elements in all, "
+                f"got {item!r}")
+        sizes.append((count, numel))
     return sizes
 
 
+_DEVICE = re.compile(r"cpu|mps|cuda(?::(\d+))?")
+
+
+def _device_index(device: str) -> int | None:
+    """The N of ``cuda:N``; a UsageError unless ``device`` is ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps`` (torch knows more, ``meta`` say, but there is nothing to time)."""
+    match = _DEVICE.fullmatch(device)
+    if match is None:
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    return None if match[1] is None else int(match[1])
+
+
 def _check_device(device: str) -> None:
+    """A MissingError unless ``device`` (checked by _device_index) is present here."""
     import torch
 
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as err:
-        raise UsageError(f"--device: {str(err).splitlines()[0]}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MissingError(f"--device {device}: CUDA is not available here")
-    if kind == "mps" and not torch.backends.mps.is_available():
+    index = _device_index(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MissingError(f"--device {device}: CUDA is not available here")
+        count = torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise MissingError(f"--device {device}: there is no such CUDA device here "
+                               f"({count} found: cuda:0..cuda:{count - 1})")
+    if device == "mps" and not torch.backends.mps.is_available():
         raise MissingError(f"--device {device}: MPS is not available here")
 
 
@@ -325,6 +419,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         variant = get_variant(args.variant).name
     if args.repeats is not None and args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    _device_index(args.device)  # a bad name is a usage error, torch or not
     _check_backend("torch")
     _check_device(args.device)
     progress = not args.no_progress and sys.stderr.isatty()
@@ -393,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: 10; 2 with --quick)")
     comp.add_argument("--quick", action="store_true",
                       help="a few seconds: three small problems, 2 seeds, budget 150")
-    comp.add_argument("--plot", metavar="PNG",
-                      help="write loss curves to this PNG (needs matplotlib)")
+    comp.add_argument("--plot", metavar="FILE",
+                      help="write loss curves to this file, its type from its extension: "
+                           "curves.png, curves.svg, curves.pdf... (needs matplotlib)")
     comp.add_argument("--json", action="store_true",
                       help="print the protocol, summary and every run as JSON")
     comp.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -417,8 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"variant timed for rprop.Rprop: {', '.join(VARIANTS)} "
                             "(default: irprop-; torch.optim.Rprop is always iRprop-)")
     bench.add_argument("--sizes", type=_sizes, metavar="TxN[,...]",
-                       help="parameter sets to time, TENSORSxELEMENTS, e.g. "
-                            "100x100000,1000x1000 (default: 1x10M, 100x100k, 1000x1k, 10x10M)")
+                       help="parameter sets to time, TENSORSxELEMENTS (k, M: thousands, "
+                            "millions), e.g. 100x100k,1000x1000 (default: 1x10M, 100x100k, "
+                            "1000x1k, 10x10M)")
     bench.add_argument("--repeats", type=int, help="timed steps per measurement "
                        "(default: 15; 5 with --quick)")
     bench.add_argument("--no-memory", action="store_true",
