@@ -176,6 +176,160 @@ def test_non_dense_and_channels_last_tensors():
     assert_bitwise(results[0], results[1], "fused vs for-loop")
 
 
+def _overlapping_run(path, variant, hyper, steps=4):
+    """Two parameters that share 200k elements of one buffer (views
+    ``base[:300000]`` and ``base[100000:]``), over the kernel's threading
+    threshold; returns the buffer, the state and the counters."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(400_000, generator=gen)
+    params = [base[:300_000], base[100_000:], torch.randn(50, generator=gen)]
+    prevs = [torch.zeros_like(p) for p in params]
+    step_sizes = [torch.full_like(p, hyper.lr) for p in params]
+    prev_updates = [torch.zeros_like(p) for p in params] if variant.backtracks else None
+    counters = [torch.zeros(()) for _ in params]
+    for t in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        worse = torch.tensor(t % 3 == 1) if variant.needs_loss else None
+        path(params, grads, prevs, step_sizes, prev_updates, steps=counters, hyper=hyper,
+             variant=variant, worse=worse)
+    return [base, params[2]] + prevs + step_sizes + (prev_updates or []) + counters
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_overlapping_parameters_step_in_order(variant):
+    """Parameters sharing memory are stepped one after the other, as the
+    for-loop path does (threads would race on the shared elements; the
+    foreach path, with weight decay, reads every parameter before writing
+    any). Also when one of them cannot be walked flat."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        v, h = VARIANTS[variant], HYPERS["maximize+wd"]
+        for hyper in (h, HYPERS["default"]):
+            a = _overlapping_run(_paths.single_tensor, v, hyper)
+            b = _overlapping_run(_fused.fused_step, v, hyper)
+            assert_bitwise(a, b, f"fused vs for-loop ({hyper})")
+
+        # With a non-dense view of the shared buffer (the uncached branch).
+        gen = torch.Generator().manual_seed(6)
+        runs = []
+        for path in (_paths.single_tensor, _fused.fused_step):
+            base = torch.randn(400_000, generator=torch.Generator().manual_seed(7))
+            params = [base[:300_000], base[100_000:], base[1000:5000:2]]
+            states = [[torch.full_like(p, h.lr if i == 1 else 0.0) for p in params]
+                      for i in range(3)]
+            counters = [torch.zeros(()) for _ in params]
+            gen.manual_seed(8)
+            for _ in range(3):
+                grads = [torch.randn(p.shape, generator=gen) for p in params]
+                path(params, grads, states[0], states[1],
+                     states[2] if v.backtracks else None, steps=counters, hyper=h,
+                     variant=v, worse=torch.tensor(True) if v.needs_loss else None)
+            runs.append([base, *states[0], *states[1], *counters])
+        assert_bitwise(runs[0], runs[1], "fused vs for-loop, with a strided view")
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_overlapping_leaf_views_through_the_optimizer():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for setting in ("for-loop", "fused", "default"):
+            base = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+            params = [base[:150_000].requires_grad_(), base[50_000:].requires_grad_()]
+            opt = rprop.Rprop(params, variant="irprop+", weight_decay=0.01,
+                              **SETTINGS[setting])
+            gen = torch.Generator().manual_seed(1)
+            for t in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step(loss=float(t % 2))
+            results.append([base] + [opt.state[p][k] for p in params for k in opt.state[p]])
+    finally:
+        torch.set_num_threads(before)
+    assert_bitwise(results[0], results[1], "fused=True vs for-loop")
+    assert_bitwise(results[0], results[2], "default vs for-loop")
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_gradient_that_is_its_parameter(variant):
+    """p.grad = p.detach() (the gradient of |p|^2 / 2): the kernel reads each
+    element's gradient before it writes the parameter, as the for-loop path."""
+    results = []
+    for setting in ("for-loop", "fused"):
+        p = torch.randn(50_000, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        opt = rprop.Rprop([p], variant=variant, lr=0.1, weight_decay=0.1, **SETTINGS[setting])
+        for t in range(6):
+            p.grad = p.detach()
+            opt.step(loss=float(t % 2)) if variant == "irprop+" else opt.step()
+        results.append([p.detach(), *opt.state[p].values()])
+    assert_bitwise(results[0], results[1], "fused vs for-loop")
+
+
+def _share(t: torch.Tensor, dtype: torch.dtype, shape, stride) -> torch.Tensor:
+    """A new tensor on ``t``'s memory with another dtype or strides and no
+    reference to ``t``: what the allocator produces when it hands a freed
+    tensor's memory to a new one."""
+    return torch.empty(0, dtype=dtype).set_(t.untyped_storage(), 0, shape, stride)
+
+
+@needs_kernel
+@pytest.mark.parametrize("change", ["strides", "counter-dtype"])
+def test_layout_cache_sees_a_new_tensor_at_an_old_address(change):
+    """A validated layout is keyed by data pointers; a state tensor or step
+    counter freed and replaced by one at the same address with other strides
+    or another dtype is validated again (and stepped correctly)."""
+    v, h = VARIANTS["rprop+"], HYPERS["maximize+wd"]
+    runs = []
+    for path in (_paths.single_tensor, _fused.fused_step):
+        gen = torch.Generator().manual_seed(9)
+        params = [torch.randn(40, 30, generator=gen).t(), torch.randn(7, generator=gen)]
+        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        for s in states[1]:
+            s.fill_(0.05)
+        storage = torch.zeros(2, dtype=torch.float32)  # room for a float64 counter
+        counters = [_share(storage, torch.float32, (), ()), torch.zeros(())]
+        del storage
+        for t in range(6):
+            if t == 3 and change == "strides":
+                # prev of the transposed parameter, same values, laid out contiguously
+                old = states[0][0]
+                values = old.clone()
+                states[0][0] = _share(old, torch.float32, old.shape, (40, 1))
+                del old
+                states[0][0].copy_(values)
+            if t == 3 and change == "counter-dtype":
+                value = counters[0].item()
+                counters[0] = _share(counters[0], torch.float64, (), ())
+                counters[0].fill_(value)
+            grads = [torch.randn(p.shape, generator=gen) for p in params]
+            grads[0] = grads[0].t().contiguous().t()  # laid out like its parameter
+            path(params, grads, *states, steps=counters, hyper=h, variant=v, worse=None)
+        runs.append(params + [t for s in states for t in s] + counters)
+    assert runs[1][-2].dtype == (torch.float64 if change == "counter-dtype" else torch.float32)
+    assert_bitwise(runs[0], runs[1], "fused vs for-loop")
+
+
+@needs_kernel
+def test_forget_layouts():
+    p = torch.zeros(5, requires_grad=True)
+    p.grad = torch.ones(5)
+    opt = rprop.Rprop([p], fused=True)
+    opt.step()
+    assert _fused._checked
+    _fused.forget_layouts()
+    assert not _fused._checked
+    opt.step()
+    assert len(_fused._checked) == 1
+    del opt  # its state tensors are freed: the entry that checked them goes too
+    assert not _fused._checked
+
+
 # -- through rprop.Rprop ------------------------------------------------------------
 
 SETTINGS = {"fused": {"fused": True}, "foreach": {"foreach": True},
@@ -397,6 +551,53 @@ def test_kernel_cache_is_reused(fresh_kernel_cache):
     second = _fused.kernel_info(torch.float64)
     assert not second["compiled"] and second["path"] == first["path"]
     assert _fused.compile_count == before + 1
+
+
+@needs_kernel
+def test_corrupt_cached_kernel_is_rebuilt(fresh_kernel_cache):
+    """A cached file that does not load (garbage over it, or another build
+    under its name) is deleted and built again, once, instead of failing in
+    every process from then on."""
+    before = _fused.compile_count
+    path = _fused._targets(0, fresh_kernel_cache)[0][0]
+    path.write_bytes(b"not a shared library")
+    assert _fused.available([torch.zeros(1)])
+    info = _fused.kernel_info(torch.float32)
+    assert info["compiled"] and _fused.compile_count == before + 1
+    assert info["path"] == str(path) and path.read_bytes()[:4] == b"\x7fELF"
+    # Another kernel's build under the float64 name: loads, but is not it.
+    target = _fused._targets(1, fresh_kernel_cache)[0][0]
+    target.write_bytes(path.read_bytes())
+    _fused._reset_for_tests()
+    info = _fused.kernel_info(torch.float64)
+    assert info.get("compiled"), info
+    assert _fused.compile_count == before + 2
+    _fused._reset_for_tests()  # a new process: loads both, compiles nothing
+    assert not _fused.kernel_info(torch.float32)["compiled"]
+    assert not _fused.kernel_info(torch.float64)["compiled"]
+    assert _fused.compile_count == before + 2
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    rprop.Rprop([p], fused=True).step()
+    assert torch.equal(p.detach(), torch.full((3,), -0.01, dtype=torch.float64))
+
+
+def test_corrupt_cached_kernel_that_cannot_be_rebuilt(fresh_kernel_cache, monkeypatch):
+    """If building again fails too, fused=True says so and names the file;
+    fused=None falls back to foreach."""
+    path = _fused._targets(0, fresh_kernel_cache)[0][0]
+    path.write_bytes(b"not a shared library")
+    monkeypatch.setattr(_fused, "_compile", lambda cc, flags, out: subprocess.CompletedProcess(
+        [*cc, *flags], 1, "", "cc: error: no space left on device"))
+    p = torch.zeros(3, requires_grad=True)
+    assert not _fused.available([p])
+    assert not path.exists()
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="could not be loaded") as err:
+        rprop.Rprop([p], fused=True).step()
+    assert str(path) in str(err.value) and "no space left on device" in str(err.value)
+    rprop.Rprop([p]).step()
+    assert torch.equal(p.detach(), torch.full((3,), -0.01))
 
 
 def test_missing_compiler(fresh_kernel_cache, monkeypatch):

@@ -20,7 +20,8 @@ of the kernel source, the compiler command and flags, the compiler's
 any of them compiles afresh and machines sharing a home directory do not
 share an incompatible binary. A library is written to a temporary file and
 renamed into place, so concurrent processes never load a half-written file.
-The compiler is ``$CC`` (default ``cc``).
+A cached file that does not load (truncated, overwritten, not this kernel) is
+deleted and built again, once. The compiler is ``$CC`` (default ``cc``).
 
 On CUDA, ``fused=True`` runs the Triton kernel of ``_kernels/triton_kernel.py``
 (one launch per group; Triton is optional) and ``fused=None`` the foreach
@@ -40,6 +41,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from array import array
 from operator import attrgetter
 from pathlib import Path
@@ -51,7 +53,7 @@ from torch import Tensor
 from rprop._hyper import Hyper
 from rprop._variants import Variant
 
-__all__ = ["available", "fused_step", "kernel_info", "require"]
+__all__ = ["available", "forget_layouts", "fused_step", "kernel_info", "require"]
 
 SOURCE = Path(__file__).with_name("_kernels") / "rprop_kernel.c"
 ABI = 1  # RPROP_KERNEL_ABI in the C source
@@ -127,16 +129,41 @@ def _compiler_version(cc: list[str]) -> str:
     return out.stdout
 
 
-def _build(code: int) -> tuple[Path, dict[str, Any]]:
-    """Return a compiled library for dtype ``code``: from the cache, or built."""
-    global compile_count
+def _compiler_checked() -> list[str]:
     cc = compiler()
     if not cc or shutil.which(cc[0]) is None:
         raise RuntimeError(
             f"no C compiler found (looked for {cc[0] if cc else '$CC'!r}; set CC to one)"
         )
+    return cc
+
+
+def _targets(code: int, directory: Path) -> list[tuple[Path, list[str], tuple[str, ...]]]:
+    """The cache files for dtype ``code`` in ``directory``, one per flag set
+    (best first), with their compiler flags."""
+    cc = _compiler_checked()
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
+    targets: list[tuple[Path, list[str], tuple[str, ...]]] = []
+    for extra in FLAG_SETS:
+        flags = [*BASE_FLAGS, *extra, f"-DRPROP_DTYPE={code}"]
+        key = hashlib.sha256(
+            b"\0".join([source, shlex.join([*cc, *flags]).encode(), version.encode(),
+                        _cpu_flags().encode() if "-march=native" in extra else b""])
+        ).hexdigest()[:24]
+        targets.append((directory / f"rprop_kernel_{code}_{key}.so", flags, extra))
+    return targets
+
+
+def _compile(cc: list[str], flags: list[str], out: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cc, *flags, str(SOURCE), "-o", out],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _build(code: int) -> tuple[Path, dict[str, Any]]:
+    """Return a compiled library for dtype ``code``: from the cache, or built."""
+    global compile_count
+    cc = _compiler_checked()
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -146,13 +173,7 @@ def _build(code: int) -> tuple[Path, dict[str, Any]]:
         # (never a shared, predictable one: the library is loaded as code).
         directory = Path(tempfile.mkdtemp(prefix="rprop-kernel-"))
     errors = []
-    for extra in FLAG_SETS:
-        flags = [*BASE_FLAGS, *extra, f"-DRPROP_DTYPE={code}"]
-        key = hashlib.sha256(
-            b"\0".join([source, shlex.join([*cc, *flags]).encode(), version.encode(),
-                        _cpu_flags().encode() if "-march=native" in extra else b""])
-        ).hexdigest()[:24]
-        path = directory / f"rprop_kernel_{code}_{key}.so"
+    for path, flags, extra in _targets(code, directory):
         info = {"path": str(path), "compiler": shlex.join(cc), "flags": flags,
                 "openmp": "-fopenmp" in extra, "compiled": False, "compile_s": 0.0}
         if path.exists():
@@ -161,8 +182,7 @@ def _build(code: int) -> tuple[Path, dict[str, Any]]:
         os.close(fd)
         try:
             start = time.perf_counter()
-            out = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp],
-                                 capture_output=True, text=True, timeout=120)
+            out = _compile(cc, flags, tmp)
             if out.returncode == 0:
                 os.replace(tmp, path)  # atomic: readers see all of it or nothing
                 compile_count += 1
@@ -173,6 +193,26 @@ def _build(code: int) -> tuple[Path, dict[str, Any]]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     raise RuntimeError("compiling the fused kernel failed:\n" + "\n".join(errors))
+
+
+def _open(path: Path, code: int) -> Any:
+    """Load the library at ``path`` and check that it is this kernel's build
+    for ``code``; a library that loads but is not is unloaded again, so that
+    a rebuilt file at the same path is really read (dlopen reuses a loaded
+    library of the same name)."""
+    lib = ctypes.CDLL(str(path))
+    try:
+        ok = lib.rprop_kernel_abi() == ABI and lib.rprop_kernel_dtype() == code
+    except AttributeError:  # not our symbols at all
+        ok = False
+    if not ok:
+        import _ctypes
+
+        close = getattr(_ctypes, "dlclose", None)
+        if close is not None:
+            close(lib._handle)
+        raise RuntimeError(f"{path} is not a build of this kernel (ABI {ABI}, dtype {code})")
+    return lib
 
 
 def _load(code: int) -> Any:
@@ -186,9 +226,24 @@ def _load(code: int) -> Any:
             return _libs[code]
         try:
             path, info = _build(code)
-            lib = ctypes.CDLL(str(path))
-            if lib.rprop_kernel_abi() != ABI or lib.rprop_kernel_dtype() != code:
-                raise RuntimeError(f"{path} is not a build of this kernel; delete it")
+            try:
+                lib = _open(path, code)
+            except (OSError, RuntimeError) as err:
+                if info["compiled"]:
+                    raise
+                # A cached file that does not load (truncated, overwritten,
+                # another build under this name) would fail in every process
+                # from now on: delete it and build again, once.
+                bad = path
+                bad.unlink(missing_ok=True)
+                try:
+                    path, info = _build(code)
+                    lib = _open(path, code)
+                except Exception as again:
+                    raise RuntimeError(
+                        f"the cached kernel {bad} could not be loaded ({err}); it was "
+                        f"deleted, and building it again failed: {again}"
+                    ) from again
         except Exception as err:  # no compiler, failed build, unloadable file, ...
             _failures[code] = f"the fused CPU kernel is unavailable: {err}"
             raise RuntimeError(_failures[code]) from err
@@ -222,7 +277,7 @@ def _reset_for_tests() -> None:
         _libs.clear()
         _failures.clear()
         _info.clear()
-        _checked.clear()
+    forget_layouts()
 
 
 # -- can it run? ----------------------------------------------------------------
@@ -309,11 +364,70 @@ def require(params: list[Tensor]) -> None:
 # -- the step -------------------------------------------------------------------
 
 # Validated layouts: key (kernel code, data pointers of params/state/counters,
-# param sizes) -> (counter kind, all params contiguous). Counter kind: 0
-# float32, 1 float64, -1 increment them in Python. A parameter or state tensor
-# replaced by a new one changes the key, so the next step validates again.
-_checked: dict[tuple[int, bytes, bytes], tuple[int, bool]] = {}
+# param sizes) -> (counter kind, all params contiguous, params overlap,
+# watchers). Counter kind: 0 float32, 1 float64, -1 increment them in Python.
+# A parameter or state tensor replaced by a new one at another address changes
+# the key. One at the same address (the allocator reuses freed memory) may
+# differ in strides or dtype, so each entry holds weak references to the
+# tensors it validated and is dropped as soon as any of them is freed: a hit
+# means the very tensors that were checked, at no cost per step.
+# forget_layouts() drops them all.
+_Entry = tuple[int, bool, bool, list[Any]]
+_checked: dict[tuple[int, bytes, bytes], _Entry] = {}
 _CHECKED_MAX = 64
+
+
+def forget_layouts() -> None:
+    """Forget every validated layout, so the next fused step checks its
+    tensors again (``Rprop.load_state_dict`` calls this: the loaded state is
+    new tensors, possibly laid out or typed unlike the old)."""
+    _checked.clear()
+
+
+def _watch(key: tuple[int, bytes, bytes], tensors: list[Tensor]) -> list[Any]:
+    """Weak references to ``tensors`` that drop the entry ``key`` when one of
+    them is freed. A real view of a complex tensor (made afresh every step by
+    the optimizer) is represented by that tensor: the view's layout follows
+    from it."""
+    def forget(_ref: Any, key: tuple[int, bytes, bytes] = key, pop: Any = _checked.pop) -> None:
+        pop(key, None)
+
+    refs = []
+    for t in tensors:
+        base = t._base
+        refs.append(weakref.ref(base if base is not None and base.is_complex() else t, forget))
+    return refs
+
+
+def _overlap(ptrs: array, numels: array, itemsize: int) -> bool:
+    """Whether any two of the first ``len(numels)`` tensors of ``ptrs`` (dense,
+    ``numels`` elements of ``itemsize`` bytes from their data pointer) share
+    memory."""
+    spans = sorted((ptrs[i], ptrs[i] + m * itemsize) for i, m in enumerate(numels) if m)
+    end = 0
+    for start, stop in spans:
+        if start < end:
+            return True
+        end = max(end, stop)
+    return False
+
+
+def _extents_overlap(params: list[Tensor]) -> bool:
+    """Like _overlap for tensors of any strides: whether the memory spans
+    (first to last element) of any two intersect. Interleaved views that share
+    no element count as overlapping, which is only slower."""
+    spans = []
+    for p in params:
+        if p.numel():
+            last = sum((n - 1) * s for n, s in zip(p.shape, p.stride(), strict=True))
+            spans.append((p.data_ptr(), p.data_ptr() + (last + 1) * p.element_size()))
+    spans.sort()
+    end = 0
+    for start, stop in spans:
+        if start < end:
+            return True
+        end = max(end, stop)
+    return False
 
 
 def _dense(t: Tensor) -> bool:
@@ -376,6 +490,12 @@ def fused_step(
     (non-dense views, a gradient laid out unlike its parameter) are stepped by
     the foreach path, which gives the same bits; so are dtype combinations the
     kernel lacks (see ``_CODES``).
+
+    Parameters that share memory (overlapping views of one tensor) are
+    stepped one after the other, as the for-loop path does: on CPU by the
+    kernel on one thread, on CUDA by the for-loop path. Threads (or the
+    foreach path's batching, with weight decay) would interleave the reads
+    and writes of the shared elements differently.
     """
     from rprop.torch import _paths
 
@@ -418,18 +538,30 @@ def fused_step(
     ):
         if len(_checked) >= _CHECKED_MAX:
             _checked.clear()
-        entry = _checked[key] = (_counter_kind(steps), all(map(_is_contiguous, params)))
+        watched = [*params, *(t for ts in states for t in ts), *steps]
+        entry = _checked[key] = (
+            _counter_kind(steps), all(map(_is_contiguous, params)),
+            _overlap(ptrs, numels, params[0].element_size()), _watch(key, watched),
+        )
     if entry is not None and (
         (entry[1] and all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
         or all(_same_layout(p, g, gdt) for p, g in zip(params, grads, strict=True))
     ):
-        if cuda:
+        if cuda and entry[2]:
+            _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
+        elif cuda:
             _paths.increment_steps(steps)
             kernel.step(params, grads, prevs, step_sizes, prev_updates, hyper=hyper,
                         variant=variant, worse=worse)
         else:
             ptrs.extend(map(_data_ptr, grads))
-            _call(kernel, code, n, ptrs, numels, entry[0], len(states) == 3, **kw)
+            _call(kernel, code, n, ptrs, numels, entry[0], len(states) == 3,
+                  threads=1 if entry[2] else torch.get_num_threads(), **kw)
+        return
+    if _extents_overlap(params):
+        # Shared memory and a tensor the kernel cannot walk: the for-loop
+        # path's order is the for-loop path.
+        _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
         return
     # Some tensors cannot be walked flat: fuse the others, foreach these.
     fusable: list[int] = []
@@ -458,14 +590,15 @@ def fused_step(
                 ptrs.extend(map(_data_ptr, ts))
             numels = array("q", map(_numel, sub_params))
             _call(kernel, code, len(idx), ptrs, numels, _counter_kind(sub_steps),
-                  len(sub_states) == 3, **sub_kw)
+                  len(sub_states) == 3, threads=torch.get_num_threads(), **sub_kw)
 
 
 def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
-          backtracks: bool, *, steps: list[Tensor], hyper: Hyper, variant: Variant,
-          worse: Any) -> None:
-    """Run the kernel. ``ptrs`` holds n pointers each of params, prevs,
-    step_sizes, [prev_updates,] step counters, grads, in that order."""
+          backtracks: bool, *, threads: int, steps: list[Tensor], hyper: Hyper,
+          variant: Variant, worse: Any) -> None:
+    """Run the kernel on ``threads`` threads. ``ptrs`` holds n pointers each of
+    params, prevs, step_sizes, [prev_updates,] step counters, grads, in that
+    order."""
     from rprop.torch import _paths
 
     base, word = ptrs.buffer_info()[0], n * ptrs.itemsize
@@ -483,7 +616,7 @@ def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
         base + 3 * word if backtracks else None, numels.buffer_info()[0],
         base + (1 + k) * word if kind >= 0 else None, max(kind, 0),
         hyper.eta_minus, hyper.eta_plus, hyper.step_min, hyper.step_max,
-        hyper.weight_decay, hyper.maximize, variant.forget, pu_mode, torch.get_num_threads(),
+        hyper.weight_decay, hyper.maximize, variant.forget, pu_mode, threads,
     )
     if rc != 0:
         raise RuntimeError(f"the fused kernel rejected its arguments (code {rc})")

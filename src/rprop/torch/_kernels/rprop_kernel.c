@@ -99,13 +99,18 @@ typedef struct {
  * scalar does not promote). So wd * param rounds like the parameter, grad +
  * that like the gradient (GT is the parameter's type or wider), and the
  * sign test and step sizes like the state (ST is GT or wider). FORGET and
- * PU are compile-time constants in each instantiation. */
+ * PU are compile-time constants in each instantiation.
+ * param and grad are not restrict: a gradient may be its parameter's own
+ * memory (p.grad = p.detach()). Each element's gradient is read before the
+ * parameter is written, so that is well defined here, and the compiler
+ * checks at run time whether it may vectorize. The state arrays are the
+ * optimizer's own and alias nothing. */
 #define DEFINE_SEGMENT(NAME, PT, GT, ST, C, PLOAD, PSTORE, PRND, GLOAD, GRND, SLOAD, SSTORE, \
                        SRND, FORGET, PU)                                                     \
     static void NAME(void *param_, const void *grad_, void *prev_, void *step_,              \
                      void *prev_update_, int64_t a, int64_t b, const hyper_t *hp) {          \
-        PT *restrict param = (PT *)param_;                                                   \
-        const GT *restrict grad = (const GT *)grad_;                                         \
+        PT *param = (PT *)param_;                                                            \
+        const GT *grad = (const GT *)grad_;                                                  \
         ST *restrict prev = (ST *)prev_, *restrict step = (ST *)step_;                       \
         ST *restrict prev_update = (ST *)prev_update_;                                       \
         const C eta_minus = (C)hp->eta_minus, eta_plus = (C)hp->eta_plus;                   \
