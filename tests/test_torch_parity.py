@@ -181,3 +181,22 @@ def test_gradient_sharing_memory_with_the_parameter(path, variant):
 
     (pa, sa), (pb, sb) = run(True), run(False)
     assert torch.equal(pa, pb) and torch.equal(sa, sb)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bitwise_parity_with_torch_in_half_precision(dtype, path):
+    # torch multiplies step sizes by eta held in the parameter's dtype
+    # (bfloat16(1.2) = 1.203125); so do all of rprop's paths.
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(40, generator=g).to(dtype), torch.randn(3, 5, generator=g).to(dtype)]
+    a, b = fresh(base), fresh(base)
+
+    def groups(ps):
+        return [{"params": ps[:1]}, {"params": ps[1:], "lr": 0.3, "step_sizes": (1e-3, 1.0),
+                                     "maximize": True}]
+
+    ref = torch.optim.Rprop(groups(a), foreach=path == "foreach")
+    ours = rprop.Rprop(groups(b), **PATHS[path])
+    drive([ref, ours], [a, b], steps=200)
+    assert_same(a, b, ref, ours)

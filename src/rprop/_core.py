@@ -73,8 +73,11 @@ def rprop_update(
     last step; only ``undo="if_worse"`` variants read it.
     """
     s = sign(grad * prev, xp)
-    grown = step_size * hyper.eta_plus
-    shrunk = step_size * hyper.eta_minus
+    # eta in the step size's dtype, as torch.optim.Rprop multiplies by it (its
+    # factor tensor has that dtype): for float16/bfloat16 that is 1.203125,
+    # not 1.2, and the product rounds once from float32.
+    grown = step_size * xp.asarray(hyper.eta_plus, dtype=step_size.dtype)
+    shrunk = step_size * xp.asarray(hyper.eta_minus, dtype=step_size.dtype)
     # p = 0 (and NaN, which sign maps to 0) keeps the step size, then clamps:
     # that clamp is what torch does when lr lies outside the bounds.
     step_size = xp.clip(xp.where(s > 0, grown, xp.where(s < 0, shrunk, step_size)),

@@ -32,6 +32,7 @@ See docs/fused.md.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -593,6 +594,18 @@ def fused_step(
                   len(sub_states) == 3, threads=torch.get_num_threads(), **sub_kw)
 
 
+# The state dtype of each kernel build.
+_STATE_DTYPE = {code: dtypes[2] for dtypes, code in _CODES.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _etas_in(hyper: Hyper, dtype: torch.dtype) -> tuple[float, float]:
+    """eta_minus, eta_plus rounded to the step sizes' dtype (as the core and
+    torch multiply by them), as exact doubles for the kernel."""
+    etas = torch.tensor([hyper.eta_minus, hyper.eta_plus], dtype=dtype).tolist()
+    return etas[0], etas[1]
+
+
 def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
           backtracks: bool, *, threads: int, steps: list[Tensor], hyper: Hyper,
           variant: Variant, worse: Any) -> None:
@@ -615,7 +628,7 @@ def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
         code, n, base, base + (2 + k) * word, base + word, base + 2 * word,
         base + 3 * word if backtracks else None, numels.buffer_info()[0],
         base + (1 + k) * word if kind >= 0 else None, max(kind, 0),
-        hyper.eta_minus, hyper.eta_plus, hyper.step_min, hyper.step_max,
+        *_etas_in(hyper, _STATE_DTYPE[code]), hyper.step_min, hyper.step_max,
         hyper.weight_decay, hyper.maximize, variant.forget, pu_mode, threads,
     )
     if rc != 0:

@@ -220,10 +220,12 @@ class Rprop(Optimizer):
         optimizer's values; state the chosen variant needs beyond torch's
         (``prev_update``, ``prev_loss``) starts fresh when absent.
         """
+        from rprop.torch import _fused
         from rprop.torch._checkpoint import prepare_state_dict
 
         prepared, state = prepare_state_dict(self, state_dict)
         super().load_state_dict(prepared)
+        _fused.forget_layouts()  # new state tensors: the kernel checks their layout anew
         # torch's loader would cast state to each parameter's dtype; the
         # prepared state is already checked and placed, so install it as is.
         self.state.clear()

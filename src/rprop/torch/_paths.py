@@ -87,12 +87,9 @@ def multi_tensor(
         grads = list(torch._foreach_add(grads, torch._foreach_mul(params, hyper.weight_decay)))
     signs = list(torch._foreach_mul(grads, prevs))
     torch._foreach_sign_(signs)  # torch.sign maps NaN to 0, as rprop._core.sign does
-    # Each sign becomes the step-size factor (eta+, eta- or 1) in the dtype
-    # the core's `step_size * eta` computes in: the step size's own, or
-    # float32 for half precision (torch's opmath), so roundings match.
-    sdt = step_sizes[0].dtype
-    one = torch.ones((), dtype=torch.float32 if sdt.itemsize < 4 else sdt,
-                     device=step_sizes[0].device)
+    # Each sign becomes the step-size factor (eta+, eta- or 1) in the step
+    # size's dtype, as in the core and in torch.optim.Rprop.
+    one = torch.ones((), dtype=step_sizes[0].dtype, device=step_sizes[0].device)
     flips = []
     for i, s in enumerate(signs):
         flips.append(s < 0)

@@ -131,10 +131,12 @@ def _blocks(numels: bytes, device: torch.device) -> tuple[Tensor, Tensor, Tensor
 @functools.lru_cache(maxsize=64)
 def _hyper_tensor(hyper: Any, cdt: torch.dtype, sdt: torch.dtype, device: torch.device) -> Tensor:
     """eta_minus, eta_plus, step_min, step_max, weight_decay as torch rounds
-    them: in the compute dtype, the bounds then in the state's dtype (clamp
-    compares in the tensor's dtype)."""
+    them: the etas and the bounds in the state's dtype (torch multiplies by a
+    factor tensor of that dtype, and clamp compares in it), then widened to
+    the compute dtype."""
     bounds = torch.tensor([hyper.step_min, hyper.step_max], dtype=cdt).to(sdt).to(cdt)
-    return torch.cat([torch.tensor([hyper.eta_minus, hyper.eta_plus], dtype=cdt), bounds,
+    etas = torch.tensor([hyper.eta_minus, hyper.eta_plus], dtype=sdt).to(cdt)
+    return torch.cat([etas, bounds,
                       torch.tensor([hyper.weight_decay], dtype=cdt)]).to(device)
 
 
