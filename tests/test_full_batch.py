@@ -248,3 +248,19 @@ def test_half_precision_losses_add_up_in_float32():
     loss = full_batch_backward(model, scaled, [(x, y)])
     assert float(loss) == pytest.approx(9.0, rel=1e-3)  # fp16 rounding of each term / n
     assert model.bias.grad.item() == pytest.approx(-6.0, rel=1e-3)
+
+
+def test_a_failing_loss_fn_leaves_no_partial_gradient():
+    model = torch.nn.Linear(2, 1).double()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("bad batch")
+        return (m(batch) ** 2).sum(1)
+
+    with pytest.raises(KeyError, match="bad batch"):
+        full_batch_backward(model, loss_fn, [x[:3], x[3:]])
+    assert all(p.grad is None for p in model.parameters())

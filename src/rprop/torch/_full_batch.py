@@ -111,18 +111,25 @@ def full_batch_backward(
         p.grad = None
     device = local_tensor(params[0]).device
     group = _data_parallel_group(process_group)
-    with torch.enable_grad():  # also when called under torch.no_grad(), as step(closure)
-        if group is None:
-            totals = _Totals(device)
-            for batch in batches:
-                totals.add(loss_fn(model, batch), weight=1)
-            stats = totals.stats()
-        elif _fsdp_modules(model):
-            stats = _fsdp_passes(model, loss_fn, batches, group, device, fsdp_sync_each_batch)
-        else:
-            stats = _replicated_passes(model, loss_fn, batches, group, device, params,
-                                       int(bucket_cap_mb * 2**20))
-    return _divide(params, stats)
+    try:
+        with torch.enable_grad():  # also under torch.no_grad(), as in step(closure)
+            if group is None:
+                totals = _Totals(device)
+                for batch in batches:
+                    totals.add(loss_fn(model, batch), weight=1)
+                stats = totals.stats()
+            elif _fsdp_modules(model):
+                stats = _fsdp_passes(model, loss_fn, batches, group, device,
+                                     fsdp_sync_each_batch)
+            else:
+                stats = _replicated_passes(model, loss_fn, batches, group, device, params,
+                                           int(bucket_cap_mb * 2**20))
+        return _divide(params, stats)
+    except BaseException:
+        # A gradient summed over part of the data must not reach a step.
+        for p in params:
+            p.grad = None
+        raise
 
 
 # -- the loss contract ------------------------------------------------------------
