@@ -404,13 +404,7 @@ def _overlap(ptrs: array, numels: array, itemsize: int) -> bool:
     """Whether any two of the first ``len(numels)`` tensors of ``ptrs`` (dense,
     ``numels`` elements of ``itemsize`` bytes from their data pointer) share
     memory."""
-    spans = sorted((ptrs[i], ptrs[i] + m * itemsize) for i, m in enumerate(numels) if m)
-    end = 0
-    for start, stop in spans:
-        if start < end:
-            return True
-        end = max(end, stop)
-    return False
+    return _spans_overlap([(ptrs[i], ptrs[i] + m * itemsize) for i, m in enumerate(numels) if m])
 
 
 def _extents_overlap(params: list[Tensor]) -> bool:
@@ -422,9 +416,13 @@ def _extents_overlap(params: list[Tensor]) -> bool:
         if p.numel():
             last = sum((n - 1) * s for n, s in zip(p.shape, p.stride(), strict=True))
             spans.append((p.data_ptr(), p.data_ptr() + (last + 1) * p.element_size()))
-    spans.sort()
+    return _spans_overlap(spans)
+
+
+def _spans_overlap(spans: list[tuple[int, int]]) -> bool:
+    """Whether any two half-open byte ranges ``[start, stop)`` intersect."""
     end = 0
-    for start, stop in spans:
+    for start, stop in sorted(spans):
         if start < end:
             return True
         end = max(end, stop)
