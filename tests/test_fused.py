@@ -457,6 +457,29 @@ def test_default_picks_fused_on_cpu(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_step_is_an_in_place_write_to_autograd(setting, dtype):
+    """A graph that saved a parameter before the step refuses to backpropagate
+    through the stale value after it, as with torch.optim.Rprop: the kernel
+    writes through raw pointers, so it must bump the version counters itself."""
+    results = {}
+    for name, make in (("torch", torch.optim.Rprop), ("ours", rprop.Rprop)):
+        p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+        loss = (p * p).abs().sum()  # saves p for backward
+        p.grad = torch.ones_like(p)
+        kwargs = SETTINGS[setting] if name == "ours" else {}
+        make([p], **kwargs).step()
+        try:
+            loss.backward()
+        except RuntimeError as err:
+            results[name] = "modified by an inplace operation" in str(err)
+        else:
+            results[name] = "no error"
+    assert results == {"torch": True, "ours": True}
+
+
+@needs_kernel
 def test_fused_step_allocates_nothing_per_parameter():
     """No temporaries proportional to the parameter count: no torch
     allocation is live during a fused step (the foreach path's peak is

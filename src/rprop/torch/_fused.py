@@ -556,6 +556,7 @@ def fused_step(
             ptrs.extend(map(_data_ptr, grads))
             _call(kernel, code, n, ptrs, numels, entry[0], len(states) == 3,
                   threads=1 if entry[2] else torch.get_num_threads(), **kw)
+        _wrote(params)
         return
     if _extents_overlap(params):
         # Shared memory and a tensor the kernel cannot walk: the for-loop
@@ -590,6 +591,17 @@ def fused_step(
             numels = array("q", map(_numel, sub_params))
             _call(kernel, code, len(idx), ptrs, numels, _counter_kind(sub_steps),
                   len(sub_states) == 3, threads=torch.get_num_threads(), **sub_kw)
+        if idx is not other:
+            _wrote(sub_params)
+
+
+def _wrote(params: list[Tensor]) -> None:
+    """Bump the parameters' autograd version counters, as an in-place torch
+    op would: the kernels write through raw pointers, which autograd cannot
+    see, and a graph that saved a parameter before the step must refuse to
+    backpropagate through the stale value (as with torch.optim.Rprop) rather
+    than silently use the new one."""
+    torch.autograd.graph.increment_version(params)
 
 
 # The state dtype of each kernel build.

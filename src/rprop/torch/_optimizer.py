@@ -32,15 +32,20 @@ class _Bucket:
     __slots__ = ("grads", "params", "plain", "prev_losses", "prev_updates", "prevs",
                  "step_sizes", "steps")
 
-    def __init__(self) -> None:
-        self.params: list[Tensor] = []
-        self.grads: list[Tensor] = []
-        self.prevs: list[Tensor] = []
-        self.step_sizes: list[Tensor] = []
-        self.steps: list[Tensor] = []
-        self.prev_updates: list[Tensor] = []
-        self.prev_losses: list[Tensor] = []
-        self.plain = True  # no complex parameter, no DTensor: no views needed
+    def __init__(self, params: list[Tensor], grads: list[Tensor],
+                 states: list[dict[str, Any]], variant: Variant) -> None:
+        self.params = params
+        self.grads = grads
+        self.prevs: list[Tensor] = [s["prev"] for s in states]
+        self.step_sizes: list[Tensor] = [s["step_size"] for s in states]
+        self.steps: list[Tensor] = [s["step"] for s in states]
+        self.prev_updates: list[Tensor] = (
+            [s["prev_update"] for s in states] if variant.backtracks else [])
+        self.prev_losses: list[Tensor] = (
+            [s["prev_loss"] for s in states] if variant.needs_loss else [])
+        # No complex parameter, no DTensor: the tensors are stepped as they are.
+        self.plain = (not params[0].dtype.is_complex
+                      and {type(p) for p in params} <= _PLAIN_TYPES)
 
 
 class LrChangeWarning(UserWarning):
@@ -238,49 +243,53 @@ class Rprop(Optimizer):
     def _init_group(self, group: dict[str, Any], variant: Variant) -> list[_Bucket]:
         """The group's parameters that have gradients, with their state
         (created on first use), split into buckets of one (device, dtype,
-        grad dtype). One pass, touching each tensor as few times as possible:
-        at a thousand small tensors this bookkeeping, not the arithmetic, is
-        what a step costs."""
-        buckets: dict[tuple[Any, ...], _Bucket] = {}
-        backtracks, needs_loss = variant.backtracks, variant.needs_loss
-        all_state = self.state
+        grad dtype). At a thousand small tensors this bookkeeping, not the
+        arithmetic, is what a step costs, so each attribute is read for all
+        tensors at once, in comprehensions (which torch.compile traces, unlike
+        operator.attrgetter), and the common case, every parameter on the CPU
+        in one dtype, needs nothing more."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            params = [p for p, g in zip(params, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if not params:
+            return []
+        if any(g.is_sparse for g in grads):
+            shape = next(tuple(p.shape) for p, g in zip(params, grads, strict=True) if g.is_sparse)
+            raise TypeError(
+                "rprop.Rprop does not support sparse gradients; got one for a parameter "
+                f"of shape {shape} (use dense gradients, e.g. sparse=False in nn.Embedding)"
+            )
+        all_states = self.state
+        states = [all_states[p] for p in params]
+        if not (all(states)
+                and (not variant.backtracks or all("prev_update" in s for s in states))
+                and (not variant.needs_loss or all("prev_loss" in s for s in states))):
+            self._complete_states(group, variant, params, grads, states)
+        if (len({p.dtype for p in params}) == 1 and len({g.dtype for g in grads}) == 1
+                and all(p.is_cpu for p in params)):
+            return [_Bucket(params, grads, states, variant)]
+        split: dict[tuple[Any, ...], list[int]] = {}
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            split.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+        return [_Bucket([params[i] for i in idx], [grads[i] for i in idx],
+                        [states[i] for i in idx], variant) for idx in split.values()]
+
+    def _complete_states(self, group: dict[str, Any], variant: Variant, params: list[Tensor],
+                         grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """Create the state the variant needs where it is missing."""
         fresh_losses: list[Tensor] = []
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise TypeError(
-                    "rprop.Rprop does not support sparse gradients; got one for a parameter "
-                    f"of shape {tuple(p.shape)} (use dense gradients, e.g. sparse=False in "
-                    "nn.Embedding)"
-                )
-            state = all_state[p]
+        for p, grad, state in zip(params, grads, states, strict=True):
             if not state:
                 self._init_state(p, grad, state, group)
-            if backtracks and "prev_update" not in state:
+            if variant.backtracks and "prev_update" not in state:
                 state["prev_update"] = torch.zeros_like(
                     p, dtype=state_dtype_for(p, group), memory_format=torch.preserve_format
                 )
-            if needs_loss and "prev_loss" not in state:
+            if variant.needs_loss and "prev_loss" not in state:
                 state["prev_loss"] = torch.tensor(math.inf, dtype=_loss_dtype(p), device=p.device)
                 fresh_losses.append(state["prev_loss"])
-            dtype = p.dtype
-            key = (p.device, dtype, grad.dtype)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = _Bucket()
-            bucket.params.append(p)
-            bucket.grads.append(grad)
-            bucket.prevs.append(state["prev"])
-            bucket.step_sizes.append(state["step_size"])
-            bucket.steps.append(state["step"])
-            if backtracks:
-                bucket.prev_updates.append(state["prev_update"])
-            if needs_loss:
-                bucket.prev_losses.append(state["prev_loss"])
-            if dtype.is_complex or type(p) not in _PLAIN_TYPES:
-                bucket.plain = False
         if fresh_losses:
             # E(t-1) is one number for the whole optimizer: a parameter joining
             # later (first gradient, add_param_group) takes the current one.
@@ -288,7 +297,6 @@ class Rprop(Optimizer):
             if known is not None:
                 for t in fresh_losses:
                     t.copy_(known)
-        return list(buckets.values())
 
     def _last_loss(self, group: dict[str, Any]) -> Tensor | None:
         """The E(t-1) a group's parameters hold (they all hold the same)."""
