@@ -93,6 +93,7 @@ def test_demo_rprop_plus_undoes(capsys: pytest.CaptureFixture[str]) -> None:
         (["compare", "--seeds", "0"], "a count of seeds must be >= 1"),
         (["compare", "--seeds", "-1"], "a count of seeds must be >= 1, got '-1'"),
         (["compare", "--seeds=2,-1"], "seeds must be >= 0, got '2,-1'"),
+        (["compare", "--seeds", "10000000000"], "a count of seeds must be <= 100000"),
         (["compare", "--problems", "rosenbrock,nope"], "unknown problem 'nope'"),
         (["compare", "--methods", "sgd"], "unknown method 'sgd'"),
         (["compare", "--problems", "square,parity,square"],
@@ -305,6 +306,32 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     rows = json.loads(out)
     assert {r["size"] for r in rows} == {"3x100"}
     assert all(r["variant"] == "rprop+" and r["peak_extra_mb"] is None for r in rows)
+
+
+def test_bench_refuses_a_size_larger_than_memory(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rprop import _bench
+
+    # 2**31 parameters need over 100 GB; this machine's memory is what it is,
+    # so the check is made to see 1 GB free (nothing is allocated either way).
+    monkeypatch.setattr(_bench, "memory_available", lambda device: 10**9)
+    code, out, err = run(capsys, "bench", "--sizes", "10x100,1x2147483648")
+    assert (code, out) == (1, "")
+    assert err == ("rprop bench: error: size 1x2147483648 needs about 120.3 GB of memory on "
+                   "cpu; 1.0 GB are available\n")
+
+
+def test_bench_memory_estimate_covers_the_measured_peak() -> None:
+    """The estimate bounds what a size really holds at its peak: parameters,
+    gradients, state and the hungriest path's measured step temporaries."""
+    from rprop import _bench
+
+    rows = _bench.run([(1, 200_000)], repeats=1, variant="rprop+")
+    held = 1 * 200_000 * 4 * (2 + 3)  # params, grads, prev, step size, last update
+    peak = max(r["peak_extra_mb"] for r in rows) * 2**20
+    assert held + peak <= _bench.memory_needed(1, 200_000, "rprop+")
+    assert _bench.memory_available("cpu") > 0  # Linux: /proc/meminfo
 
 
 def test_bench_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["FULL_SIZES", "QUICK_SIZES", "bytes_per_param", "format_table", "run"]
+__all__ = ["FULL_SIZES", "QUICK_SIZES", "bytes_per_param", "format_table", "memory_available",
+           "memory_needed", "run"]
 
 # (tensors, elements per tensor)
 FULL_SIZES = [(1, 10_000_000), (100, 100_000), (1000, 1000), (10, 10_000_000)]
@@ -48,6 +49,45 @@ def bytes_per_param(variant: str = "irprop-", itemsize: int = 4) -> int:
 
     arrays = 7 + 2 * get_variant(variant).backtracks
     return arrays * itemsize
+
+
+def sizes_for(device: str, quick: bool = False) -> list[tuple[int, int]]:
+    """The sizes timed when none are given."""
+    if quick:
+        return QUICK_SIZES
+    return FULL_SIZES + (CUDA_EXTRA_SIZES if device.startswith("cuda") else [])
+
+
+def memory_needed(count: int, numel: int, variant: str = "irprop-") -> int:
+    """Bytes a size needs at its peak, from the measured peaks: parameters
+    and gradients, one optimizer's state (prev, step size, [last update]) and
+    the step temporaries of the hungriest path (rprop's for-loop: up to 8.3
+    parameter-sized float32 arrays measured, 10 allowed)."""
+    from rprop._variants import get_variant
+
+    arrays = 2 + 2 + get_variant(variant).backtracks + 10
+    return count * numel * 4 * arrays
+
+
+def memory_available(device: str = "cpu") -> int | None:
+    """Bytes free for new allocations on ``device``, or None when unknown."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _label(count: int, numel: int) -> str:
@@ -184,8 +224,7 @@ def run(
     from rprop._variants import get_variant
 
     if sizes is None:
-        sizes = QUICK_SIZES if quick else FULL_SIZES + (
-            CUDA_EXTRA_SIZES if device.startswith("cuda") else [])
+        sizes = sizes_for(device, quick)
     if repeats is None:
         repeats = 5 if quick else 15
     budget = 0.5 if quick else 4.0

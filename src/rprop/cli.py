@@ -228,6 +228,9 @@ def _names(text: str) -> list[str]:
     return names
 
 
+MAX_SEEDS = 100_000  # a run of seconds per seed; the list is built up front
+
+
 def _seeds(text: str) -> list[int]:
     """``5`` means seeds 0..4; ``0,3,7`` means those seeds."""
     try:
@@ -239,6 +242,9 @@ def _seeds(text: str) -> list[int]:
                 raise argparse.ArgumentTypeError(
                     f"a count of seeds must be >= 1, got {text!r} (for the one seed 0, write '0,')"
                 )
+            if count > MAX_SEEDS:
+                raise argparse.ArgumentTypeError(
+                    f"a count of seeds must be <= {MAX_SEEDS}, got {text!r}")
             seeds = list(range(count))
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -422,6 +428,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _device_index(args.device)  # a bad name is a usage error, torch or not
     _check_backend("torch")
     _check_device(args.device)
+    available = _bench.memory_available(args.device)
+    for count, numel in args.sizes or _bench.sizes_for(args.device, args.quick):
+        needed = _bench.memory_needed(count, numel, variant)
+        if available is not None and needed > available:
+            raise MissingError(
+                f"size {count}x{numel} needs about {needed / 1e9:.1f} GB of memory on "
+                f"{args.device}; {available / 1e9:.1f} GB are available")
     progress = not args.no_progress and sys.stderr.isatty()
 
     def say(message: str) -> None:
