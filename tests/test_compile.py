@@ -8,6 +8,7 @@ from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
 import rprop
+from rprop.torch import _fused
 
 
 @pytest.mark.parametrize("variant", ["irprop-", "rprop+", "irprop+"])
@@ -44,3 +45,40 @@ def test_compiled_step_is_one_graph_and_bitwise_eager(variant, path):
     assert not user_breaks, user_breaks
     for a, b in zip(ps, ref):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not _fused.available([torch.zeros(1)]), reason="no fused CPU kernel here")
+def test_compiled_fused_step_runs_the_kernel_eagerly():
+    """fused=True under torch.compile: the kernel is an opaque call (a graph
+    break, by design) that runs eagerly, gives the eager bits and tells
+    autograd it wrote the parameters, as torch.optim.Rprop's compiled step does."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(5, generator=g).requires_grad_(), torch.randn(3, 2, generator=g)
+          .requires_grad_()]
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    opt = rprop.Rprop(ps, fused=True, variant="rprop+")
+    eager = rprop.Rprop(ref, foreach=False, variant="rprop+")
+
+    def feed():
+        for p, q in zip(ps, ref):
+            grad = torch.randn(p.shape, generator=g)
+            p.grad, q.grad = grad.clone(), grad.clone()
+
+    feed()
+    opt.step()
+    eager.step()
+    step = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(4):
+        feed()
+        before = [p._version for p in ps]
+        step()
+        eager.step()
+        assert all(p._version > v for p, v in zip(ps, before))
+    for a, b in zip(ps, ref):
+        assert torch.equal(a, b)
+    saved = (ps[0] * ps[0]).sum()  # saves ps[0] for backward
+    feed()
+    step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

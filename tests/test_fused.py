@@ -516,7 +516,10 @@ DTENSOR_SCRIPT = textwrap.dedent("""
         opt = rprop.Rprop([w], fused=fused, variant="rprop+", weight_decay=0.1)
         for _ in range(6):
             w.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+            before = w._version
             opt.step()
+            # the DTensor's own counter, not only its shard's: autograd sees the write
+            assert w._version > before, (fused, before, w._version)
         out[fused] = w.full_tensor()
     dist.destroy_process_group()
     assert torch.equal(out[True], out[False])
@@ -528,7 +531,8 @@ DTENSOR_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_dtensor_steps_its_local_shard():
-    """fused=True on a DTensor steps its local shard, bitwise the for-loop."""
+    """fused=True on a DTensor steps its local shard, bitwise the for-loop, and
+    bumps the DTensor's autograd version counter on both paths."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT], capture_output=True,
                          text=True, timeout=120, env=env)

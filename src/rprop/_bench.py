@@ -59,35 +59,59 @@ def sizes_for(device: str, quick: bool = False) -> list[tuple[int, int]]:
 
 
 def memory_needed(count: int, numel: int, variant: str = "irprop-") -> int:
-    """Bytes a size needs at its peak, from the measured peaks: parameters
-    and gradients, one optimizer's state (prev, step size, [last update]) and
-    the step temporaries of the hungriest path (rprop's for-loop: up to 8.3
-    parameter-sized float32 arrays measured, 10 allowed)."""
+    """Bytes a size needs at its peak, bounding the measured peaks: parameters,
+    gradients and one optimizer's state (prev, step size, [last update]) for
+    every tensor, plus the larger step temporaries: a for-loop path's, made for
+    one tensor at a time (up to 10 arrays of it measured, 12 allowed), or a
+    foreach path's, for all tensors at once (up to 3.3 arrays of them, 4 allowed)."""
     from rprop._variants import get_variant
 
-    arrays = 2 + 2 + get_variant(variant).backtracks + 10
-    return count * numel * 4 * arrays
+    held = count * numel * (4 + get_variant(variant).backtracks)
+    temporaries = max(12 * numel, 4 * count * numel)
+    return 4 * (held + temporaries)
+
+
+def _cgroup_free() -> int | None:
+    """Bytes this process's cgroup may still allocate, if it has a limit."""
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                text = f.read().strip()
+                used = int(g.read())
+        except (OSError, ValueError):
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge "no limit"
+            return max(int(text) - used, 0)
+    return None
 
 
 def memory_available(device: str = "cpu") -> int | None:
-    """Bytes free for new allocations on ``device``, or None when unknown."""
+    """Bytes free for new allocations on ``device``, or None when unknown: on
+    CUDA the driver's free memory; on CPU the kernel's MemAvailable, lowered to
+    what a cgroup limit (a container) leaves."""
     import torch
 
     if device.startswith("cuda"):
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     if device != "cpu":
         return None
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            pass
+    limit = _cgroup_free()
+    if limit is not None:
+        free = limit if free is None else min(free, limit)
+    return free
 
 
 def _label(count: int, numel: int) -> str:
@@ -236,9 +260,14 @@ def run(
     needs_loss = get_variant(variant).needs_loss
     rows: list[dict[str, Any]] = []
     for count, numel in sizes:
+        # A size that does not fit is reported, not attempted (and not left
+        # to the OOM killer halfway through the run).
+        needed, free = memory_needed(count, numel, variant), memory_available(device)
+        too_big = None if free is None or needed <= free else (
+            f"needs about {needed / 1e9:.1f} GB of memory, {free / 1e9:.1f} GB are free")
         gen = torch.Generator().manual_seed(0)
-        params = [torch.randn(numel, generator=gen).to(device).requires_grad_()
-                  for _ in range(count)]
+        params = [] if too_big else [
+            torch.randn(numel, generator=gen).to(device).requires_grad_() for _ in range(count)]
         for p in params:
             p.grad = torch.randn(numel, generator=gen).to(device)
         floor_ms = count * numel * per_param / rate * 1e3
@@ -251,6 +280,10 @@ def run(
                 "floor_ms": floor_ms, "ms": None, "vs_floor": None, "vs_torch_foreach": None,
                 "peak_extra_mb": None,
             }
+            if too_big:
+                row["error"] = too_big
+                rows.append(row)
+                continue
             try:
                 opt = _optimizer(path, params, variant)
                 step = opt.step

@@ -33,6 +33,19 @@ def pick_path(group: dict[str, Any], params: list[Tensor]) -> Callable[..., None
     return _paths.multi_tensor
 
 
+@torch.compiler.disable
+def mark_written(tensors: list[Tensor]) -> None:
+    """Bump the autograd version counters of ``tensors``, as an in-place torch
+    op does, after writing them where autograd cannot see: through raw
+    pointers (the fused kernels), or through a DTensor's local shard, whose
+    counter is not the DTensor's. A graph that saved a parameter before the
+    step then refuses to backpropagate through the stale value (torch's
+    "modified by an inplace operation" error, as with torch.optim.Rprop)
+    instead of silently using the new one. Never traced: under torch.compile
+    a traced bump would only touch the tracer's fake tensors."""
+    torch.autograd.graph.increment_version(tensors)
+
+
 def group_by_device_and_dtype(params: list[Tensor], grads: list[Tensor]) -> list[list[int]]:
     """Indices of ``params`` split by (device, dtype, grad dtype), in order."""
     groups: dict[tuple[Any, ...], list[int]] = {}

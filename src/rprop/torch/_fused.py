@@ -465,6 +465,7 @@ def _counter_kind(steps: list[Tensor]) -> int:
     return -1
 
 
+@torch.compiler.disable  # an opaque kernel call: torch.compile runs it eagerly
 def fused_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -497,6 +498,7 @@ def fused_step(
     and writes of the shared elements differently.
     """
     from rprop.torch import _paths
+    from rprop.torch._dispatch import mark_written
 
     if differentiable:
         raise ValueError("fused=True does not support differentiable=True")
@@ -556,7 +558,7 @@ def fused_step(
             ptrs.extend(map(_data_ptr, grads))
             _call(kernel, code, n, ptrs, numels, entry[0], len(states) == 3,
                   threads=1 if entry[2] else torch.get_num_threads(), **kw)
-        _wrote(params)
+        mark_written(params)
         return
     if _extents_overlap(params):
         # Shared memory and a tensor the kernel cannot walk: the for-loop
@@ -592,16 +594,8 @@ def fused_step(
             _call(kernel, code, len(idx), ptrs, numels, _counter_kind(sub_steps),
                   len(sub_states) == 3, threads=torch.get_num_threads(), **sub_kw)
         if idx is not other:
-            _wrote(sub_params)
+            mark_written(sub_params)
 
-
-def _wrote(params: list[Tensor]) -> None:
-    """Bump the parameters' autograd version counters, as an in-place torch
-    op would: the kernels write through raw pointers, which autograd cannot
-    see, and a graph that saved a parameter before the step must refuse to
-    backpropagate through the stale value (as with torch.optim.Rprop) rather
-    than silently use the new one."""
-    torch.autograd.graph.increment_version(params)
 
 
 # The state dtype of each kernel build.

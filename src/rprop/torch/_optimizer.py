@@ -400,7 +400,7 @@ class Rprop(Optimizer):
     def _step_bucket(
         self, group: dict[str, Any], hyper: Hyper, variant: Variant, b: _Bucket, loss: Any
     ) -> None:
-        from rprop.torch._dispatch import pick_path
+        from rprop.torch._dispatch import mark_written, pick_path
 
         # A plain bucket shares device, dtype and tensor type: its first
         # parameter speaks for all of them when choosing the path.
@@ -429,6 +429,8 @@ class Rprop(Optimizer):
             worse=worse,
             differentiable=group["differentiable"],
         )
+        if not b.plain and not {type(p) for p in b.params} <= _PLAIN_TYPES:
+            mark_written(b.params)  # the paths wrote the DTensors' local shards
 
     def _finite_or_handled(self, work: list[Any], loss: Tensor | None) -> bool:
         """Apply the groups' ``nonfinite`` policy; False means skip this step.
