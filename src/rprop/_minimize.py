@@ -218,8 +218,11 @@ def minimize(
             moving = step_size[pg != 0]
             if moving.size and float(np.max(moving)) <= xtol:
                 rule = "xtol"
+                # Say how far from stationary x still is: a step-size floor
+                # is Rprop's resolution, not proof of an optimum.
                 detail = (f"the largest step size of a moving coordinate, "
-                          f"{float(np.max(moving)):.3g}, is <= xtol = {xtol:g}")
+                          f"{float(np.max(moving)):.3g}, is <= xtol = {xtol:g} (the largest "
+                          f"projected gradient component is still {gmax:.3g} > gtol = {gtol:g})")
                 break
             if ftol > 0 and moved and last_change <= ftol:
                 rule = "ftol"
