@@ -768,6 +768,82 @@ def test_cuda_half_fused_matches_for_loop(dtype):
     assert_bitwise(results[0], results[1], "CUDA fused vs for-loop")
 
 
+@cuda
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize("setting", ["foreach", "default", "fused"])
+def test_cuda_graph_replays_the_eager_steps(variant, setting):
+    """capturable=True: one step captured in a CUDA graph and replayed with
+    new gradients (and losses) gives the CPU for-loop's bits. The capture
+    fails on any host sync or mask-indexing in the captured path; fused=True
+    captures the foreach path (the kernel's pointer table is a host copy)."""
+    if setting == "fused" and not _has_triton():
+        pytest.skip("fused=True on CUDA needs Triton")
+    needs_loss = VARIANTS[variant].needs_loss
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7,), (1500,), (3, 5)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    steps = 8
+    grads = [[torch.randn(s, generator=gen) * 10.0 ** (t % 4 - 2) for s in shapes]
+             for t in range(steps)]
+    losses = [float(t % 3) for t in range(steps)]
+
+    ref = [p.clone().requires_grad_() for p in init]
+    ref_opt = rprop.Rprop(ref, variant=variant, weight_decay=0.01, foreach=False)
+    for t in range(steps):
+        for p, g in zip(ref, grads[t]):
+            p.grad = g.clone()
+        ref_opt.step(loss=losses[t]) if needs_loss else ref_opt.step()
+
+    params = [p.cuda().requires_grad_() for p in init]
+    static_grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static_grads):
+        p.grad = g
+    static_loss = torch.zeros((), dtype=torch.float64, device="cuda")
+    kw = {"loss": static_loss} if needs_loss else {}
+    opt = rprop.Rprop(params, variant=variant, weight_decay=0.01, capturable=True,
+                      **SETTINGS[setting])
+
+    def load(t):
+        for g, new in zip(static_grads, grads[t]):
+            g.copy_(new)
+        static_loss.fill_(losses[t])
+
+    load(0)
+    side = torch.cuda.Stream()  # first step eagerly, on a side stream: creates the state
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), pytest.warns(UserWarning, match="without CUDA graph capture"):
+        opt.step(**kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step(**kw)
+    for t in range(1, steps):
+        load(t)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise([p.detach() for p in ref], [p.detach().cpu() for p in params], "params")
+    for p in params:
+        assert opt.state[p]["step"].item() == steps
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("setting", ["fused", "foreach"])
+def test_cuda_step_on_a_device_that_is_not_current(setting):
+    """Parameters on cuda:1 while cuda:0 is current: Triton launches on the
+    current device unless told otherwise."""
+    if setting == "fused" and not _has_triton():
+        pytest.skip("fused=True on CUDA needs Triton")
+    cpu = make_params(torch.float32)
+    gpu = [p.to("cuda:1") for p in cpu]
+    groups, kw = groups_for(cpu, "rprop+", weight_decay=0.01)
+    a = rprop.Rprop(groups, **kw, fused=True)
+    groups, kw = groups_for(gpu, "rprop+", weight_decay=0.01)
+    b = rprop.Rprop(groups, **kw, **SETTINGS[setting])
+    with torch.cuda.device(0):
+        drive([a, b], [cpu, gpu], 10)
+    assert_bitwise([p.detach() for p in cpu], [p.detach().cpu() for p in gpu], "params")
+
+
 # -- the benchmark's logic (rprop._bench), smoke only: no timing assertions ----------
 
 

@@ -200,3 +200,25 @@ def test_bitwise_parity_with_torch_in_half_precision(dtype, path):
     ours = rprop.Rprop(groups(b), **PATHS[path])
     drive([ref, ours], [a, b], steps=200)
     assert_same(a, b, ref, ours)
+
+
+def test_graph_capture_with_capturable_false_is_refused_as_by_torch(monkeypatch):
+    """Capturing step() in a CUDA graph with capturable=False raises torch's
+    error (simulated capture: the check only asks the accelerator's stream)."""
+
+    class Capturing:
+        def is_capturing(self):
+            return True
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda device=None: Capturing())
+    messages = []
+    for make in (torch.optim.Rprop, rprop.Rprop):
+        p = torch.zeros(3, requires_grad=True)
+        p.grad = torch.ones(3)
+        with pytest.raises(RuntimeError) as err:
+            make([p]).step()
+        messages.append(str(err.value).replace("for an instance of Rprop", ""))
+        assert torch.equal(p.detach(), torch.zeros(3))  # nothing stepped
+    assert messages[0] == messages[1] and "capturable is False" in messages[0]

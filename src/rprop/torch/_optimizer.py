@@ -340,6 +340,9 @@ class Rprop(Optimizer):
         """
         if closure is not None and loss is not None:
             raise ValueError("step() takes the loss from closure or from loss=, not both")
+        # As torch's optimizers: capturing a CUDA graph with capturable=False
+        # is an error, and capturable=True run uncaptured warns once.
+        self._graph_capture_health_check()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -368,6 +371,12 @@ class Rprop(Optimizer):
             if variant.needs_loss:
                 self._remember_loss(group, -loss if hyper.maximize else loss)
         return loss
+
+    def _graph_capture_health_check(self) -> None:
+        check = getattr(self, "_accelerator_graph_capture_health_check", None)
+        if check is None:  # older torch: the CUDA-only name
+            check = self._cuda_graph_capture_health_check
+        check()
 
     def _remember_loss(self, group: dict[str, Any], signed: Tensor) -> None:
         """E(t-1) <- E(t) for *every* parameter of the group that keeps one,

@@ -23,6 +23,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from array import array
 from typing import Any
@@ -166,9 +167,15 @@ def step(
     else:
         pu = PU_UNDO if variant.undo == "always" else PU_IF_WORSE
     flag = worse.view(torch.uint8) if worse is not None else hyp
-    _rprop_kernel[(total,)](
-        table, blk_tensor, blk_start, sizes, hyp, flag, n,
-        PT=_TL[pdt], GT=_TL[gdt], ST=_TL[sdt], CT=_TL[cdt],
-        MAXIMIZE=bool(hyper.maximize), HAS_WD=hyper.weight_decay != 0.0,
-        FORGET=bool(variant.forget), PU=pu, BLOCK=BLOCK, enable_fp_fusion=False,
-    )
+    # Triton launches on the *current* device and its current stream, not on
+    # its arguments' device: make that the tensors' device (cuda:1 stepped
+    # while cuda:0 is current would otherwise read cuda:1 pointers on cuda:0).
+    # The interpreter runs on CPU tensors, where there is no device to set.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        _rprop_kernel[(total,)](
+            table, blk_tensor, blk_start, sizes, hyp, flag, n,
+            PT=_TL[pdt], GT=_TL[gdt], ST=_TL[sdt], CT=_TL[cdt],
+            MAXIMIZE=bool(hyper.maximize), HAS_WD=hyper.weight_decay != 0.0,
+            FORGET=bool(variant.forget), PU=pu, BLOCK=BLOCK, enable_fp_fusion=False,
+        )
