@@ -109,6 +109,17 @@ def test_closure_and_loss_together_refused():
         opt.step(lambda: 1.0, loss=1.0)
 
 
+def test_a_loss_passed_as_the_closure_is_explained():
+    p = _p()
+    opt = rprop.Rprop(p, variant="irprop+")
+    p[0].grad = torch.ones(3)
+    with pytest.raises(TypeError, match=r"step\(\)'s first argument is a closure \(a function "
+                                        r"that returns the loss\), got a Tensor; pass a loss "
+                                        r"value as step\(loss=\.\.\.\)"):
+        opt.step(torch.tensor(1.0))
+    assert torch.equal(p[0], torch.zeros(3))
+
+
 @pytest.mark.parametrize(("factor", "exc"), [(0.0, ValueError), (-2.0, ValueError),
                                              (float("inf"), ValueError), ("2", TypeError)])
 def test_rescale_step_sizes_errors(factor, exc):

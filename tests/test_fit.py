@@ -247,6 +247,44 @@ def test_finished_runs_resume_too(tmp_path):
     assert again.loss == stopped.loss
 
 
+def test_checkpoint_path_is_checked_before_the_first_epoch(tmp_path):
+    model = make_model()
+    before = params(model)
+    cases = [
+        (tmp_path / "no-such-folder" / "run.pt", ValueError, "the folder .* does not exist"),
+        (tmp_path, ValueError, "must be a file path, got the folder"),
+        (3, TypeError, "checkpoint must be a file path or None, got int"),
+    ]
+    for checkpoint, error, match in cases:
+        with pytest.raises(error, match=match):
+            fit(model, loss_fn, problem(), max_epochs=5, progress=False, checkpoint=checkpoint)
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="cannot write in"):
+            fit(model, loss_fn, problem(), max_epochs=5, progress=False,
+                checkpoint=locked / "run.pt")
+    for a, b in zip(params(model), before, strict=True):
+        assert torch.equal(a, b)  # no epoch ran
+
+
+def test_resuming_with_another_variant_is_refused(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    fit(make_model(), loss_fn, problem(), max_epochs=3, progress=False, checkpoint=ckpt,
+        variant="rprop-")
+    saved = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"written with variant rprop-, and this call asks for "
+                                         r"'irprop\+'"):
+        fit(make_model(), loss_fn, problem(), max_epochs=6, progress=False, checkpoint=ckpt,
+            variant="irprop+")
+    assert ckpt.read_bytes() == saved  # nothing the user saved is touched
+    again = fit(make_model(), loss_fn, problem(), max_epochs=6, progress=False, checkpoint=ckpt,
+                variant="RPROP-")  # the same variant, spelled otherwise
+    assert again.resumed_from == 3
+    later = fit(make_model(), loss_fn, problem(), max_epochs=8, progress=False, checkpoint=ckpt)
+    assert later.resumed_from == 6  # no variant asked for: the saved one goes on
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     data = problem()
     ckpt = tmp_path / "run.pt"

@@ -155,6 +155,22 @@ def test_raise_names_the_culprit_and_changes_nothing(where, match):
     assert_unchanged(opt, before)
 
 
+def test_messages_name_parameters_given_by_name():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    opt = rprop.Rprop(model.named_parameters(), nonfinite="raise")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][3]["prev"] = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"state 'prev' of parameter 3 \('2.bias'\) \(shape "
+                                         r"\(1,\), torch.float32\) has shape \(2,\)"):
+        opt.load_state_dict(saved)
+    model[2].bias.grad = torch.tensor([float("nan")])
+    with pytest.raises(FloatingPointError, match=r"the gradient of parameter 3 \('2.bias'\)"):
+        opt.step()
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 def test_propagate_is_torch_behaviour(foreach):
     # torch 2.13 maps sign(NaN) to 0: a NaN gradient element keeps its

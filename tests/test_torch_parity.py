@@ -222,3 +222,24 @@ def test_graph_capture_with_capturable_false_is_refused_as_by_torch(monkeypatch)
         messages.append(str(err.value).replace("for an instance of Rprop", ""))
         assert torch.equal(p.detach(), torch.zeros(3))  # nothing stepped
     assert messages[0] == messages[1] and "capturable is False" in messages[0]
+
+
+@pytest.mark.parametrize("variant", ["irprop-", "irprop+", "rprop+", "rprop-"])
+def test_step_returns_the_closures_value_as_it_is(variant):
+    """As torch.optim.Rprop: step(closure) returns what the closure returned
+    (a float stays a float, a tensor the same tensor), for every variant;
+    step(loss=...) returns that loss."""
+    for value in (1.5, torch.tensor(2.0), torch.tensor([3.0], dtype=torch.float64)):
+        got = []
+        for make, kwargs in ((torch.optim.Rprop, {}), (rprop.Rprop, {"variant": variant})):
+            p = torch.zeros(3, requires_grad=True)
+            opt = make([p], **kwargs)
+
+            def closure(p=p, value=value):
+                p.grad = torch.ones(3)
+                return value
+
+            got.append(opt.step(closure))
+            if make is rprop.Rprop:
+                got.append(opt.step(loss=value))
+        assert all(r is value for r in got), (variant, value, got)

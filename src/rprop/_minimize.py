@@ -281,7 +281,9 @@ def minimize(
     elif rule == "maxfev":
         message = f"Maximum number of function evaluations has been exceeded ({detail})."
     else:
-        message = f"NaN result encountered: {detail}; x is the best finite iterate."
+        where = ("x is the best finite iterate" if best is not None
+                 else "no finite value was seen: x is x0, projected onto the bounds")
+        message = f"NaN result encountered: {detail}; {where}."
     if disp:
         print(message)
         print(f"         Current function value: {bf:g}")

@@ -42,7 +42,7 @@ def prepare_state_dict(
             f"{len(optimizer.param_groups)}"
         )
     groups = []
-    params_by_index: dict[int, tuple[Tensor, dict[str, Any], dict[str, Any]]] = {}
+    params_by_index: dict[int, tuple[Tensor, dict[str, Any], dict[str, Any], str | None]] = {}
     for gi, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups, strict=True)):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(
@@ -62,24 +62,32 @@ def prepare_state_dict(
             raise ValueError(f"param group {gi} of state_dict: {err}") from None
         merged["variant"] = get_variant(merged["variant"]).name
         groups.append(merged)
-        for index, p in zip(saved["params"], group["params"], strict=True):
-            params_by_index[index] = (p, merged, saved)
+        names = group.get("param_names") or [None] * len(group["params"])
+        for index, p, name in zip(saved["params"], group["params"], names, strict=True):
+            params_by_index[index] = (p, merged, saved, name)
 
     state: dict[int, dict[str, Tensor]] = {}
     for index, entry in state_dict["state"].items():
         if index not in params_by_index:
             raise ValueError(f"state_dict has state for parameter {index}, which no group lists")
-        p, group, saved = params_by_index[index]
-        state[index] = _check_entry(index, p, group, "variant" in saved, entry)
+        p, group, saved, name = params_by_index[index]
+        state[index] = _check_entry(_describe_param(index, name), p, group, "variant" in saved,
+                                    entry)
     return {"state": {}, "param_groups": groups}, state
 
 
+def _describe_param(index: int, name: str | None) -> str:
+    from rprop.torch._optimizer import describe_param
+
+    return describe_param(index, name)
+
+
 def _check_entry(
-    index: int, p: Tensor, group: dict[str, Any], saver_had_variant: bool, entry: dict[str, Any]
+    param: str, p: Tensor, group: dict[str, Any], saver_had_variant: bool, entry: dict[str, Any]
 ) -> dict[str, Tensor]:
     from rprop.torch._optimizer import state_dtype_for
 
-    where = f"parameter {index} (shape {tuple(p.shape)}, {p.dtype})"
+    where = f"{param} (shape {tuple(p.shape)}, {p.dtype})"
     variant = get_variant(group["variant"])
     needed = list(REQUIRED)
     if saver_had_variant:

@@ -148,7 +148,10 @@ def fit(
             ``os.replace``; a crash leaves the previous checkpoint intact.
             Under ``torch.distributed`` rank 0 writes (DTensor state is
             gathered, ZeRO state consolidated) and all ranks read, so the
-            path must be visible to every rank.
+            path must be visible to every rank. Checked before the first
+            epoch: its folder must exist and be writable. Resuming restores
+            the saved hyperparameters; a ``variant`` that differs from the
+            checkpoint's raises a ValueError.
         checkpoint_every: epochs between checkpoints.
         process_group: the data-parallel group (default: the world).
         full_batch_kwargs: more keyword arguments for :func:`full_batch_backward`.
@@ -170,9 +173,9 @@ def fit(
     device = local_tensor(next(iter(model.parameters()))).device
     history = FitHistory()
     start = 0
-    path = None if checkpoint is None else Path(checkpoint)
+    path = None if checkpoint is None else _checkpoint_path(checkpoint)
     if path is not None and _exists_everywhere(path, group, device):
-        start, history = _load(path, model, optimizer, group)
+        start, history = _load(path, model, optimizer, group, variant)
     offset = history.time[-1] if history.time else 0.0
     steps_with_loss = _takes_loss(optimizer)
     kwargs = dict(full_batch_kwargs or {})
@@ -255,6 +258,25 @@ def _check_fit_args(
     if not (callable(data) or isinstance(data, Iterable)):
         raise TypeError(f"data must be an iterable of batches or a function returning one, "
                         f"got {type(data).__name__}")
+
+
+def _checkpoint_path(checkpoint: Any) -> Path:
+    """``checkpoint`` as a Path, checked before the first epoch: a folder that
+    is missing or not writable would otherwise fail at the first save, after
+    ``checkpoint_every`` epochs of work."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path or None, got {type(checkpoint).__name__}")
+    path = Path(checkpoint)
+    if path.is_dir():
+        raise ValueError(f"checkpoint must be a file path, got the folder {path}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint {path}: the folder {folder} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ValueError(f"checkpoint {path}: cannot write in {folder} ({err.strerror})") from None
+    return path
 
 
 def _stop_rule(losses: list[float], target: float | None, patience: int | None,
@@ -460,10 +482,24 @@ def _gathered(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load(path: Path, model: nn.Module, optimizer: Any, group: Any) -> tuple[int, FitHistory]:
+def _load(path: Path, model: nn.Module, optimizer: Any, group: Any,
+          variant: str | None = None) -> tuple[int, FitHistory]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by rprop.torch.fit")
+    if variant is not None:
+        # Resuming restores the saved hyperparameters (load_state_dict, as in
+        # torch); a variant asked for explicitly that differs is a mistake to
+        # report, not to override silently.
+        from rprop import get_variant
+
+        wanted = get_variant(variant).name
+        saved_variants = {g.get("variant") for g in payload["optimizer"]["param_groups"]}
+        if saved_variants != {wanted}:
+            raise ValueError(
+                f"checkpoint {path} was written with variant "
+                f"{', '.join(sorted(map(str, saved_variants)))}, and this call asks for "
+                f"{wanted!r}; resume with that variant, or use a new checkpoint path")
     model.load_state_dict(_sharded_like(payload["model"], model.state_dict()))
     saved = payload["optimizer"]
     if not _is_zero(optimizer):

@@ -41,8 +41,7 @@ def first_nonfinite(optimizer: Any, checked: list[Any], loss: Tensor | None) -> 
     if first_bad == none_bad:
         return None
     param = params[first_bad]
-    index = _param_index(optimizer, param)
-    return f"the gradient of parameter {index} (shape {tuple(param.shape)})"
+    return f"the gradient of {_param_name(optimizer, param)} (shape {tuple(param.shape)})"
 
 
 def _agree_across_ranks(params: list[Tensor], first_bad: int) -> int:
@@ -58,12 +57,15 @@ def _agree_across_ranks(params: list[Tensor], first_bad: int) -> int:
     return int(flag.item())
 
 
-def _param_index(optimizer: Any, param: Tensor) -> int:
-    """The parameter's index as state_dict numbers it."""
+def _param_name(optimizer: Any, param: Tensor) -> str:
+    """``parameter N`` (its index as state_dict numbers it), with its name
+    when the optimizer was given ``named_parameters()``."""
+    from rprop.torch._optimizer import describe_param
+
     i = 0
     for group in optimizer.param_groups:
-        for p in group["params"]:
+        for j, p in enumerate(group["params"]):
             if p is param:
-                return i
+                return describe_param(i, group.get("param_names", [None] * (j + 1))[j])
             i += 1
-    return -1
+    return "parameter ?"

@@ -338,6 +338,10 @@ class Rprop(Optimizer):
                 for iRprop+ when the caller already computed it. Pass either
                 this or ``closure``, not both.
         """
+        if closure is not None and not callable(closure):
+            raise TypeError(
+                f"step()'s first argument is a closure (a function that returns the loss), "
+                f"got a {type(closure).__name__}; pass a loss value as step(loss=...)")
         if closure is not None and loss is not None:
             raise ValueError("step() takes the loss from closure or from loss=, not both")
         # As torch's optimizers: capturing a CUDA graph with capturable=False
@@ -358,18 +362,19 @@ class Rprop(Optimizer):
                 'variant="irprop+" needs the loss at the current parameters: call '
                 "step(closure) with a closure that returns the loss, or step(loss=loss_value)"
             )
-        if needs_loss:
-            loss = _as_loss(loss)
-        if not self._finite_or_handled(work, loss if needs_loss else None):
+        # step() returns the closure's (or loss=) value as given, as torch's
+        # optimizers do; the variants that read it get it as a 0-dim tensor.
+        loss_t = _as_loss(loss) if needs_loss else None
+        if not self._finite_or_handled(work, loss_t):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             return loss
         for group, hyper, variant, buckets in work:
             self._warn_if_lr_changed(group)
             for bucket in buckets:
-                self._step_bucket(group, hyper, variant, bucket, loss)
-            if variant.needs_loss:
-                self._remember_loss(group, -loss if hyper.maximize else loss)
+                self._step_bucket(group, hyper, variant, bucket, loss_t)
+            if loss_t is not None and variant.needs_loss:
+                self._remember_loss(group, -loss_t if hyper.maximize else loss_t)
         return loss
 
     def _graph_capture_health_check(self) -> None:
@@ -497,6 +502,12 @@ class Rprop(Optimizer):
                 if step_size is not None:
                     view = torch.view_as_real(step_size) if step_size.is_complex() else step_size
                     view.mul_(factor).clamp_(lo, hi)
+
+
+def describe_param(index: int, name: str | None) -> str:
+    """How error messages name a parameter: ``parameter 3``, or with the name
+    the optimizer got from ``named_parameters()``, ``parameter 3 ('2.bias')``."""
+    return f"parameter {index}" if name is None else f"parameter {index} ({name!r})"
 
 
 def state_dtype_for(p: Tensor, group: dict[str, Any]) -> torch.dtype:
