@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import runpy
+import signal
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,54 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path):
     for a, b in zip(params(model), params(whole_model), strict=True):
         assert torch.equal(a, b)
     assert torch.load(ckpt, weights_only=True)["epoch"] == 14
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler, whatever the test runner installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_saves_the_epoch_then_stops(tmp_path, capsys, python_sigint_handler, presses):
+    """One Ctrl-C: the epoch finishes, is saved, then KeyboardInterrupt, and
+    resuming is bitwise the uninterrupted run. Two: the second stops at once
+    (the last checkpoint is the periodic one)."""
+    data = problem()
+    whole_model = make_model()
+    whole = fit(whole_model, loss_fn, data, max_epochs=12, progress=False)
+
+    def press(info):
+        if info.epoch == 7:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_model(), loss_fn, data, max_epochs=12, progress=False, checkpoint=ckpt,
+            checkpoint_every=5, callbacks=[press])
+    assert torch.load(ckpt, weights_only=True)["epoch"] == (8 if presses == 1 else 5)
+    assert "finishing this epoch and saving the checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    model = make_model()
+    resumed = fit(model, loss_fn, data, max_epochs=12, progress=False, checkpoint=ckpt)
+    assert resumed.loss == whole.loss
+    for a, b in zip(params(model), params(whole_model), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_ctrl_c_in_the_last_epoch_still_interrupts(tmp_path, python_sigint_handler):
+    def press(info):
+        if info.epoch == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_model(), loss_fn, problem(), max_epochs=4, progress=False, checkpoint=ckpt,
+            callbacks=[press])
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 4
 
 
 def test_finished_runs_resume_too(tmp_path):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +154,8 @@ def fit(
             epoch: its folder must exist and be writable. Resuming restores
             the saved hyperparameters; a ``variant`` that differs from the
             checkpoint's raises a ValueError.
+            In one process, a first Ctrl-C finishes the epoch and saves it
+            before raising KeyboardInterrupt; a second stops at once.
         checkpoint_every: epochs between checkpoints.
         process_group: the data-parallel group (default: the world).
         full_batch_kwargs: more keyword arguments for :func:`full_batch_backward`.
@@ -183,6 +187,9 @@ def fit(
     began = time.perf_counter()
     completed = start
     reason = "max_epochs"
+    # With a checkpoint to write, in one process, Ctrl-C finishes the epoch
+    # and saves it before stopping.
+    interrupted = _DeferredInterrupt(enabled=path is not None and group is None)
     try:
         for epoch in range(start, max_epochs):
             batches = data() if callable(data) else data
@@ -211,18 +218,56 @@ def fit(
             if stop is not None:
                 reason = stop
                 break
-            if path is not None and completed % checkpoint_every == 0:
+            if path is not None and (completed % checkpoint_every == 0 or interrupted()):
                 _save(path, model, optimizer, history, completed, group, rank)
+            if interrupted():
+                raise KeyboardInterrupt
         history.stop_reason = reason
         if path is not None:
             _save(path, model, optimizer, history, completed, group, rank)
+        if interrupted():  # pressed during the last epoch: saved, but still an interrupt
+            raise KeyboardInterrupt
     finally:
+        interrupted.restore()
         if bar is not None:
             bar.close()
     return history
 
 
 # -- arguments and rules ----------------------------------------------------------
+
+
+class _DeferredInterrupt:
+    """Calling it says whether Ctrl-C was pressed since it was made.
+
+    When ``enabled`` (and Python's own SIGINT handler is the one installed, in
+    the main thread), the first Ctrl-C only sets a flag: the epoch loop
+    finishes the epoch, saves the checkpoint and raises KeyboardInterrupt, so
+    no finished epoch is lost. The handler then steps aside, so a second
+    Ctrl-C interrupts at once. Not used under torch.distributed: ranks would
+    see the signal at different epochs and wait for each other's collectives.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.pressed = False
+        self.installed = (enabled and threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.installed:
+            signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nrprop.torch.fit: interrupted; finishing this epoch and saving the "
+              "checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.pressed
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.installed = False
 
 
 def _check_fit_args(
