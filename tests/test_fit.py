@@ -276,6 +276,41 @@ def test_ctrl_c_in_the_last_epoch_still_interrupts(tmp_path, python_sigint_handl
     assert torch.load(ckpt, weights_only=True)["epoch"] == 4
 
 
+def test_ctrl_c_handler_leaves_a_handler_installed_meanwhile(tmp_path, python_sigint_handler):
+    def mine(signum, frame):
+        pass
+
+    def install(info):
+        if info.epoch == 1:
+            signal.signal(signal.SIGINT, mine)
+
+    fit(make_model(), loss_fn, problem(), max_epochs=3, progress=False,
+        checkpoint=tmp_path / "run.pt", callbacks=[install])
+    assert signal.getsignal(signal.SIGINT) is mine
+
+
+def test_ctrl_c_in_a_fit_inside_a_fit(tmp_path, python_sigint_handler):
+    """The inner run (a callback of the outer) owns Ctrl-C while it runs."""
+    inner_epochs = []
+
+    def press(info):
+        inner_epochs.append(info.epoch)
+        if info.epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def inner(info):
+        if info.epoch == 1:
+            fit(make_model(), loss_fn, problem(), max_epochs=50, progress=False,
+                checkpoint=tmp_path / "inner.pt", callbacks=[press])
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_model(), loss_fn, problem(), max_epochs=5, progress=False,
+            checkpoint=tmp_path / "outer.pt", callbacks=[inner])
+    assert inner_epochs == [0, 1]
+    assert torch.load(tmp_path / "inner.pt", weights_only=True)["epoch"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_finished_runs_resume_too(tmp_path):
     data = problem()
     ckpt = tmp_path / "run.pt"
@@ -332,6 +367,20 @@ def test_resuming_with_another_variant_is_refused(tmp_path):
     assert again.resumed_from == 3
     later = fit(make_model(), loss_fn, problem(), max_epochs=8, progress=False, checkpoint=ckpt)
     assert later.resumed_from == 6  # no variant asked for: the saved one goes on
+
+
+def test_a_torch_rprop_checkpoint_resumes_as_irprop_minus(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    model = make_model()
+    fit(model, loss_fn, problem(), max_epochs=3, progress=False, checkpoint=ckpt,
+        optimizer=torch.optim.Rprop(model.parameters()))
+    again = fit(make_model(), loss_fn, problem(), max_epochs=5, progress=False,
+                checkpoint=ckpt, variant="irprop-")
+    assert again.resumed_from == 3
+    with pytest.raises(ValueError, match=r"written with variant irprop-, and this call asks for "
+                                         r"'rprop\+'"):
+        fit(make_model(), loss_fn, problem(), max_epochs=6, progress=False, checkpoint=ckpt,
+            variant="rprop+")
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

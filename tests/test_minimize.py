@@ -284,7 +284,8 @@ def test_nonfinite_at_x0_says_there_was_no_finite_iterate():
     res = rprop.minimize(lambda x: float("nan"), [1.0, 2.0], jac=lambda x: np.ones(2),
                          bounds=[(0, 1.5), (None, None)])
     assert res.status == 3 and res.nit == 0
-    assert "no finite value was seen: x is x0, projected onto the bounds" in res.message
+    assert ("no iterate had a finite value and gradient: x is x0, projected onto the bounds"
+            in res.message)
     assert res.x.tolist() == [1.0, 2.0]
 
 

@@ -282,7 +282,8 @@ def minimize(
         message = f"Maximum number of function evaluations has been exceeded ({detail})."
     else:
         where = ("x is the best finite iterate" if best is not None
-                 else "no finite value was seen: x is x0, projected onto the bounds")
+                 else "no iterate had a finite value and gradient: x is x0, "
+                      "projected onto the bounds")
         message = f"NaN result encountered: {detail}; {where}."
     if disp:
         print(message)

@@ -240,34 +240,44 @@ def fit(
 class _DeferredInterrupt:
     """Calling it says whether Ctrl-C was pressed since it was made.
 
-    When ``enabled`` (and Python's own SIGINT handler is the one installed, in
-    the main thread), the first Ctrl-C only sets a flag: the epoch loop
-    finishes the epoch, saves the checkpoint and raises KeyboardInterrupt, so
-    no finished epoch is lost. The handler then steps aside, so a second
-    Ctrl-C interrupts at once. Not used under torch.distributed: ranks would
-    see the signal at different epochs and wait for each other's collectives.
+    When ``enabled`` (in the main thread, with Python's own SIGINT handler or
+    an enclosing ``fit``'s installed), the first Ctrl-C only sets a flag: the
+    epoch loop finishes the epoch, saves the checkpoint and raises
+    KeyboardInterrupt, so no finished epoch is lost. The handler then steps
+    aside, so a second Ctrl-C interrupts at once. Not used under
+    torch.distributed: ranks would see the signal at different epochs and wait
+    for each other's collectives. A handler someone else installs meanwhile
+    is left in place.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.pressed = False
-        self.installed = (enabled and threading.current_thread() is threading.main_thread()
-                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self.pid = os.getpid()
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.installed = (
+            enabled and threading.current_thread() is threading.main_thread()
+            and (self.previous is signal.default_int_handler
+                 or isinstance(getattr(self.previous, "__self__", None), _DeferredInterrupt)))
         if self.installed:
             signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.pressed = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nrprop.torch.fit: interrupted; finishing this epoch and saving the "
-              "checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if os.getpid() == self.pid:  # not again from each forked DataLoader worker
+            print("\nrprop.torch.fit: interrupted; finishing this epoch and saving the "
+                  "checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __call__(self) -> bool:
         return self.pressed
 
     def restore(self) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.installed = False
+        if not self.installed:
+            return
+        self.installed = False
+        current = signal.getsignal(signal.SIGINT)
+        if current == self._handler or current is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _check_fit_args(
@@ -539,7 +549,9 @@ def _load(path: Path, model: nn.Module, optimizer: Any, group: Any,
         from rprop import get_variant
 
         wanted = get_variant(variant).name
-        saved_variants = {g.get("variant") for g in payload["optimizer"]["param_groups"]}
+        # A group without "variant" was saved by torch.optim.Rprop: iRprop-.
+        saved_variants = {g.get("variant", "irprop-")
+                          for g in payload["optimizer"]["param_groups"]}
         if saved_variants != {wanted}:
             raise ValueError(
                 f"checkpoint {path} was written with variant "
