@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: demo test lint setup setup-dev bench compare
+.PHONY: demo test lint setup setup-dev bench compare gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ bench: setup-dev
 
 compare: setup-dev
 	$(BIN)/rprop compare --plot docs/compare.png
+
+# On a machine with a GPU whose python3 already holds a CUDA torch and Triton
+# (nothing installed, no venv): the CUDA tests, then the GPU benchmark.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_compile.py -rs
+	PYTHONPATH=src $(PYTHON) benchmarks/step_speed.py --device cuda
