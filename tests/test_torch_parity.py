@@ -243,3 +243,22 @@ def test_step_returns_the_closures_value_as_it_is(variant):
             if make is rprop.Rprop:
                 got.append(opt.step(loss=value))
         assert all(r is value for r in got), (variant, value, got)
+
+
+def test_an_eta_that_rounds_to_zero_is_the_papers_not_torchs():
+    """Documented difference (docs/variants.md): eta- = 1e-8 is 0 in float16.
+    After a sign flip the paper's step size is (0.012 * 0) clamped to
+    step_min; torch's masked assignments turn that 0 factor into 1."""
+    kw = {"lr": 0.01, "etas": (1e-8, 1.2), "step_sizes": (1e-6, 50.0)}
+    grown = (torch.tensor(0.01, dtype=torch.float16) * torch.tensor(1.2, dtype=torch.float16))
+    floor = torch.tensor(1e-6, dtype=torch.float16)
+    for make, extra, want in ((torch.optim.Rprop, {}, grown),
+                              (rprop.Rprop, {"foreach": False}, floor),
+                              (rprop.Rprop, {"foreach": True}, floor),
+                              (rprop.Rprop, {"fused": True}, floor)):
+        p = torch.zeros(1, dtype=torch.float16, requires_grad=True)
+        opt = make([p], **kw, **extra)
+        for g in (1.0, 1.0, -1.0):
+            p.grad = torch.tensor([g], dtype=torch.float16)
+            opt.step()
+        assert opt.state[p]["step_size"].item() == want.item(), (make, extra)

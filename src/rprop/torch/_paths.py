@@ -87,23 +87,29 @@ def multi_tensor(
         grads = list(torch._foreach_add(grads, torch._foreach_mul(params, hyper.weight_decay)))
     signs = list(torch._foreach_mul(grads, prevs))
     torch._foreach_sign_(signs)  # torch.sign maps NaN to 0, as rprop._core.sign does
-    # Each sign becomes the step-size factor (eta+, eta- or 1) in the step
-    # size's dtype, as in the core and in torch.optim.Rprop.
-    one = torch.ones((), dtype=step_sizes[0].dtype, device=step_sizes[0].device)
+    # Each sign becomes, in place, the step-size factor (eta+, eta- or 1) in
+    # the step size's dtype, as in the core and in torch.optim.Rprop.
+    # masked_fill_ takes a mask without a host sync and, unlike torch.where,
+    # makes no parameter-sized float temporaries (only one bool mask at a time).
+    # The masks are taken from the signs before any fill: an eta rounded to
+    # the dtype may be 0 or 1 (eta- = 1e-8 in float16), colliding with a sign.
     flips = []
-    for i, s in enumerate(signs):
-        flips.append(s < 0)
-        signs[i] = torch.where(s > 0, hyper.eta_plus, torch.where(s < 0, hyper.eta_minus, one))
+    for s in signs:
+        flipped, zero = s < 0, s == 0
+        flips.append(flipped)
+        s.masked_fill_(s > 0, hyper.eta_plus)
+        s.masked_fill_(flipped, hyper.eta_minus)
+        s.masked_fill_(zero, 1.0)
+        del zero
     torch._foreach_mul_(step_sizes, signs)
     del signs
     torch._foreach_clamp_min_(step_sizes, hyper.step_min)
     torch._foreach_clamp_max_(step_sizes, hyper.step_max)
     # prev takes the gradient, zeroed on flips for forgetting variants.
+    torch._foreach_copy_(prevs, grads)
     if variant.forget:
-        for i, flipped in enumerate(flips):
-            prevs[i].copy_(torch.where(flipped, 0, grads[i]))
-    else:
-        torch._foreach_copy_(prevs, grads)
+        for prev, flipped in zip(prevs, flips, strict=True):
+            prev.masked_fill_(flipped, 0)
     if variant.undo == "never":
         # param + (-1 * sign(g)) * step: the core's param + -(sign(g) * step).
         torch._foreach_addcmul_(params, torch._foreach_sign(prevs), step_sizes, value=-1)
