@@ -5,9 +5,9 @@ Every path has the same signature and the same result, bitwise:
 * :func:`single_tensor` applies :func:`rprop._core.rprop_update` per tensor:
   the readable ground truth, and the path ``differentiable=True`` uses;
 * :func:`multi_tensor` (``foreach=True``) batches the arithmetic with
-  ``torch._foreach_*`` and selects with ``torch.where``: no boolean-mask
-  indexing and no host synchronisation, so it suits ``capturable=True``
-  (CUDA graphs) and ``torch.compile``;
+  ``torch._foreach_*`` and selects with ``masked_fill_`` and ``torch.where``
+  (masks as operands): no boolean-mask indexing and no host synchronisation,
+  so it suits ``capturable=True`` (CUDA graphs) and ``torch.compile``;
 * the fused path lives in :mod:`rprop.torch._fused`.
 
 All tensors arrive as real views (complex parameters already split into real
