@@ -25,7 +25,7 @@ def prepare_state_dict(
     Nothing of ``optimizer`` or of ``state_dict`` is modified; the returned
     tensors are copies, so later steps never write into the caller's dict.
     """
-    from rprop.torch._optimizer import _check_group
+    from rprop.torch._optimizer import _check_group, describe_param
 
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")
@@ -71,15 +71,9 @@ def prepare_state_dict(
         if index not in params_by_index:
             raise ValueError(f"state_dict has state for parameter {index}, which no group lists")
         p, group, saved, name = params_by_index[index]
-        state[index] = _check_entry(_describe_param(index, name), p, group, "variant" in saved,
+        state[index] = _check_entry(describe_param(index, name), p, group, "variant" in saved,
                                     entry)
     return {"state": {}, "param_groups": groups}, state
-
-
-def _describe_param(index: int, name: str | None) -> str:
-    from rprop.torch._optimizer import describe_param
-
-    return describe_param(index, name)
 
 
 def _check_entry(

@@ -26,6 +26,13 @@ TORCH_KEYS = ("step", "prev", "step_size")
 _PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 
+# torch's check that a CUDA graph capture has capturable=True, under its
+# current name or (older torch) its CUDA-only one; looked up once.
+_graph_capture_health_check = getattr(
+    Optimizer, "_accelerator_graph_capture_health_check", None
+) or Optimizer._cuda_graph_capture_health_check
+
+
 class _Bucket:
     """One (device, dtype, grad dtype) slice of a param group, as the paths take it."""
 
@@ -346,7 +353,7 @@ class Rprop(Optimizer):
             raise ValueError("step() takes the loss from closure or from loss=, not both")
         # As torch's optimizers: capturing a CUDA graph with capturable=False
         # is an error, and capturable=True run uncaptured warns once.
-        self._graph_capture_health_check()
+        _graph_capture_health_check(self)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -376,12 +383,6 @@ class Rprop(Optimizer):
             if loss_t is not None and variant.needs_loss:
                 self._remember_loss(group, -loss_t if hyper.maximize else loss_t)
         return loss
-
-    def _graph_capture_health_check(self) -> None:
-        check = getattr(self, "_accelerator_graph_capture_health_check", None)
-        if check is None:  # older torch: the CUDA-only name
-            check = self._cuda_graph_capture_health_check
-        check()
 
     def _remember_loss(self, group: dict[str, Any], signed: Tensor) -> None:
         """E(t-1) <- E(t) for *every* parameter of the group that keeps one,
