@@ -69,6 +69,26 @@ def test_finite_differences_cost_n_or_2n_evaluations(jac, per_step):
     assert np.allclose(res.x, [1, 2, 3], atol=1e-4)
 
 
+@pytest.mark.parametrize("fun", [
+    lambda x: float(np.sum(np.abs(x - 1) ** 2)),  # abs() of a complex x is real
+    lambda x: np.sum((x - 1) ** 2).real,
+])
+def test_complex_step_refuses_a_fun_that_drops_the_imaginary_part(fun):
+    # A real result for a complex x reads as a zero gradient: without the
+    # check, gtol "succeeds" at x0 = 0, far from the minimum at 1.
+    with pytest.raises(ValueError, match=r"jac='cs' \(complex step\) needs fun to propagate "
+                                         r"complex inputs"):
+        rprop.minimize(fun, np.zeros(2), jac="cs")
+
+
+def test_complex_step_accepts_an_exact_zero_gradient():
+    # Started at the minimum of a quadratic, the complex step is exactly 0
+    # (a complex result with a zero imaginary part): an honest gradient.
+    res = rprop.minimize(lambda x: np.sum((x - 1) ** 2), np.ones(2), jac="cs")
+    assert res.success and res.stop_rule == "gtol" and res.nit == 0
+    assert np.array_equal(res.jac, [0.0, 0.0])
+
+
 def test_jac_true_counts_one_evaluation_per_iterate():
     res = rprop.minimize(lambda x: (quad(x), quad_grad(x)), np.zeros(2), jac=True)
     assert res.success and res.nfev == res.njev == res.nit + 1

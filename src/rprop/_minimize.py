@@ -353,13 +353,17 @@ class _Evaluator:
         if not free.any():
             return g
         full = x.copy()
+        complex_seen = False
 
         def sub(z: np.ndarray) -> float:
+            nonlocal complex_seen
             if self.jac == "cs":  # the complex step needs a complex x
                 xz = full.astype(complex)
                 xz[free] = z
                 self.nfev += 1
-                return self.fun(xz, *self.args)
+                value = self.fun(xz, *self.args)
+                complex_seen = complex_seen or np.iscomplexobj(value)
+                return value
             full[free] = z
             return self._f(full)
 
@@ -368,6 +372,17 @@ class _Evaluator:
                 sub, x[free], method=self.jac, rel_step=self.rel_step,
                 f0=f,
                 bounds=(self.lo[free], self.hi[free]),
+            )
+        if self.jac == "cs" and not complex_seen:
+            # The complex step reads the derivative from the imaginary part of
+            # fun(x + ih): a real result reads as a zero gradient, and gtol
+            # would report success wherever the run started. A complex result
+            # with a zero imaginary part is an honest zero derivative.
+            raise ValueError(
+                "jac='cs' (complex step) needs fun to propagate complex inputs: fun returned "
+                "real numbers for a complex x, so every partial derivative would read as 0. "
+                "Write fun with operations that keep x complex (no float(), abs(), .real or "
+                "math.* on x), or use jac='2-point' or '3-point'."
             )
         return g
 
