@@ -8,9 +8,7 @@ Also a custom method for :func:`scipy.optimize.minimize`::
 
 from __future__ import annotations
 
-import inspect
 import math
-import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 
 from rprop._core import effective_grad, loss_went_up, rprop_update
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._stopping import Callback, Monitor, StopRules, outcome
 from rprop._variants import get_variant
 
 try:
@@ -37,17 +36,6 @@ __all__ = ["DEFAULT_LR", "minimize"]
 # step, a Δ0 that is 10x too small costs only ~13 extra steps (log 10 / log 1.2).
 DEFAULT_LR = 0.1
 FD_METHODS = ("2-point", "3-point", "cs")
-
-STATUS = {
-    "gtol": 0,
-    "xtol": 0,
-    "ftol": 0,
-    "maxiter": 1,
-    "maxfev": 2,
-    "nonfinite": 3,
-    "callback": 99,
-}
-
 
 def minimize(
     fun: Callable[..., Any],
@@ -178,17 +166,10 @@ def minimize(
             "x0 lies outside the bounds; it is clipped into them", OptimizeWarning, stacklevel=2
         )
         x = np.clip(x, lo, hi)
-    if gtol is None:
-        gtol = 1e-5 if tol is None else tol
-    gtol = _tolerance("gtol", gtol)
-    ftol = _tolerance("ftol", ftol)
-    xtol = _tolerance("xtol", xtol)
-    maxiter = _count("maxiter", maxiter, allow_zero=True)
-    maxfev = None if maxfev is None else _count("maxfev", maxfev, allow_zero=False)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    rules = StopRules.from_options(gtol=gtol, xtol=xtol, ftol=ftol, maxiter=maxiter,
+                                   maxfev=maxfev, tol=tol)
+    cb = Callback.of(callback)
     evaluate = _Evaluator(fun, jac, args, n, lo, hi, finite_diff_rel_step)
-    new_style = callback is not None and _takes_intermediate_result(callback)
 
     f, g = evaluate(x)
     step_size = np.full(n, hyper.lr)
@@ -196,43 +177,19 @@ def minimize(
     prev_update: np.ndarray | None = np.zeros(n) if var.backtracks else None
     prev_f = math.inf
     best = (f, x, g) if _finite(f, g) else None
-    nit = 0
-    moved = False
-    last_change = math.inf
-    rule = ""
-    detail = ""
+    monitor = Monitor(rules)
     while True:
-        if not _finite(f, g):
-            rule = "nonfinite"
-            what = "fun" if not math.isfinite(f) else "the gradient"
-            detail = f"{what} returned a non-finite value at iteration {nit}"
-            break
-        pg = _projected(g, x, lo, hi)
-        gmax = float(np.max(np.abs(pg)))
-        if gmax <= gtol:
-            rule = "gtol"
-            detail = f"the largest projected gradient component, {gmax:.3g}, is <= gtol = {gtol:g}"
-            best = (f, x, g)
-            break
-        if nit > 0:
+        with np.errstate(all="ignore"):
+            pg = _projected(g, x, lo, hi)
             moving = step_size[pg != 0]
-            if moving.size and float(np.max(moving)) <= xtol:
-                rule = "xtol"
-                # Say how far from stationary x still is: a step-size floor
-                # is Rprop's resolution, not proof of an optimum.
-                detail = (f"the largest step size of a moving coordinate, "
-                          f"{float(np.max(moving)):.3g}, is <= xtol = {xtol:g} (the largest "
-                          f"projected gradient component is still {gmax:.3g} > gtol = {gtol:g})")
-                break
-            if ftol > 0 and moved and last_change <= ftol:
-                rule = "ftol"
-                detail = f"the relative change in f, {last_change:.3g}, is <= ftol = {ftol:g}"
-                break
-        if nit >= maxiter:
-            rule, detail = "maxiter", f"maxiter = {maxiter}"
-            break
-        if maxfev is not None and evaluate.nfev >= maxfev:
-            rule, detail = "maxfev", f"maxfev = {maxfev}, nfev = {evaluate.nfev}"
+            stop = monitor.check(
+                f=f, grad_finite=bool(np.isfinite(g).all()), gmax=float(np.max(np.abs(pg))),
+                moving_step=float(np.max(moving)) if moving.size else None, nfev=evaluate.nfev,
+            )
+        if stop is not None:
+            rule, detail = stop
+            if rule == "gtol":
+                best = (f, x, g)
             break
 
         with np.errstate(all="ignore"):
@@ -252,39 +209,21 @@ def minimize(
         prev_f = f
         x = x_new
         f, g = evaluate(x)
-        nit += 1
-        if math.isfinite(f):
-            last_change = abs(f - prev_f) / max(abs(f), abs(prev_f), 1.0)
+        monitor.stepped(prev_f, f, moved)
         if _finite(f, g) and (best is None or f < best[0]):
             best = (f, x, g)
-        if callback is not None:
-            try:
-                if new_style:
-                    callback(intermediate_result=OptimizeResult(
-                        x=x.copy(), fun=f, jac=g.copy(), nit=nit, nfev=evaluate.nfev,
-                        njev=evaluate.njev, step_size=step_size.copy(),
-                    ))
-                else:
-                    callback(x.copy())
-            except StopIteration:
-                rule, detail = "callback", ""
-                break
+        if cb is not None and cb.stops(
+            OptimizeResult(
+                x=x.copy(), fun=f, jac=g.copy(), nit=monitor.nit, nfev=evaluate.nfev,
+                njev=evaluate.njev, step_size=step_size.copy(),
+            ) if cb.new_style else x.copy()
+        ):
+            rule, detail = "callback", ""
+            break
 
     bf, bx, bg = best if best is not None else (f, x, g)
-    status = STATUS[rule]
-    if rule == "callback":
-        message = "`callback` raised `StopIteration`."
-    elif status == 0:
-        message = f"Optimization terminated successfully: {detail}."
-    elif rule == "maxiter":
-        message = f"Maximum number of iterations has been exceeded ({detail})."
-    elif rule == "maxfev":
-        message = f"Maximum number of function evaluations has been exceeded ({detail})."
-    else:
-        where = ("x is the best finite iterate" if best is not None
-                 else "no iterate had a finite value and gradient: x is x0, "
-                      "projected onto the bounds")
-        message = f"NaN result encountered: {detail}; {where}."
+    nit = monitor.nit
+    status, message = outcome(rule, detail, best is not None)
     if disp:
         print(message)
         print(f"         Current function value: {bf:g}")
@@ -416,14 +355,6 @@ def _projected(g: np.ndarray, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> 
     return np.where(outward, 0.0, g)
 
 
-def _takes_intermediate_result(callback: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(callback).parameters
-    except (TypeError, ValueError):
-        return False
-    return set(params) == {"intermediate_result"}
-
-
 # -- argument checks ------------------------------------------------------------
 
 
@@ -503,19 +434,3 @@ def _check_bounds(bounds: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def _tolerance(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number >= 0, got {value!r}")
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def _count(name: str, value: Any, *, allow_zero: bool) -> int:
-    least = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {least}, got {value!r}")
-    if int(value) < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value}")
-    return int(value)
