@@ -27,7 +27,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rprop._core import effective_grad, loss_went_up, rprop_update
+from rprop._core import (
+    FIRST_PREV_LOSS,
+    NONFINITE_MODES,
+    check_loss,
+    check_nonfinite,
+    effective_grad,
+    init_state,
+    loss_went_up,
+    rprop_update,
+    signed_loss,
+)
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
 from rprop._variants import Variant, get_variant
 
@@ -35,12 +45,6 @@ if TYPE_CHECKING:
     from rprop._minimize import minimize
 
 __all__ = ["NONFINITE_MODES", "Rprop", "minimize"]
-
-NONFINITE_MODES = ("propagate", "skip", "raise")
-# Per-array state: the gradient and step sizes always, the last update for the
-# backtracking variants (rprop+, irprop+).
-STATE_KEYS = ("prev", "step_size", "prev_update")
-
 
 def __getattr__(name: str) -> Any:
     # minimize needs SciPy: import it (and SciPy) only when asked for.
@@ -57,10 +61,7 @@ def _check_hyper(
     nonfinite: Any,
 ) -> tuple[Hyper, Variant, str]:
     hyper = Hyper.from_torch_args(lr, etas, step_sizes, weight_decay, maximize)
-    parsed = get_variant(variant)
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-    return hyper, parsed, nonfinite
+    return hyper, get_variant(variant), check_nonfinite(nonfinite)
 
 
 def _name(key: Any) -> str:
@@ -84,16 +85,8 @@ def _as_pairs(a: np.ndarray) -> np.ndarray:
 
 
 def _as_loss(loss: Any) -> float:
-    if isinstance(loss, bool) or isinstance(loss, (complex, np.complexfloating)):
-        raise TypeError(f"loss must be a real number, got {loss!r}")
-    if isinstance(loss, numbers.Real):
-        return float(loss)
-    arr = np.asarray(loss)
-    if arr.size != 1:
-        raise ValueError(f"loss must be a scalar (one element), got shape {arr.shape}")
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"loss must be a real number, got dtype {arr.dtype}")
-    return float(arr.reshape(()))
+    checked = check_loss(np.asarray(loss) if isinstance(loss, (list, tuple)) else loss)
+    return float(np.asarray(checked).reshape(()))
 
 
 class Rprop:
@@ -148,7 +141,7 @@ class Rprop:
         }
         self.steps = 0
         self.skipped_steps = 0
-        self.prev_loss = math.inf
+        self.prev_loss = FIRST_PREV_LOSS
 
     # -- read-only views ----------------------------------------------------
 
@@ -175,15 +168,10 @@ class Rprop:
         return self._state
 
     def _fresh(self, p: np.ndarray) -> dict[str, np.ndarray]:
-        lr = self._hyper.lr
-        state = {
-            "prev": np.zeros(p.shape, p.dtype),
-            "step_size": np.full(p.shape, complex(lr, lr) if np.iscomplexobj(p) else lr,
-                                 p.dtype),
-        }
-        if self._variant.backtracks:
-            state["prev_update"] = np.zeros(p.shape, p.dtype)
-        return state
+        # Made like a C-contiguous template: the complex views of the state
+        # (_pairs) need that layout, whatever the parameter's.
+        return init_state(np.zeros(p.shape, p.dtype), self._hyper, self._variant, xp=np,
+                          is_complex=np.iscomplexobj(p))
 
     # -- the step -----------------------------------------------------------
 
@@ -210,9 +198,7 @@ class Rprop:
                     'variant="irprop+" needs the loss at the current parameters: call '
                     "step(grads, loss=loss_value)"
                 )
-            signed = _as_loss(loss)
-            if hyper.maximize:
-                signed = -signed
+            signed = signed_loss(_as_loss(loss), hyper)
         if self._nonfinite != "propagate":
             culprit = self._first_nonfinite(prepared, signed)
             if culprit is not None:
@@ -390,7 +376,7 @@ class Rprop:
                 f"state_dict['state'] must have one entry per array, keyed "
                 f"{[*self._keys]}; got {got}"
             )
-        needed = ["prev", "step_size"] + ["prev_update"] * variant.backtracks
+        needed = variant.state_keys
         state: dict[Any, dict[str, np.ndarray]] = {}
         for key, p in zip(self._keys, self._arrays, strict=True):
             entry = saved[key]

@@ -40,7 +40,15 @@ except ImportError as err:  # pragma: no cover - exercised with jax hidden
         'rprop.optax needs jax and optax, an optional extra: pip install "rprop[jax]"'
     ) from err
 
-from rprop._core import effective_grad, loss_went_up, rprop_update
+from rprop._core import (
+    FIRST_PREV_LOSS,
+    check_loss,
+    effective_grad,
+    init_state,
+    loss_went_up,
+    rprop_update,
+    signed_loss,
+)
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
 from rprop._variants import Variant, get_variant
 
@@ -144,20 +152,25 @@ def scale_by_rprop(
                     f"params{jax.tree_util.keystr(path)} has dtype {dtype}"
                 )
 
-        def full(p: Any) -> jax.Array:
+        def fresh(p: Any) -> dict[str, jax.Array]:
             p = jnp.asarray(p)
-            lr = complex(hyper.lr, hyper.lr) if jnp.iscomplexobj(p) else hyper.lr
-            return jnp.full(p.shape, lr, dtype=p.dtype)
+            return init_state(p, hyper, var, xp=jnp, is_complex=jnp.iscomplexobj(p),
+                              dtype=p.dtype)
 
-        def zeros(p: Any) -> jax.Array:
-            return jnp.zeros(jnp.shape(p), dtype=jnp.asarray(p).dtype)
+        leaves, treedef_ = jax.tree_util.tree_flatten(params)
+        treedef: Any = treedef_
+        states = [fresh(p) for p in leaves]
+
+        def tree(key: str) -> Any:
+            return treedef.unflatten([st[key] for st in states])
 
         return ScaleByRpropState(
             count=jnp.zeros([], jnp.int32),
-            step_sizes=jax.tree.map(full, params),
-            prev_grads=jax.tree.map(zeros, params),
-            prev_updates=jax.tree.map(zeros, params) if var.backtracks else None,
-            prev_loss=jnp.full((), jnp.inf, dtype=_loss_dtype()) if var.needs_loss else None,
+            step_sizes=tree("step_size"),
+            prev_grads=tree("prev"),
+            prev_updates=tree("prev_update") if var.backtracks else None,
+            prev_loss=(jnp.full((), FIRST_PREV_LOSS, dtype=_loss_dtype())
+                       if var.needs_loss else None),
         )
 
     def update_fn(
@@ -174,13 +187,15 @@ def scale_by_rprop(
                     "update(grads, state, params, value=loss)"
                 )
             loss = jnp.asarray(value)
-            if loss.size != 1 or jnp.iscomplexobj(loss):
+            try:
+                check_loss(loss)
+            except (TypeError, ValueError):
                 raise ValueError(
                     f"value (the loss) must be a real scalar, got shape {loss.shape}, "
                     f"dtype {loss.dtype}"
-                )
+                ) from None
             assert prev_loss is not None
-            loss = loss.reshape(()).astype(prev_loss.dtype)
+            loss = signed_loss(loss.reshape(()).astype(prev_loss.dtype), hyper)
             worse = loss_went_up(loss, prev_loss)
             prev_loss = loss
         paths_grads, treedef_ = jax.tree_util.tree_flatten_with_path(updates)
