@@ -6,26 +6,29 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import signal
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rprop.torch._dispatch import local_tensor
+from rprop.torch._fit_checkpoint import (
+    atomic_save,
+    checkpoint_path,
+    exists_everywhere,
+    is_zero,
+    load_checkpoint,
+    save_checkpoint,
+)
 from rprop.torch._full_batch import LossFn, full_batch_backward
+from rprop.torch._preemption import DeferredInterrupt
 
-__all__ = ["EpochInfo", "FitHistory", "fit"]
+__all__ = ["EpochInfo", "FitHistory", "atomic_save", "fit"]
 
 STOP_REASONS = ("max_epochs", "target_loss", "patience", "callback", "nonfinite")
-_FORMAT = "rprop.fit/1"
 _MEDIAN_SAMPLE = 8192
 
 
@@ -146,16 +149,25 @@ def fit(
             (model, optimizer, history; the CPU and CUDA random generators in a
             single process), and the resumed run is bitwise the uninterrupted
             one. Saved every ``checkpoint_every`` epochs and at the end,
-            atomically: a temporary file in the same directory, fsync, then
-            ``os.replace``; a crash leaves the previous checkpoint intact.
+            atomically: a temporary file beside the target (a symbolic link
+            is written through), fsync, then ``os.replace``; a crash leaves
+            the previous checkpoint intact, and the next save or resume
+            removes the temporary file a killed writer left. The file is
+            ``torch.save``'s archive sealed with its sha256; resuming checks
+            the digest, then the whole file against the model and the
+            optimizer, and changes nothing unless all of it loads (a
+            ValueError naming the file otherwise). A full disk is an
+            ``OSError`` saying "no space left" with the path.
             Under ``torch.distributed`` rank 0 writes (DTensor state is
             gathered, ZeRO state consolidated) and all ranks read, so the
             path must be visible to every rank. Checked before the first
             epoch: its folder must exist and be writable. Resuming restores
             the saved hyperparameters; a ``variant`` that differs from the
             checkpoint's raises a ValueError.
-            In one process, a first Ctrl-C finishes the epoch and saves it
-            before raising KeyboardInterrupt; a second stops at once.
+            A first SIGINT (Ctrl-C) or SIGTERM finishes the epoch and saves
+            it, then raises KeyboardInterrupt (SIGINT) or ``SystemExit(143)``
+            (SIGTERM); a second stops at once. Under ``torch.distributed``
+            the ranks agree on the epoch (one all-reduce per epoch).
         checkpoint_every: epochs between checkpoints.
         process_group: the data-parallel group (default: the world).
         full_batch_kwargs: more keyword arguments for :func:`full_batch_backward`.
@@ -177,9 +189,11 @@ def fit(
     device = local_tensor(next(iter(model.parameters()))).device
     history = FitHistory()
     start = 0
-    path = None if checkpoint is None else _checkpoint_path(checkpoint)
-    if path is not None and _exists_everywhere(path, group, device):
-        start, history = _load(path, model, optimizer, group, variant)
+    path = None if checkpoint is None else checkpoint_path(checkpoint)
+    if path is not None and exists_everywhere(path, group, device):
+        start, saved = load_checkpoint(path, model, optimizer, group, variant)
+        history = FitHistory.from_state_dict(saved, start)
+        history.resumed_from = start
     offset = history.time[-1] if history.time else 0.0
     steps_with_loss = _takes_loss(optimizer)
     kwargs = dict(full_batch_kwargs or {})
@@ -187,9 +201,9 @@ def fit(
     began = time.perf_counter()
     completed = start
     reason = "max_epochs"
-    # With a checkpoint to write, in one process, Ctrl-C finishes the epoch
-    # and saves it before stopping.
-    interrupted = _DeferredInterrupt(enabled=path is not None and group is None)
+    # With a checkpoint to write, SIGINT and SIGTERM finish the epoch and
+    # save it before stopping (every rank after the same epoch).
+    interrupted = DeferredInterrupt(enabled=path is not None)
     try:
         for epoch in range(start, max_epochs):
             batches = data() if callable(data) else data
@@ -218,15 +232,17 @@ def fit(
             if stop is not None:
                 reason = stop
                 break
-            if path is not None and (completed % checkpoint_every == 0 or interrupted()):
-                _save(path, model, optimizer, history, completed, group, rank)
-            if interrupted():
-                raise KeyboardInterrupt
+            stopping = interrupted.agreed(group, device)
+            if path is not None and (completed % checkpoint_every == 0 or stopping):
+                save_checkpoint(path, model, optimizer, history.state_dict(), completed, group,
+                                rank)
+            if stopping:
+                interrupted.reraise()
         history.stop_reason = reason
         if path is not None:
-            _save(path, model, optimizer, history, completed, group, rank)
-        if interrupted():  # pressed during the last epoch: saved, but still an interrupt
-            raise KeyboardInterrupt
+            save_checkpoint(path, model, optimizer, history.state_dict(), completed, group, rank)
+        if interrupted.agreed(group, device):  # during the last epoch: saved, still a stop
+            interrupted.reraise()
     finally:
         interrupted.restore()
         if bar is not None:
@@ -235,49 +251,6 @@ def fit(
 
 
 # -- arguments and rules ----------------------------------------------------------
-
-
-class _DeferredInterrupt:
-    """Calling it says whether Ctrl-C was pressed since it was made.
-
-    When ``enabled`` (in the main thread, with Python's own SIGINT handler or
-    an enclosing ``fit``'s installed), the first Ctrl-C only sets a flag: the
-    epoch loop finishes the epoch, saves the checkpoint and raises
-    KeyboardInterrupt, so no finished epoch is lost. The handler then steps
-    aside, so a second Ctrl-C interrupts at once. Not used under
-    torch.distributed: ranks would see the signal at different epochs and wait
-    for each other's collectives. A handler someone else installs meanwhile
-    is left in place.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.pressed = False
-        self.pid = os.getpid()
-        self.previous = signal.getsignal(signal.SIGINT)
-        self.installed = (
-            enabled and threading.current_thread() is threading.main_thread()
-            and (self.previous is signal.default_int_handler
-                 or isinstance(getattr(self.previous, "__self__", None), _DeferredInterrupt)))
-        if self.installed:
-            signal.signal(signal.SIGINT, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.pressed = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if os.getpid() == self.pid:  # not again from each forked DataLoader worker
-            print("\nrprop.torch.fit: interrupted; finishing this epoch and saving the "
-                  "checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    def __call__(self) -> bool:
-        return self.pressed
-
-    def restore(self) -> None:
-        if not self.installed:
-            return
-        self.installed = False
-        current = signal.getsignal(signal.SIGINT)
-        if current == self._handler or current is signal.default_int_handler:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def _check_fit_args(
@@ -315,25 +288,6 @@ def _check_fit_args(
                         f"got {type(data).__name__}")
 
 
-def _checkpoint_path(checkpoint: Any) -> Path:
-    """``checkpoint`` as a Path, checked before the first epoch: a folder that
-    is missing or not writable would otherwise fail at the first save, after
-    ``checkpoint_every`` epochs of work."""
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a file path or None, got {type(checkpoint).__name__}")
-    path = Path(checkpoint)
-    if path.is_dir():
-        raise ValueError(f"checkpoint must be a file path, got the folder {path}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ValueError(f"checkpoint {path}: the folder {folder} does not exist")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as err:
-        raise ValueError(f"checkpoint {path}: cannot write in {folder} ({err.strerror})") from None
-    return path
-
-
 def _stop_rule(losses: list[float], target: float | None, patience: int | None,
                min_improvement: float) -> str | None:
     loss = losses[-1]
@@ -357,14 +311,8 @@ def _stop_rule(losses: list[float], target: float | None, patience: int | None,
 def _takes_loss(optimizer: Any) -> bool:
     from rprop.torch._optimizer import Rprop
 
-    inner = getattr(optimizer, "optim", None) if _is_zero(optimizer) else optimizer
+    inner = getattr(optimizer, "optim", None) if is_zero(optimizer) else optimizer
     return isinstance(inner, Rprop)
-
-
-def _is_zero(optimizer: Any) -> bool:
-    # Not imported unless the user made one (importing it warns, via torch.jit).
-    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    return module is not None and isinstance(optimizer, module.ZeroRedundancyOptimizer)
 
 
 # -- progress ----------------------------------------------------------------------
@@ -388,7 +336,7 @@ def _postfix(loss: float, stats: tuple[float, float, float] | None) -> str:
 def _step_size_stats(optimizer: Any) -> tuple[float, float, float] | None:
     """(min, median, max) of this rank's step sizes; the median over an evenly
     strided sample of at most ~8k of them. One host synchronisation."""
-    inner = optimizer.optim if _is_zero(optimizer) else optimizer
+    inner = optimizer.optim if is_zero(optimizer) else optimizer
     tensors = []
     for state in inner.state.values():
         s = state.get("step_size") if isinstance(state, dict) else None
@@ -434,162 +382,3 @@ def _any_rank(flag: bool, group: Any, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
-
-
-def _exists_everywhere(path: Path, group: Any, device: torch.device) -> bool:
-    exists = path.exists()
-    if group is None:
-        return exists
-    import torch.distributed as dist
-
-    t = torch.tensor([int(exists), -int(exists)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    if int(t[0]) != -int(t[1]):
-        raise RuntimeError(f"checkpoint {path} exists on some ranks only; it must be on a "
-                           "file system every rank sees")
-    return exists
-
-
-def _is_dtensor(t: Any) -> bool:
-    return isinstance(t, Tensor) and local_tensor(t) is not t
-
-
-# -- checkpoints ---------------------------------------------------------------------
-
-
-def _save(path: Path, model: nn.Module, optimizer: Any, history: FitHistory, epoch: int,
-          group: Any, rank: int) -> None:
-    """Gather (collectives on every rank), then rank 0 writes atomically."""
-    model_state = _gathered(model.state_dict())
-    if _is_zero(optimizer):
-        optimizer.consolidate_state_dict(to=0)
-        optim_state = optimizer.state_dict() if rank == 0 else None
-    else:
-        optim_state = optimizer.state_dict()
-        optim_state = {**optim_state, "state": {
-            k: _gathered(v) for k, v in optim_state["state"].items()}}
-    if rank == 0:
-        _write(path, model_state, optim_state, history, epoch, group)
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.barrier(group=group)  # the file is complete for every rank from here on
-
-
-def _write(path: Path, model_state: dict[str, Any], optim_state: Any, history: FitHistory,
-           epoch: int, group: Any) -> None:
-    payload = {
-        "format": _FORMAT, "epoch": epoch, "model": model_state, "optimizer": optim_state,
-        "history": history.state_dict(),
-    }
-    if group is None:
-        payload["rng"] = {"cpu": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state_all()
-                          if torch.cuda.is_available() else []}
-    atomic_save(payload, path)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, ``os.replace``.
-
-    Readers see the old file or the new one, never a partial one; a failure
-    (or a crash) leaves the old file and removes the temporary one.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain
-        # torch.save would, following the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _gathered(state: dict[str, Any]) -> dict[str, Any]:
-    """Copy of a state dict with every DTensor replaced by its full tensor (on CPU)."""
-    out = {}
-    for key, value in state.items():
-        if _is_dtensor(value):
-            value = value.full_tensor().cpu()
-        out[key] = value
-    return out
-
-
-def _load(path: Path, model: nn.Module, optimizer: Any, group: Any,
-          variant: str | None = None) -> tuple[int, FitHistory]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a checkpoint written by rprop.torch.fit")
-    if variant is not None:
-        # Resuming restores the saved hyperparameters (load_state_dict, as in
-        # torch); a variant asked for explicitly that differs is a mistake to
-        # report, not to override silently.
-        from rprop import get_variant
-
-        wanted = get_variant(variant).name
-        # A group without "variant" was saved by torch.optim.Rprop: iRprop-.
-        saved_variants = {g.get("variant", "irprop-")
-                          for g in payload["optimizer"]["param_groups"]}
-        if saved_variants != {wanted}:
-            raise ValueError(
-                f"checkpoint {path} was written with variant "
-                f"{', '.join(sorted(map(str, saved_variants)))}, and this call asks for "
-                f"{wanted!r}; resume with that variant, or use a new checkpoint path")
-    model.load_state_dict(_sharded_like(payload["model"], model.state_dict()))
-    saved = payload["optimizer"]
-    if not _is_zero(optimizer):
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        saved = {**saved, "state": {
-            k: {n: _shard_like_param(v, params[int(k)]) for n, v in entry.items()}
-            for k, entry in saved["state"].items()}}
-    optimizer.load_state_dict(saved)
-    epoch = int(payload["epoch"])
-    if group is None and "rng" in payload:
-        torch.set_rng_state(payload["rng"]["cpu"])
-        if payload["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    history = FitHistory.from_state_dict(payload["history"], epoch)
-    history.resumed_from = epoch
-    return epoch, history
-
-
-def _sharded_like(full: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    return {k: _distribute_like(v, current[k]) if k in current and _is_dtensor(current[k])
-            else v for k, v in full.items()}
-
-
-def _shard_like_param(value: Any, param: Tensor) -> Any:
-    if _is_dtensor(param) and isinstance(value, Tensor) and value.shape == param.shape:
-        return _distribute_like(value, param)
-    return value
-
-
-def _distribute_like(full: Tensor, like: Any) -> Any:
-    """This rank's shard of ``full``, laid out like the DTensor ``like``; no
-    communication (every rank read the whole tensor)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements,
-                             src_data_rank=None)
