@@ -17,12 +17,12 @@ import numpy as np
 
 from rprop._core import effective_grad, loss_went_up, rprop_update
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
-from rprop._stopping import Callback, Monitor, StopRules, outcome
+from rprop._stopping import DEFAULT_LR, Callback, Monitor, StopRules, outcome
 from rprop._variants import get_variant
 
 try:
     from scipy.optimize import Bounds, OptimizeResult, OptimizeWarning
-    from scipy.optimize._numdiff import approx_derivative
+    from rprop._compat import approx_derivative
 except ImportError as err:  # pragma: no cover - exercised with scipy hidden
     raise ImportError(
         'rprop.minimize needs SciPy, an optional extra: pip install "rprop[scipy]"'
@@ -30,11 +30,6 @@ except ImportError as err:  # pragma: no cover - exercised with scipy hidden
 
 __all__ = ["DEFAULT_LR", "minimize"]
 
-# Riedmiller's Δ0 (also libgp's and limbo's). minimize works in the units of
-# x, where SciPy problems are typically of order 1; a first move of 0.1 per
-# coordinate is cautious there, and as step sizes grow by eta_plus = 1.2 per
-# step, a Δ0 that is 10x too small costs only ~13 extra steps (log 10 / log 1.2).
-DEFAULT_LR = 0.1
 FD_METHODS = ("2-point", "3-point", "cs")
 
 def minimize(
