@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from rprop.torch._dispatch import local_tensor
+from rprop.torch._rank_check import check_ranks_agree, describe_params
 
 __all__ = ["full_batch_backward"]
 
 LossFn = Callable[[nn.Module, Any], Any]
 _END = object()
+# model -> (group, hash of what its collectives depend on) that every rank has
+# confirmed; the check then costs no collective while nothing changes.
+_AGREED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, int]] = weakref.WeakKeyDictionary()
 
 
 def full_batch_backward(
@@ -49,6 +55,12 @@ def full_batch_backward(
       is how to get a weighted mean (``((w * l).sum(), w.sum())``) or a loss
       whose samples are not rows (tokens: ``(token_losses.sum(), n_tokens)``).
 
+    Every count must be finite and >= 0, and their total > 0; otherwise a
+    ValueError names the batch (and the rank). A float16 ``w.sum()`` that
+    overflows to inf would otherwise make the loss and the gradient 0.
+    Tensor counts are checked on the device, with no host synchronisation
+    per batch.
+
     A 0-dim (already averaged) loss is refused: its batch size is lost, and
     averaging batch means is wrong when the last batch is smaller.
 
@@ -75,6 +87,14 @@ def full_batch_backward(
       ``fsdp_sync_each_batch=True`` every pass reduce-scatters instead:
       FSDP2's usual gradient memory, more communication. Every rank needs at
       least one batch (all ranks raise a ValueError otherwise).
+
+    Before the first call for a model (and again when its parameters
+    change), one small all-reduce checks that every rank has the same
+    trainable parameters (number, shapes, dtypes), the same set-up (FSDP2 or
+    not) and the same ``bucket_cap_mb`` / ``fsdp_sync_each_batch``; a
+    difference is a ValueError on every rank naming it, rather than an opaque
+    error (gloo) or a hang (NCCL) in the gradient reduction. A count that is
+    wrong on one rank also raises on every rank, after the collectives.
 
     Args:
         model: the module whose parameters get the gradient.
@@ -105,26 +125,31 @@ def full_batch_backward(
     params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters that require grad")
-    if not (isinstance(bucket_cap_mb, (int, float)) and bucket_cap_mb > 0):
-        raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
-    for p in params:
-        p.grad = None
+    check_options(bucket_cap_mb, fsdp_sync_each_batch)
     device = local_tensor(params[0]).device
     group = _data_parallel_group(process_group)
+    fsdp = group is not None and bool(_fsdp_modules(model))
+    if group is not None:
+        _check_ranks_agree(model, params, group, device, fsdp, bucket_cap_mb,
+                           fsdp_sync_each_batch)
+    for p in params:
+        p.grad = None
+    # Under torch.distributed a bad count is reported after the collectives,
+    # so that no rank leaves the others waiting in one.
+    totals = _Totals(device, defer_errors=group is not None)
     try:
         with torch.enable_grad():  # also under torch.no_grad(), as in step(closure)
             if group is None:
-                totals = _Totals(device)
                 for batch in batches:
                     totals.add(loss_fn(model, batch), weight=1)
                 stats = totals.stats()
-            elif _fsdp_modules(model):
+            elif fsdp:
                 stats = _fsdp_passes(model, loss_fn, batches, group, device,
-                                     fsdp_sync_each_batch)
+                                     fsdp_sync_each_batch, totals)
             else:
-                stats = _replicated_passes(model, loss_fn, batches, group, device, params,
-                                           int(bucket_cap_mb * 2**20))
-        return _divide(params, stats)
+                stats = _replicated_passes(model, loss_fn, batches, group, params,
+                                           int(bucket_cap_mb * 2**20), totals)
+        return _divide(params, stats, totals, group)
     except BaseException:
         # A gradient summed over part of the data must not reach a step.
         for p in params:
@@ -132,16 +157,35 @@ def full_batch_backward(
         raise
 
 
+def check_options(bucket_cap_mb: Any, fsdp_sync_each_batch: Any) -> None:
+    """The options of :func:`full_batch_backward` (also checked up front by ``fit``)."""
+    if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float))
+            or not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb))):
+        raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
+    if not isinstance(fsdp_sync_each_batch, bool):
+        raise TypeError(f"fsdp_sync_each_batch must be True or False, got "
+                        f"{fsdp_sync_each_batch!r}")
+
+
 # -- the loss contract ------------------------------------------------------------
 
 
 class _Totals:
-    """Local loss sum and sample count, kept on the device (no host sync)."""
+    """Local loss sum and sample count, kept on the device (no host sync).
 
-    def __init__(self, device: torch.device) -> None:
+    Counts are checked as they come: a Python number at once, a tensor on the
+    device (the index and value of the first bad one are kept in tensors, read
+    only when the end-of-call synchronisation shows there is one).
+    """
+
+    def __init__(self, device: torch.device, defer_errors: bool) -> None:
         self.device = device
+        self.defer_errors = defer_errors
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.count: Any = 0
+        self.batches = 0  # batches added with weight 1
+        self.bad_number: tuple[int, float] | None = None  # first bad Python count
+        self.bad_tensor: tuple[Tensor, Tensor] | None = None  # (index or -1, value)
 
     def add(self, out: Any, weight: int) -> None:
         """Backward the batch's loss sum (times ``weight``, 0 or 1), add it up."""
@@ -150,16 +194,63 @@ class _Totals:
             total.backward()
             self.loss += total.detach().to(device=self.device, dtype=torch.float64)
             if isinstance(count, Tensor):
-                count = count.detach().to(device=self.device, dtype=torch.float64)
+                count = count.detach().to(device=self.device, dtype=torch.float64).reshape(())
+                self._check_tensor(count)
+            elif not (math.isfinite(count) and count >= 0) and self.bad_number is None:
+                self.bad_number = (self.batches, count)
+                if not self.defer_errors:
+                    self.raise_bad_count(None)
             self.count = self.count + count
+            self.batches += 1
         else:  # a zero-weight pass, only to line collectives up (FSDP2)
             (total * 0).backward()
 
+    def _check_tensor(self, count: Tensor) -> None:
+        # NaN fails both comparisons.
+        bad = ~((count >= 0) & (count < math.inf))
+        if self.bad_tensor is None:
+            index = torch.where(bad, self.batches, -1)
+            self.bad_tensor = (index, count)
+            return
+        index, value = self.bad_tensor
+        first = bad & (index < 0)
+        self.bad_tensor = (torch.where(first, self.batches, index),
+                           torch.where(first, count, value))
+
     def stats(self) -> Tensor:
+        """``[loss sum, count, 1 if a count was bad else 0]``, float64 (summed over ranks)."""
         count = self.count
         if not isinstance(count, Tensor):
             count = torch.tensor(float(count), dtype=torch.float64, device=self.device)
-        return torch.stack([self.loss, count.reshape(())])
+        flag = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.bad_tensor is not None:
+            flag = (self.bad_tensor[0] >= 0).to(torch.float64)
+        if self.bad_number is not None:
+            flag = torch.ones((), dtype=torch.float64, device=self.device)
+        return torch.stack([self.loss, count.reshape(()), flag])
+
+    def first_bad(self) -> tuple[int, float] | None:
+        """``(batch index, count)`` of this rank's first bad count, if any."""
+        found = []
+        if self.bad_number is not None:
+            found.append(self.bad_number)
+        if self.bad_tensor is not None and int(self.bad_tensor[0]) >= 0:
+            found.append((int(self.bad_tensor[0]), float(self.bad_tensor[1])))
+        return min(found) if found else None
+
+    def raise_bad_count(self, group: Any) -> None:
+        """Raise the ValueError naming the first bad count (on every rank)."""
+        where, found = "", self.first_bad()
+        if group is not None:
+            everyone: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(everyone, found, group=group)
+            rank, found = next((r, bad) for r, bad in enumerate(everyone) if bad is not None)
+            where = f" on rank {rank}"
+        batch, value = found or (-1, math.nan)  # one exists: the flag said so
+        hint = (" (a float16 sum past 65504 overflows: sum in float32, e.g. "
+                "w.sum(dtype=torch.float32))" if math.isinf(value) else "")
+        raise ValueError(f"batch {batch}{where}: loss_fn's count must be finite and >= 0, "
+                         f"got {value:g}{hint}")
 
 
 def _sum_and_count(out: Any) -> tuple[Tensor, Any]:
@@ -172,12 +263,10 @@ def _sum_and_count(out: Any) -> tuple[Tensor, Any]:
                 f"one-element tensor; got loss_sum={_describe(total)}"
             )
         if isinstance(count, Tensor):
-            if count.numel() != 1 or count.is_complex():
+            if count.numel() != 1 or count.is_complex() or count.dtype == torch.bool:
                 raise TypeError(f"count must be a real number, got {_describe(count)}")
         elif isinstance(count, bool) or not isinstance(count, (int, float)):
             raise TypeError(f"count must be a number or a one-element tensor, got {count!r}")
-        elif not (math.isfinite(count) and count >= 0):
-            raise ValueError(f"count must be finite and >= 0, got {count}")
         total = total.reshape(())
     elif isinstance(out, Tensor):
         if out.ndim != 1:
@@ -216,14 +305,18 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def _divide(params: list[Tensor], stats: Tensor) -> Tensor:
+def _divide(params: list[Tensor], stats: Tensor, totals: _Totals, group: Any) -> Tensor:
     """Turn summed gradients into those of the mean; return the mean loss."""
-    count = float(stats[1])  # the one host synchronisation of the call
+    count, bad = stats[1:].tolist()  # the one host synchronisation of the call
+    if bad:
+        totals.raise_bad_count(group)
     if not count > 0:
         raise ValueError(
             f"no samples: the batches held {count:g} samples in all (on all ranks); "
             "full_batch_backward needs at least one"
         )
+    if not math.isfinite(count):
+        raise ValueError(f"the counts add up to {count:g}; their total must be finite")
     grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     grads = [g for g in grads if g.numel()]
     if grads:
@@ -235,8 +328,6 @@ def _divide(params: list[Tensor], stats: Tensor) -> Tensor:
 
 
 def _data_parallel_group(process_group: Any) -> Any:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         if process_group is not None:
             raise RuntimeError("process_group given, but torch.distributed is not initialised")
@@ -252,9 +343,27 @@ def _fsdp_modules(model: nn.Module) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, fsdp_module)]
 
 
+def _check_ranks_agree(model: nn.Module, params: list[Tensor], group: Any,
+                       device: torch.device, fsdp: bool, bucket_cap_mb: float,
+                       fsdp_sync_each_batch: bool) -> None:
+    """Every rank is about to run the same collectives (see check_ranks_agree);
+    checked once per model while its parameters and these options stay the same."""
+    fields: dict[str, Any] = {"set-up": "FSDP2" if fsdp else "plain or DDP",
+                              **describe_params(params)}
+    if fsdp:
+        fields["fsdp_sync_each_batch"] = fsdp_sync_each_batch
+    else:
+        fields["bucket_cap_mb"] = float(bucket_cap_mb)
+    key = hash(repr(sorted(fields.items())))
+    if _AGREED.get(model) == (group, key):
+        return
+    check_ranks_agree("full_batch_backward", fields, group, device)
+    _AGREED[model] = (group, key)
+
+
 def _replicated_passes(
     model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], group: Any,
-    device: torch.device, params: list[Tensor], cap_bytes: int,
+    params: list[Tensor], cap_bytes: int, totals: _Totals,
 ) -> Tensor:
     """Plain model or DDP: accumulate locally, then one bucketed all-reduce."""
     from torch.nn.parallel import DistributedDataParallel
@@ -268,7 +377,6 @@ def _replicated_passes(
         target, context = model.module, model.no_sync()
     else:
         target, context = model, nullcontext()
-    totals = _Totals(device)
     with context:
         for batch in batches:
             totals.add(loss_fn(target, batch), weight=1)
@@ -283,12 +391,10 @@ def _all_reduce_grads(params: list[Tensor], stats: Tensor, group: Any, cap_bytes
     per parameter, 1 where this rank has a gradient: a parameter no rank
     used keeps ``grad=None``, as it would in one process, and ranks whose
     batches did not reach a parameter still send zeros, so buckets line up.
-    The loss sum and count (float64) ride at the end of a float64 bucket; a
-    model with none sends them in a 16-byte all-reduce started first, so it
-    overlaps with the buckets.
+    The loss sum, count and bad-count flag (float64) ride at the end of a
+    float64 bucket; a model with none sends them in a 24-byte all-reduce
+    started first, so it overlaps with the buckets.
     """
-    import torch.distributed as dist
-
     stats = stats.to(local_tensor(params[0]).device)
     buckets = _buckets(params, cap_bytes)
     carrier = next((i for i in reversed(range(len(buckets)))
@@ -299,7 +405,7 @@ def _all_reduce_grads(params: list[Tensor], stats: Tensor, group: Any, cap_bytes
     for i, ((bucket_device, dtype), members) in enumerate(buckets):
         views = [_real_flat(p.grad) for p in members]
         sizes = [local_tensor(p).numel() * (2 if p.is_complex() else 1) for p in members]
-        extra = 2 if i == carrier else 0
+        extra = len(stats) if i == carrier else 0
         flat = torch.zeros(sum(sizes) + len(members) + extra, dtype=dtype, device=bucket_device)
         offset = 0
         for view, size in zip(views, sizes, strict=True):
@@ -309,7 +415,7 @@ def _all_reduce_grads(params: list[Tensor], stats: Tensor, group: Any, cap_bytes
         flags = flat[offset:offset + len(members)]
         flags.copy_(torch.tensor([v is not None for v in views], dtype=dtype))
         if extra:
-            flat[-2:].copy_(stats)
+            flat[-extra:].copy_(stats)
         dist.all_reduce(flat, group=group)
         used = (flags > 0).tolist()
         offset = 0
@@ -322,7 +428,7 @@ def _all_reduce_grads(params: list[Tensor], stats: Tensor, group: Any, cap_bytes
                 grad.copy_(flat[offset:offset + size].view(grad.shape))
             offset += size
         if extra:
-            stats = flat[-2:].clone()
+            stats = flat[-extra:].clone()
     if pending is not None:
         pending.wait()
     return stats
@@ -365,7 +471,7 @@ def _buckets(
 
 def _fsdp_passes(
     model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], group: Any,
-    device: torch.device, sync_each: bool,
+    device: torch.device, sync_each: bool, totals: _Totals,
 ) -> Tensor:
     """FSDP2: every rank runs the same number of forward/backward passes.
 
@@ -375,8 +481,6 @@ def _fsdp_passes(
     pass ends with a one-element all-reduce saying whether any rank has a
     batch left. A rank out of batches repeats its last batch with weight 0.
     """
-    import torch.distributed as dist
-
     modules = _fsdp_modules(model)
     iterator: Iterator[Any] = iter(batches)
     current = next(iterator, _END)
@@ -394,7 +498,6 @@ def _fsdp_passes(
             "their last batch with weight 0 to keep FSDP2's collectives in step); a rank "
             "got none"
         )
-    totals = _Totals(device)
     saved = _fsdp_sum_reduction(modules)
     last_real = current
     try:
