@@ -46,14 +46,6 @@ def mark_written(tensors: list[Tensor]) -> None:
     torch.autograd.graph.increment_version(tensors)
 
 
-def group_by_device_and_dtype(params: list[Tensor], grads: list[Tensor]) -> list[list[int]]:
-    """Indices of ``params`` split by (device, dtype, grad dtype), in order."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
-    return list(groups.values())
-
-
 _DTENSOR: Any = None
 
 
