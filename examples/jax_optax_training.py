@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 import rprop.optax
+from rprop.demos.jax import train
 
 
 def init_mlp(key: jax.Array, sizes: tuple[int, ...] = (1, 16, 1)) -> list[dict[str, jax.Array]]:
@@ -35,34 +36,26 @@ def mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
-def train(opt: optax.GradientTransformationExtraArgs, steps: int, seed: int = 0) -> list[float]:
+def train_mlp(opt: optax.GradientTransformationExtraArgs, steps: int, seed: int = 0) -> list[float]:
     key_data, key_init = jax.random.split(jax.random.PRNGKey(seed))
     x = jnp.linspace(-3.0, 3.0, 128)[:, None]
     y = jnp.sin(x) + 0.05 * jax.random.normal(key_data, x.shape)
-    params = init_mlp(key_init)
-    state = opt.init(params)
 
     def loss_fn(p: list[dict[str, jax.Array]]) -> jax.Array:
         return jnp.mean((mlp(p, x) - y) ** 2)
 
-    @jax.jit
-    def step(p, s):
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, s = opt.update(grads, s, p, value=loss)  # value: the loss, for iRprop+
-        return optax.apply_updates(p, updates), s, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
+    # rprop.demos.jax.train: the jitted loop `rprop demo --backend jax` runs; each step
+    # passes the loss to opt.update as value= (iRprop+ needs it).
+    losses: list[float] = []
+    train(opt, loss_fn, init_mlp(key_init), steps, lambda _, loss: losses.append(loss))
     return losses
 
 
 def main(steps: int = 300) -> dict[str, list[float]]:
     runs = {
-        "rprop.optax irprop+": train(rprop.optax.rprop(0.01, variant="irprop+"), steps),
-        "rprop.optax irprop-": train(rprop.optax.rprop(0.01), steps),
-        "optax.rprop": train(optax.rprop(0.01), steps),
+        "rprop.optax irprop+": train_mlp(rprop.optax.rprop(0.01, variant="irprop+"), steps),
+        "rprop.optax irprop-": train_mlp(rprop.optax.rprop(0.01), steps),
+        "optax.rprop": train_mlp(optax.rprop(0.01), steps),
     }
     for name, losses in runs.items():
         marks = "  ".join(f"{losses[i]:.4f}" for i in (0, 1, 2, steps // 2, steps - 1))

@@ -1,31 +1,21 @@
 """Fit y = 2x + 3 with one linear layer and full-batch Rprop (the seed demo).
 
 The data (100 points, x ~ N(0, 1), y = 2x + 3 + 0.1·noise) come from
-rprop.problems, the same as `rprop demo` and `rprop compare` use.
+rprop.problems; the training loop is rprop.demos.torch.fit_linear, the code
+`rprop demo` runs: this script prints what the demo's fit prints.
 
 Run: python examples/linear_fit.py
 """
 
-import torch
-
-import rprop
-from rprop.problems import linear_fit_data
+from rprop.demos.torch import fit_linear
 
 
 def main(epochs: int = 200, seed: int = 0) -> tuple[float, float]:
-    torch.manual_seed(seed)
-    data = linear_fit_data(seed)
-    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
-    model = torch.nn.Linear(1, 1)
-    opt = rprop.Rprop(model.parameters(), lr=0.01)
-    for epoch in range(1, epochs + 1):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
+    def report(epoch: int, loss: float) -> None:
         if epoch % 50 == 0:
-            print(f"epoch {epoch:4d}  loss {loss.item():.6f}")
-    w, b = model.weight.item(), model.bias.item()
+            print(f"epoch {epoch:4d}  loss {loss:.6f}")
+
+    w, b = fit_linear("irprop-", lr=0.01, epochs=epochs, seed=seed, report=report)
     print(f"w = {w:.2f}, b = {b:.2f}")
     return w, b
 

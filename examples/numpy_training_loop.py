@@ -1,6 +1,7 @@
 """Rprop in plain NumPy training loops (rprop.numpy.Rprop).
 
-1. The classic minimal example: minimize f(x) = x² from x = 5.
+1. The classic minimal example: minimize f(x) = x² from x = 5
+   (rprop.demos.numpy.square_walk, the walk `rprop demo` starts with).
 2. Logistic regression on a synthetic two-class problem, full batch, with the
    parameters in a dict and iRprop+ (which needs the loss at each step).
 
@@ -11,18 +12,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from rprop.demos.numpy import square_walk
 from rprop.numpy import Rprop
 
 
 def minimize_x_squared(steps: int = 60) -> float:
-    x = np.array([5.0])  # updated in place by opt.step
-    opt = Rprop([x], lr=0.1)
-    for step in range(1, steps + 1):
-        grad = 2 * x  # d/dx x²
-        opt.step([grad])
-        if step % 20 == 0:
-            print(f"step {step:3d}  x = {x[0]: .3e}  f(x) = {x[0] ** 2:.3e}")
-    return float(x[0])
+    # The loop (the f(x) = x² walk `rprop demo` shows step by step) is square_walk.
+    x = 5.0
+    for row in square_walk("irprop-", lr=0.1, steps=steps):
+        x = row.x_new
+        if row.step % 20 == 0:
+            print(f"step {row.step:3d}  x = {x: .3e}  f(x) = {x ** 2:.3e}")
+    return x
 
 
 def logistic_regression(epochs: int = 200, seed: int = 0) -> float:

@@ -12,6 +12,8 @@ import sys
 import pytest
 
 from rprop import _compare, cli
+from rprop.cli import compare as cli_compare
+from rprop.cli.bench import _sizes
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -134,9 +136,9 @@ def test_bad_arguments_exit_2_with_one_line(
 
 
 def test_bench_sizes_parse_whole_counts() -> None:
-    assert cli._sizes("2x1.5k,1x10M,3x1e2,1_000x1,1X10m") == [
+    assert _sizes("2x1.5k,1x10M,3x1e2,1_000x1,1X10m") == [
         (2, 1500), (1, 10_000_000), (3, 100), (1000, 1), (1, 10_000_000)]
-    assert cli._sizes("1x2147483648,1048576x2048") == [(1, 2**31), (2**20, 2**11)]  # the limits
+    assert _sizes("1x2147483648,1048576x2048") == [(1, 2**31), (2**20, 2**11)]  # the limits
 
 
 def test_compare_quick(capsys: pytest.CaptureFixture[str]) -> None:
@@ -231,7 +233,7 @@ def test_compare_plot_pgf_without_tex(
     no_runs: None
 ) -> None:
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cli_compare.shutil, "which", lambda name: None)
     code, out, err = run(capsys, "compare", "--plot", str(tmp_path / "c.pgf"))
     assert (code, out) == (1, "")
     assert err.endswith("which is not installed\n") and err.count("\n") == 1, err
