@@ -324,21 +324,20 @@ def to_json(proto: dict[str, Any], runs: Sequence[Run]) -> dict[str, Any]:
     }
 
 
-def plot(runs: Sequence[Run], path: str, format: str | None = None) -> None:
+def figure(runs: Sequence[Run]) -> Any:
     """Loss against gradient evaluations: per problem, per method, the median over
     seeds of the best loss so far (a run that stopped at the goal stays there).
-    ``format`` is matplotlib's (by default, from the extension of ``path``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A ``matplotlib.figure.Figure``, built without pyplot (no backend, no global
+    state); the caller saves it (``rprop compare --plot``)."""
     import numpy as np
+    from matplotlib.figure import Figure
 
     probs = list(dict.fromkeys(r.problem for r in runs))
     meths = list(dict.fromkeys(r.method for r in runs))
     cols = min(4, len(probs))
     rows = math.ceil(len(probs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(3.6 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     colors = {m: f"C{i % 10}" for i, m in enumerate(meths)}
     styles = {"torch-rprop": ":"}
     for ax, prob in zip(axes.flat, probs, strict=False):
@@ -371,5 +370,4 @@ def plot(runs: Sequence[Run], path: str, format: str | None = None) -> None:
     fig.suptitle("loss (median over seeds of the best so far) vs gradient evaluations; "
                  "dashed: goal", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=72, format=format)
-    plt.close(fig)
+    return fig

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     runs = _compare.compare(probs, meths, seeds, budget, progress=wants_progress(args))
     if plot_format is not None:
         try:
-            _compare.plot(runs, args.plot, format=plot_format)
+            _compare.figure(runs).savefig(args.plot, dpi=72, format=plot_format)
         except OSError as err:
             raise MissingError(f"cannot write {args.plot}: {err.strerror or err}") from None
         except RuntimeError as err:  # a TeX system or a Pillow plug-in matplotlib lacks
