@@ -3,11 +3,12 @@ and atomic, exactly resumable checkpoints. See ``docs/full_batch.md``."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,9 @@ from rprop.torch._fit_checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from rprop.torch._full_batch import LossFn, full_batch_backward
+from rprop.torch._full_batch import LossFn, check_options, full_batch_backward
 from rprop.torch._preemption import DeferredInterrupt
+from rprop.torch._rank_check import check_ranks_agree, describe_params
 
 __all__ = ["EpochInfo", "FitHistory", "atomic_save", "fit"]
 
@@ -129,8 +131,12 @@ def fit(
         optimizer: defaults to ``rprop.Rprop(trainable params,
             variant=variant or "irprop+")``. ``rprop.Rprop`` (also inside a
             ``ZeroRedundancyOptimizer``) gets the loss with
-            ``step(loss=...)``; any other optimizer is stepped with
-            ``step()``.
+            ``step(loss=...)``; any other ``torch.optim.Optimizer`` is
+            stepped with ``step()``, or, when its ``step`` requires a closure
+            (``torch.optim.LBFGS``), with a closure whose first call returns
+            the epoch's loss (its gradient is in ``.grad``) and whose later
+            calls re-evaluate the full-batch loss and gradient (one pass over
+            ``data`` each). Its parameters must be ``model``'s.
         variant: the variant of the default optimizer (not with ``optimizer``).
         max_epochs: at most this many epochs (evaluations, each followed by a step).
         target_loss: stop, before stepping, once the loss is ``<= target_loss``.
@@ -140,7 +146,8 @@ def fit(
         min_improvement: see ``patience``.
         callbacks: ``callback(info: EpochInfo)`` after each evaluation; a true
             return value stops training (under ``torch.distributed``, any
-            rank's stop stops all ranks).
+            rank's stop stops all ranks; ranks may pass different callbacks,
+            e.g. logging on rank 0 only).
         progress: a tqdm bar on rank 0 with the epoch, the loss and the
             (min/median/max) step sizes. Statistics are over rank 0's local
             state (its shard under FSDP2 or ZeRO); the median is that of an
@@ -170,23 +177,40 @@ def fit(
             the ranks agree on the epoch (one all-reduce per epoch).
         checkpoint_every: epochs between checkpoints.
         process_group: the data-parallel group (default: the world).
-        full_batch_kwargs: more keyword arguments for :func:`full_batch_backward`.
+        full_batch_kwargs: more keyword arguments for :func:`full_batch_backward`
+            (``bucket_cap_mb``, ``fsdp_sync_each_batch``).
+
+    Every argument is checked before the first epoch (a TypeError or
+    ValueError naming it). Under ``torch.distributed``, one small all-reduce
+    then checks that every rank runs the same fit: the same optimizer class
+    and hyperparameters, trainable parameters (number, shapes, dtypes),
+    stopping rules, ``checkpoint`` given or not, ``checkpoint_every`` and
+    ``full_batch_kwargs``; a difference raises the same ValueError on every
+    rank, naming it and the rank, instead of a collective that cannot pair up.
 
     Returns:
         A :class:`FitHistory`. An epoch that stops training takes no step, so
         the model is left at the parameters of the last loss recorded, except
         after ``max_epochs`` (the last epoch's step is taken).
     """
-    _check_fit_args(optimizer, variant, max_epochs, target_loss, patience, min_improvement,
-                    checkpoint_every, data)
+    trainable = _check_fit_args(model, loss_fn, optimizer, variant, max_epochs, target_loss,
+                                patience, min_improvement, callbacks, checkpoint_every, data,
+                                full_batch_kwargs)
     if optimizer is None:
         from rprop.torch._optimizer import Rprop
 
-        trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = Rprop(trainable, variant=variant or "irprop+")
+    closure_step = _check_optimizer(optimizer, model)
+    callbacks = list(callbacks)
     group = _group(process_group)
     rank = _rank(group)
-    device = local_tensor(next(iter(model.parameters()))).device
+    device = local_tensor(trainable[0]).device
+    any_callbacks = bool(callbacks)
+    if group is not None:
+        any_callbacks, = check_ranks_agree(
+            "fit", _what_fit_does(optimizer, trainable, max_epochs, target_loss, patience,
+                                  min_improvement, checkpoint, checkpoint_every,
+                                  full_batch_kwargs), group, device, any_of=[any_callbacks])
     history = FitHistory()
     start = 0
     path = None if checkpoint is None else checkpoint_path(checkpoint)
@@ -195,6 +219,7 @@ def fit(
         history = FitHistory.from_state_dict(saved, start)
         history.resumed_from = start
     offset = history.time[-1] if history.time else 0.0
+    plateau = _Plateau(min_improvement, history.loss)
     steps_with_loss = _takes_loss(optimizer)
     kwargs = dict(full_batch_kwargs or {})
     bar = _progress_bar(progress and rank == 0, max_epochs, start)
@@ -211,8 +236,9 @@ def fit(
                                          **kwargs)
             loss = float(loss_t)
             history.loss.append(loss)
-            stop = _stop_rule(history.loss, target_loss, patience, min_improvement)
-            if callbacks:
+            plateau.add(loss)
+            stop = _stop_rule(loss, target_loss, patience, plateau)
+            if any_callbacks:  # on every rank if on any: the all-reduce below pairs up
                 info = EpochInfo(epoch, loss, history, model, optimizer)
                 wants = any([bool(cb(info)) for cb in callbacks])
                 if _any_rank(wants, group, device) and stop is None:
@@ -220,6 +246,10 @@ def fit(
             if stop is None:
                 if steps_with_loss:
                     optimizer.step(loss=loss_t)
+                elif closure_step:
+                    optimizer.step(_Reevaluate(loss_t, lambda: full_batch_backward(
+                        model, loss_fn, data() if callable(data) else data,
+                        process_group=process_group, **kwargs)))
                 else:
                     optimizer.step()
                 completed = epoch + 1
@@ -254,12 +284,49 @@ def fit(
 
 
 def _check_fit_args(
-    optimizer: Any, variant: str | None, max_epochs: int, target_loss: float | None,
-    patience: int | None, min_improvement: float, checkpoint_every: int, data: Any,
-) -> None:
+    model: Any, loss_fn: Any, optimizer: Any, variant: str | None, max_epochs: int,
+    target_loss: float | None, patience: int | None, min_improvement: float, callbacks: Any,
+    checkpoint_every: int, data: Any, full_batch_kwargs: Any,
+) -> list[Tensor]:
+    """Check every argument before the first epoch; return the trainable parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"model has no trainable parameters ({type(model).__name__} has "
+            f"{sum(1 for _ in model.parameters())} parameters, none with requires_grad=True): "
+            "fit has nothing to train")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function loss_fn(model, batch), got "
+                        f"{type(loss_fn).__name__}")
+    if callable(callbacks) or isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(
+            callbacks, Iterable):
+        raise TypeError(f"callbacks must be a list of functions callback(info), got "
+                        f"{type(callbacks).__name__}"
+                        + (" (pass callbacks=[f] for one)" if callable(callbacks) else ""))
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}] must be a function callback(info), got "
+                            f"{type(cb).__name__}")
+    if full_batch_kwargs is not None:
+        if not isinstance(full_batch_kwargs, Mapping):
+            raise TypeError(f"full_batch_kwargs must be a dict or None, got "
+                            f"{type(full_batch_kwargs).__name__}")
+        if "process_group" in full_batch_kwargs:
+            raise TypeError("full_batch_kwargs must not hold process_group: pass fit's own "
+                            "process_group=")
+        unknown = sorted(map(str, set(full_batch_kwargs) - set(_FULL_BATCH_OPTIONS)))
+        if unknown:
+            raise TypeError(f"full_batch_kwargs has unknown keys {unknown}; full_batch_backward "
+                            f"takes {list(_FULL_BATCH_OPTIONS)}")
+        check_options(**{**_FULL_BATCH_OPTIONS, **full_batch_kwargs})
     if optimizer is not None and variant is not None:
         raise ValueError("pass variant= only without optimizer= (it picks the default "
                          "optimizer's variant)")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. rprop.Rprop) or None, "
+                        f"got {type(optimizer).__name__}")
     if variant is not None:
         from rprop import get_variant
 
@@ -286,25 +353,121 @@ def _check_fit_args(
     if not (callable(data) or isinstance(data, Iterable)):
         raise TypeError(f"data must be an iterable of batches or a function returning one, "
                         f"got {type(data).__name__}")
+    return trainable
 
 
-def _stop_rule(losses: list[float], target: float | None, patience: int | None,
-               min_improvement: float) -> str | None:
-    loss = losses[-1]
+# full_batch_backward's options (fit passes process_group itself), with their defaults.
+_FULL_BATCH_OPTIONS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(full_batch_backward).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "process_group"}
+
+
+def _check_optimizer(optimizer: Any, model: nn.Module) -> bool:
+    """Refuse an optimizer fit cannot drive; say whether its step() needs a closure."""
+    mine = {id(p) for p in model.parameters()}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in mine:
+                raise ValueError(
+                    f"optimizer param_groups[{g}]['params'][{i}] is not a parameter of model: "
+                    "fit computes the gradients of model's parameters only; make the optimizer "
+                    "from model.parameters()")
+    if _takes_loss(optimizer):
+        return False
+    try:
+        signature = inspect.signature(optimizer.step)
+    except (TypeError, ValueError):  # pragma: no cover - a step without a signature
+        return False
+    required = [name for name, p in signature.parameters.items()
+                if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                   inspect.Parameter.VAR_KEYWORD)]
+    if required not in ([], ["closure"]):
+        raise TypeError(f"optimizer.step() requires {required}; fit can pass only a closure "
+                        "(or rprop.Rprop's loss)")
+    return required == ["closure"]
+
+
+class _Reevaluate:
+    """The closure fit gives a step() that requires one (e.g. LBFGS).
+
+    Its first call returns the loss fit has just evaluated (the gradients of
+    those parameters are still in ``.grad``); every later call re-evaluates
+    the full-batch loss and gradient at the current parameters.
+    """
+
+    def __init__(self, first: Tensor, evaluate: Callable[[], Tensor]) -> None:
+        self.first: Tensor | None = first
+        self.evaluate = evaluate
+
+    def __call__(self) -> Tensor:
+        if self.first is not None:
+            loss, self.first = self.first, None
+            return loss
+        return self.evaluate()
+
+
+def _what_fit_does(optimizer: Any, trainable: list[Tensor], max_epochs: int,
+                   target_loss: float | None, patience: int | None, min_improvement: float,
+                   checkpoint: Any, checkpoint_every: int,
+                   full_batch_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What decides fit's collectives (and its steps), to compare across ranks.
+    Not the checkpoint's path (ranks may mount the same file at different
+    paths) nor callbacks (any rank's make every rank take part)."""
+    kind = type(optimizer)
+    return {
+        "optimizer": f"{kind.__module__}.{kind.__qualname__}",
+        "optimizer hyperparameters": [
+            {k: v for k, v in g.items() if k != "params" and _plain(v)}
+            for g in optimizer.param_groups],
+        **describe_params(trainable),
+        "max_epochs": int(max_epochs),
+        "target_loss": None if target_loss is None else float(target_loss),
+        "patience": None if patience is None else int(patience),
+        "min_improvement": float(min_improvement),
+        "checkpoint given": checkpoint is not None,
+        "checkpoint_every": int(checkpoint_every),
+        "full_batch_kwargs": sorted({**_FULL_BATCH_OPTIONS, **(full_batch_kwargs or {})}.items()),
+    }
+
+
+def _plain(value: Any) -> bool:
+    """A value whose repr is the same on every rank that holds it."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+class _Plateau:
+    """The best loss so far and the epochs since it last improved by more
+    than ``min_improvement`` (relative), updated in O(1) per epoch."""
+
+    def __init__(self, min_improvement: float, losses: Iterable[float] = ()) -> None:
+        self.min_improvement = min_improvement
+        self.best = math.inf
+        self.since = 0
+        self.epochs = 0
+        for loss in losses:  # a resumed history, once
+            self.add(loss)
+
+    def add(self, loss: float) -> None:
+        best = self.best
+        if loss < best - self.min_improvement * abs(best) or best == math.inf:
+            self.best, self.since = loss, 0
+        else:
+            self.since += 1
+        self.epochs += 1
+
+
+def _stop_rule(loss: float, target: float | None, patience: int | None,
+               plateau: _Plateau) -> str | None:
+    """Why to stop before stepping from ``loss`` (already added to ``plateau``), or None."""
     if not math.isfinite(loss):
         return "nonfinite"
     if target is not None and loss <= target:
         return "target_loss"
-    if patience is not None and len(losses) > patience:
-        best = math.inf
-        since = 0
-        for value in losses:
-            if value < best - min_improvement * abs(best) or best == math.inf:
-                best, since = value, 0
-            else:
-                since += 1
-        if since >= patience:
-            return "patience"
+    if patience is not None and plateau.epochs > patience and plateau.since >= patience:
+        return "patience"
     return None
 
 
