@@ -207,7 +207,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     """Remove the temporary files of ``target`` whose writer is no longer
     running (on this machine: one writer per checkpoint path); return them."""
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp")
-    removed = []
+    removed: list[Path] = []
     try:
         names = os.listdir(target.parent)
     except OSError:

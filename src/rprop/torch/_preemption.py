@@ -16,7 +16,8 @@ import torch.distributed as dist
 __all__ = ["DeferredInterrupt"]
 
 # What each signal's handler must be for us to take it over: Python's own.
-_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+_DEFAULTS: dict[int, Any] = {signal.SIGINT: signal.default_int_handler,
+                             signal.SIGTERM: signal.SIG_DFL}
 
 
 class DeferredInterrupt:
