@@ -4,8 +4,8 @@ Path-level tests drive ``fused_step``, ``single_tensor`` and ``multi_tensor``
 on the same randomized problems and compare every tensor bit for bit
 (NaN included); optimizer-level tests do the same through ``rprop.Rprop``
 with its param groups, complex parameters, missing gradients and state_dict
-round trips. The kernel cache and the missing-compiler fallback are tested
-against a temporary cache directory.
+round trips. The kernel cache, its damage and trust checks and the
+missing-compiler fallback are tested in tests/test_kernel_cache.py.
 """
 
 from __future__ import annotations
@@ -539,7 +539,7 @@ def test_dtensor_steps_its_local_shard():
     assert out.returncode == 0 and "same" in out.stdout, out.stderr[-2000:]
 
 
-# -- refusals, fallbacks and the kernel cache ---------------------------------------------
+# -- refusals and fallbacks (the kernel cache: tests/test_kernel_cache.py) ---------------
 
 
 def test_require_explains_refusals():
@@ -555,88 +555,6 @@ def test_require_explains_refusals():
         _fused.fused_step([torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)],
                           None, steps=[torch.zeros(())], hyper=Hyper(),
                           variant=VARIANTS["irprop-"], worse=None, differentiable=True)
-
-
-@pytest.fixture
-def fresh_kernel_cache(tmp_path, monkeypatch):
-    """An empty kernel cache directory and no kernel loaded in this process;
-    afterwards the regular cache is used again."""
-    monkeypatch.setenv("RPROP_CACHE_DIR", str(tmp_path))
-    _fused._reset_for_tests()
-    yield tmp_path
-    monkeypatch.undo()
-    _fused._reset_for_tests()
-
-
-@needs_kernel
-def test_kernel_cache_is_reused(fresh_kernel_cache):
-    before = _fused.compile_count
-    first = _fused.kernel_info(torch.float64)
-    assert first["compiled"] and _fused.compile_count == before + 1
-    assert [f.name for f in fresh_kernel_cache.iterdir()] == [first["path"].split("/")[-1]]
-    _fused._reset_for_tests()  # as a new process would: load from disk, no compiler run
-    second = _fused.kernel_info(torch.float64)
-    assert not second["compiled"] and second["path"] == first["path"]
-    assert _fused.compile_count == before + 1
-
-
-@needs_kernel
-def test_corrupt_cached_kernel_is_rebuilt(fresh_kernel_cache):
-    """A cached file that does not load (garbage over it, or another build
-    under its name) is deleted and built again, once, instead of failing in
-    every process from then on."""
-    before = _fused.compile_count
-    path = _fused._targets(0, fresh_kernel_cache)[0][0]
-    path.write_bytes(b"not a shared library")
-    assert _fused.available([torch.zeros(1)])
-    info = _fused.kernel_info(torch.float32)
-    assert info["compiled"] and _fused.compile_count == before + 1
-    assert info["path"] == str(path) and path.read_bytes()[:4] == b"\x7fELF"
-    # Another kernel's build under the float64 name: loads, but is not it.
-    target = _fused._targets(1, fresh_kernel_cache)[0][0]
-    target.write_bytes(path.read_bytes())
-    _fused._reset_for_tests()
-    info = _fused.kernel_info(torch.float64)
-    assert info.get("compiled"), info
-    assert _fused.compile_count == before + 2
-    _fused._reset_for_tests()  # a new process: loads both, compiles nothing
-    assert not _fused.kernel_info(torch.float32)["compiled"]
-    assert not _fused.kernel_info(torch.float64)["compiled"]
-    assert _fused.compile_count == before + 2
-    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    p.grad = torch.ones(3, dtype=torch.float64)
-    rprop.Rprop([p], fused=True).step()
-    assert torch.equal(p.detach(), torch.full((3,), -0.01, dtype=torch.float64))
-
-
-def test_corrupt_cached_kernel_that_cannot_be_rebuilt(fresh_kernel_cache, monkeypatch):
-    """If building again fails too, fused=True says so and names the file;
-    fused=None falls back to foreach."""
-    path = _fused._targets(0, fresh_kernel_cache)[0][0]
-    path.write_bytes(b"not a shared library")
-    monkeypatch.setattr(_fused, "_compile", lambda cc, flags, out: subprocess.CompletedProcess(
-        [*cc, *flags], 1, "", "cc: error: no space left on device"))
-    p = torch.zeros(3, requires_grad=True)
-    assert not _fused.available([p])
-    assert not path.exists()
-    p.grad = torch.ones(3)
-    with pytest.raises(RuntimeError, match="could not be loaded") as err:
-        rprop.Rprop([p], fused=True).step()
-    assert str(path) in str(err.value) and "no space left on device" in str(err.value)
-    rprop.Rprop([p]).step()
-    assert torch.equal(p.detach(), torch.full((3,), -0.01))
-
-
-def test_missing_compiler(fresh_kernel_cache, monkeypatch):
-    monkeypatch.setenv("CC", "rprop-no-such-compiler")
-    p = torch.zeros(3, requires_grad=True)
-    assert not _fused.available([p])
-    assert "no C compiler" in _fused.kernel_info()["error"]
-    p.grad = torch.ones(3)
-    with pytest.raises(RuntimeError, match="no C compiler"):
-        rprop.Rprop([p], fused=True).step()
-    rprop.Rprop([p]).step()  # fused=None falls back to foreach, silently
-    assert torch.equal(p.detach(), torch.full((3,), -0.01))
 
 
 # -- CUDA: the Triton kernel --------------------------------------------------------

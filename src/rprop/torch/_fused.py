@@ -13,15 +13,9 @@ in the same order and precision (compiled with ``-ffp-contract=off``), so its
 results are bitwise those of :func:`rprop.torch._paths.single_tensor`, for
 float32, float64, float16 and bfloat16.
 
-Cache: one shared library per dtype, in ``$RPROP_CACHE_DIR``, else
-``$XDG_CACHE_HOME/rprop``, else ``~/.cache/rprop``. The file name is a hash
-of the kernel source, the compiler command and flags, the compiler's
-``--version`` and the CPU's feature flags (``-march=native``), so a change of
-any of them compiles afresh and machines sharing a home directory do not
-share an incompatible binary. A library is written to a temporary file and
-renamed into place, so concurrent processes never load a half-written file.
-A cached file that does not load (truncated, overwritten, not this kernel) is
-deleted and built again, once. The compiler is ``$CC`` (default ``cc``).
+The library comes from :mod:`rprop.torch._kernel_cache`: compiled once per
+machine and compiler, cached on disk, verified (size and sha256 digest) and
+trust-checked (owner, permissions) before it is loaded.
 
 On CUDA, ``fused=True`` runs the Triton kernel of ``_kernels/triton_kernel.py``
 (one launch per group; Triton is optional) and ``fused=None`` the foreach
@@ -31,21 +25,10 @@ See docs/fused.md.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
 import weakref
 from array import array
 from operator import attrgetter
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,232 +36,22 @@ from torch import Tensor
 
 from rprop._hyper import Hyper
 from rprop._variants import Variant
+from rprop.torch._kernel_cache import CODES, REAL_OF, kernel_info, load_library
 
 __all__ = ["available", "forget_layouts", "fused_step", "kernel_info", "require"]
 
-SOURCE = Path(__file__).with_name("_kernels") / "rprop_kernel.c"
-ABI = 1  # RPROP_KERNEL_ABI in the C source
-
-# Kernel builds (RPROP_DTYPE in the C source) by (param, grad, state) dtype:
-# one dtype throughout, or half parameters with float32 state (state_dtype).
-_F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
-_CODES = {
-    (_F32, _F32, _F32): 0, (_F64, _F64, _F64): 1, (_F16, _F16, _F16): 2, (_BF16, _BF16, _BF16): 3,
-    (_F16, _F16, _F32): 4, (_BF16, _BF16, _F32): 5, (_F16, _F32, _F32): 6, (_BF16, _F32, _F32): 7,
-}
-# Complex parameters arrive as real views: complex64 -> float32, ...
-_REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64,
-            torch.complex32: torch.float16}
 # prev_update handling (PU_* in the C source).
 PU_NONE, PU_UNDO, PU_KEEP = 0, 1, 2
-# Compiler flags, best first; each later set drops something a compiler may
-# refuse (OpenMP on Apple clang, -march=native elsewhere). Never -ffast-math,
-# and always -ffp-contract=off: a fused multiply-add would change rounding.
-BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-std=c99")
-FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 # Tensor types the kernel may read through data_ptr(). A DTensor reaches the
 # kernel as its local shard (a plain tensor, see _dispatch.local_tensor);
 # other subclasses (fake, functional, wrapper tensors) keep the plain paths.
 _PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
-
-_lock = threading.Lock()
-_libs: dict[int, Any] = {}  # dtype code -> loaded library
-_failures: dict[int, str] = {}  # dtype code -> why it cannot be built
-_info: dict[int, dict[str, Any]] = {}
-compile_count = 0  # compilations done by this process (tests read it)
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _is_contiguous = Tensor.is_contiguous
 _get_is_cpu = attrgetter("is_cpu")
 _get_dtype = attrgetter("dtype")
-
-
-# -- building and loading the kernel ------------------------------------------
-
-
-def compiler() -> list[str]:
-    """The C compiler command: ``$CC`` split like a shell would, or ``cc``."""
-    return shlex.split(os.environ.get("CC") or "cc")
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("RPROP_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rprop"
-
-
-def _cpu_flags() -> str:
-    """What -march=native depends on: the CPU's feature flags where Linux
-    lists them, else the platform's description."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def _compiler_version(cc: list[str]) -> str:
-    out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        raise OSError(f"`{shlex.join(cc)} --version` failed: {out.stderr.strip()[-500:]}")
-    return out.stdout
-
-
-def _compiler_checked() -> list[str]:
-    cc = compiler()
-    if not cc or shutil.which(cc[0]) is None:
-        raise RuntimeError(
-            f"no C compiler found (looked for {cc[0] if cc else '$CC'!r}; set CC to one)"
-        )
-    return cc
-
-
-def _targets(code: int, directory: Path) -> list[tuple[Path, list[str], tuple[str, ...]]]:
-    """The cache files for dtype ``code`` in ``directory``, one per flag set
-    (best first), with their compiler flags."""
-    cc = _compiler_checked()
-    source = SOURCE.read_bytes()
-    version = _compiler_version(cc)
-    targets: list[tuple[Path, list[str], tuple[str, ...]]] = []
-    for extra in FLAG_SETS:
-        flags = [*BASE_FLAGS, *extra, f"-DRPROP_DTYPE={code}"]
-        key = hashlib.sha256(
-            b"\0".join([source, shlex.join([*cc, *flags]).encode(), version.encode(),
-                        _cpu_flags().encode() if "-march=native" in extra else b""])
-        ).hexdigest()[:24]
-        targets.append((directory / f"rprop_kernel_{code}_{key}.so", flags, extra))
-    return targets
-
-
-def _compile(cc: list[str], flags: list[str], out: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cc, *flags, str(SOURCE), "-o", out],
-                          capture_output=True, text=True, timeout=120)
-
-
-def _build(code: int) -> tuple[Path, dict[str, Any]]:
-    """Return a compiled library for dtype ``code``: from the cache, or built."""
-    global compile_count
-    cc = _compiler_checked()
-    directory = cache_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
-    except OSError:
-        # No writable cache: build into a private directory of this process
-        # (never a shared, predictable one: the library is loaded as code).
-        directory = Path(tempfile.mkdtemp(prefix="rprop-kernel-"))
-    errors = []
-    for path, flags, extra in _targets(code, directory):
-        info = {"path": str(path), "compiler": shlex.join(cc), "flags": flags,
-                "openmp": "-fopenmp" in extra, "compiled": False, "compile_s": 0.0}
-        if path.exists():
-            return path, info
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            start = time.perf_counter()
-            out = _compile(cc, flags, tmp)
-            if out.returncode == 0:
-                os.replace(tmp, path)  # atomic: readers see all of it or nothing
-                compile_count += 1
-                info.update(compiled=True, compile_s=time.perf_counter() - start)
-                return path, info
-            errors.append(f"{' '.join(extra) or '(no extra flags)'}: {out.stderr.strip()[-800:]}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise RuntimeError("compiling the fused kernel failed:\n" + "\n".join(errors))
-
-
-def _open(path: Path, code: int) -> Any:
-    """Load the library at ``path`` and check that it is this kernel's build
-    for ``code``; a library that loads but is not is unloaded again, so that
-    a rebuilt file at the same path is really read (dlopen reuses a loaded
-    library of the same name)."""
-    lib = ctypes.CDLL(str(path))
-    try:
-        ok = lib.rprop_kernel_abi() == ABI and lib.rprop_kernel_dtype() == code
-    except AttributeError:  # not our symbols at all
-        ok = False
-    if not ok:
-        import _ctypes
-
-        close = getattr(_ctypes, "dlclose", None)
-        if close is not None:
-            close(lib._handle)
-        raise RuntimeError(f"{path} is not a build of this kernel (ABI {ABI}, dtype {code})")
-    return lib
-
-
-def _load(code: int) -> Any:
-    lib = _libs.get(code)
-    if lib is not None:
-        return lib
-    if code in _failures:
-        raise RuntimeError(_failures[code])
-    with _lock:
-        if code in _libs:
-            return _libs[code]
-        try:
-            path, info = _build(code)
-            try:
-                lib = _open(path, code)
-            except (OSError, RuntimeError) as err:
-                if info["compiled"]:
-                    raise
-                # A cached file that does not load (truncated, overwritten,
-                # another build under this name) would fail in every process
-                # from now on: delete it and build again, once.
-                bad = path
-                bad.unlink(missing_ok=True)
-                try:
-                    path, info = _build(code)
-                    lib = _open(path, code)
-                except Exception as again:
-                    raise RuntimeError(
-                        f"the cached kernel {bad} could not be loaded ({err}); it was "
-                        f"deleted, and building it again failed: {again}"
-                    ) from again
-        except Exception as err:  # no compiler, failed build, unloadable file, ...
-            _failures[code] = f"the fused CPU kernel is unavailable: {err}"
-            raise RuntimeError(_failures[code]) from err
-        fn = lib.rprop_fused_step
-        fn.restype = ctypes.c_int
-        fn.argtypes = (
-            [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_int]
-            + [ctypes.c_double] * 5 + [ctypes.c_int] * 4
-        )
-        info["openmp"] = bool(lib.rprop_kernel_openmp())
-        _info[code] = info
-        _libs[code] = lib
-        return lib
-
-
-def kernel_info(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Where the CPU kernel for ``dtype`` lives and how it was built (loading,
-    and compiling if needed); ``{"error": why}`` when it cannot be built."""
-    real = _REAL_OF.get(dtype, dtype)
-    code = _CODES[(real, real, real)]
-    try:
-        _load(code)
-    except RuntimeError as err:
-        return {"error": str(err)}
-    return dict(_info[code])
-
-
-def _reset_for_tests() -> None:
-    """Forget loaded libraries and failures (the files on disk stay)."""
-    with _lock:
-        _libs.clear()
-        _failures.clear()
-        _info.clear()
-    forget_layouts()
 
 
 # -- can it run? ----------------------------------------------------------------
@@ -320,8 +93,8 @@ def _unsupported(params: list[Tensor], default: bool = False) -> str | None:
             return f"fused=True supports plain tensors and DTensors, got {', '.join(others)}"
     dtypes = set(map(_get_dtype, params))
     for dtype in dtypes:
-        real = _REAL_OF.get(dtype, dtype)
-        if (real, real, real) not in _CODES:
+        real = REAL_OF.get(dtype, dtype)
+        if (real, real, real) not in CODES:
             return f"fused=True does not support dtype {dtype}"
     devices = {"cpu"} if all(map(_get_is_cpu, params)) else {p.device.type for p in params}
     if not devices <= {"cpu", "cuda"}:
@@ -335,13 +108,11 @@ def _unsupported(params: list[Tensor], default: bool = False) -> str | None:
             return triton
     if "cpu" in devices:
         for dtype in dtypes:
-            real = _REAL_OF.get(dtype, dtype)
-            code = _CODES[(real, real, real)]
-            if code not in _libs:
-                try:
-                    _load(code)
-                except RuntimeError as err:
-                    return str(err)
+            real = REAL_OF.get(dtype, dtype)
+            try:
+                load_library(CODES[(real, real, real)])
+            except RuntimeError as err:
+                return str(err)
     return None
 
 
@@ -482,14 +253,14 @@ def fused_step(
     """One Rprop step for a (device, dtype) group: same arguments and bitwise
     the same result as :func:`rprop.torch._paths.single_tensor`.
 
-    The lists are one group as ``group_by_device_and_dtype`` makes them: all
+    The lists are one bucket of a param group (``Rprop._init_group``): all
     parameters share a device and dtype, all gradients a dtype.
 
     Every tensor is walked as a flat array from its ``data_ptr()``: contiguous,
     or dense with the same strides as its parameter (channels_last). Others
     (non-dense views, a gradient laid out unlike its parameter) are stepped by
     the foreach path, which gives the same bits; so are dtype combinations the
-    kernel lacks (see ``_CODES``).
+    kernel lacks (see ``_kernel_cache.CODES``).
 
     Parameters that share memory (overlapping views of one tensor) are
     stepped one after the other, as the for-loop path does: on CPU by the
@@ -508,7 +279,7 @@ def fused_step(
     kw = {"steps": steps, "hyper": hyper, "variant": variant, "worse": worse}
     states = [prevs, step_sizes] if prev_updates is None else [prevs, step_sizes, prev_updates]
     pdt, gdt, sdt = params[0].dtype, grads[0].dtype, prevs[0].dtype
-    code = _CODES.get((pdt, gdt, sdt))
+    code = CODES.get((pdt, gdt, sdt))
     cuda = params[0].is_cuda
     if cuda and torch.cuda.is_current_stream_capturing():
         # The kernel's pointer tables are copied from the host each step,
@@ -523,7 +294,7 @@ def fused_step(
         if isinstance(kernel, str):
             raise RuntimeError(kernel)
     elif params[0].is_cpu:
-        kernel = _load(code)
+        kernel = load_library(code)
     else:
         raise RuntimeError(f"the fused kernel steps CPU and CUDA tensors, got {params[0].device}")
 
@@ -599,7 +370,7 @@ def fused_step(
 
 
 # The state dtype of each kernel build.
-_STATE_DTYPE = {code: dtypes[2] for dtypes, code in _CODES.items()}
+_STATE_DTYPE = {code: dtypes[2] for dtypes, code in CODES.items()}
 
 
 @functools.lru_cache(maxsize=64)
