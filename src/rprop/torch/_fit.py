@@ -417,7 +417,7 @@ def _what_fit_does(optimizer: Any, trainable: list[Tensor], max_epochs: int,
     kind = type(optimizer)
     return {
         "optimizer": f"{kind.__module__}.{kind.__qualname__}",
-        "optimizer hyperparameters": [
+        "optimizer param_groups": [
             {k: v for k, v in g.items() if k != "params" and _plain(v)}
             for g in optimizer.param_groups],
         **describe_params(trainable),

@@ -71,7 +71,8 @@ def _difference(everyone: list[dict[str, Any]]) -> str:
                     and len(mine) == len(theirs)):
                 i = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True))
                          if repr(a) != repr(b))
-                return (f"{name}: parameter {i} is {theirs[i]!r} on rank {rank} and "
+                item = f"param_groups[{i}]" if "param_groups" in name else f"parameter {i}"
+                return (f"{name}: {item} is {theirs[i]!r} on rank {rank} and "
                         f"{mine[i]!r} on rank 0; every rank must pass the same")
             return (f"{name}: {theirs!r} on rank {rank} and {mine!r} on rank 0; every rank "
                     "must pass the same")
