@@ -115,6 +115,8 @@ def minimize(
     hyper = Hyper.from_torch_args(lr, etas, step_sizes, 0.0, maximize)
     var = get_variant(variant)
     lo, hi = _check_bounds(bounds, tensors)
+    boxed = [bool(torch.isfinite(a).any() | torch.isfinite(b).any())
+             for a, b in zip(lo, hi, strict=True)]
     rules = StopRules.from_options(gtol=gtol, xtol=xtol, ftol=ftol, maxiter=maxiter,
                                    maxfev=maxfev, tol=tol)
     cb = Callback.of(callback)
@@ -133,20 +135,15 @@ def minimize(
     bar = tqdm(total=rules.maxiter, desc="minimize", unit="it", dynamic_ncols=True,
                disable=not progress)
     try:
-        f, g = evaluate()
         step_size = [torch.full_like(p, hyper.lr) for p in x]
         prev = [torch.zeros_like(p) for p in x]
         prev_update = [torch.zeros_like(p) for p in x] if var.backtracks else None
+        f, g = evaluate()
+        pg, grad_finite, gmax, moving = _look(g, x, lo, hi, boxed, hyper, step_size)
         prev_f = math.inf
-        best = (f, x, g) if _finite(f, g) else None
+        best = (f, x, g) if math.isfinite(f) and grad_finite else None
         monitor = Monitor(rules, fun_name="the closure")
         while True:
-            with torch.no_grad():
-                # The gradient the step follows (negated under maximize), with
-                # components pointing out of the box, at a bound, set to 0.
-                pg = [_projected(effective_grad(gi, xi, hyper), xi, a, b)
-                      for gi, xi, a, b in zip(g, x, lo, hi, strict=True)]
-                grad_finite, gmax, moving = _summary(g, pg, step_size)
             stop = monitor.check(f=sign * f, grad_finite=grad_finite, gmax=gmax,
                                  moving_step=moving, nfev=evaluate.nfev)
             if stop is not None:
@@ -164,13 +161,17 @@ def minimize(
                         hyper=hyper, variant=var, worse=loss_went_up(sign * f, prev_f), xp=torch,
                     )
                     x_try = xi + out.delta
-                    xn = torch.clamp(x_try, lo[i], hi[i])
+                    # Without bounds, projecting and clipping change nothing: skipped.
+                    xn = torch.clamp(x_try, lo[i], hi[i]) if boxed[i] else x_try
                     prev[i], step_size[i] = out.prev, out.step_size
                     if prev_update is not None and out.prev_update is not None:
-                        # Where the bounds cut a step short, remember the distance
-                        # moved, so that undoing it returns to where we were.
-                        cut = (xn != x_try) & (out.prev_update != 0)
-                        prev_update[i] = torch.where(cut, xn - xi, out.prev_update)
+                        pu = out.prev_update
+                        if boxed[i]:
+                            # Where the bounds cut a step short, remember the distance
+                            # moved, so that undoing it returns to where we were.
+                            cut = (xn != x_try) & (pu != 0)
+                            pu = torch.where(cut, xn - xi, pu)
+                        prev_update[i] = pu
                     x_new.append(xn)
                 moved = any(bool((xn != xi).any()) for xn, xi in zip(x_new, x, strict=True))
                 for p, xn in zip(tensors, x_new, strict=True):
@@ -178,8 +179,9 @@ def minimize(
             prev_f = sign * f
             x = x_new
             f, g = evaluate()
+            pg, grad_finite, gmax, moving = _look(g, x, lo, hi, boxed, hyper, step_size)
             monitor.stepped(prev_f, sign * f, moved)
-            if _finite(f, g) and (best is None or sign * f < sign * best[0]):
+            if math.isfinite(f) and grad_finite and (best is None or sign * f < sign * best[0]):
                 best = (f, x, g)
             bar.update(1)
             if progress:
@@ -261,8 +263,18 @@ def _loss_value(loss: Any) -> float:
     return float(loss)
 
 
-def _finite(f: float, g: list[Tensor]) -> bool:
-    return math.isfinite(f) and all(bool(torch.isfinite(gi).all()) for gi in g)
+@torch.no_grad()
+def _look(
+    g: list[Tensor], x: list[Tensor], lo: list[Tensor], hi: list[Tensor], boxed: list[bool],
+    hyper: Hyper, step_size: list[Tensor],
+) -> tuple[list[Tensor], bool, float, float | None]:
+    """The gradient the next step follows (negated under maximize), with the
+    components that point out of the box, at a bound, set to 0; and what the
+    stop rules read of it (see :func:`_summary`)."""
+    pg = [_projected(effective_grad(gi, xi, hyper), xi, a, b) if box
+          else effective_grad(gi, xi, hyper)
+          for gi, xi, a, b, box in zip(g, x, lo, hi, boxed, strict=True)]
+    return (pg, *_summary(g, pg, step_size))
 
 
 def _projected(g: Tensor, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
