@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Rprop": ("rprop.torch", "Rprop"),
     "LrChangeWarning": ("rprop.torch", "LrChangeWarning"),
+    "LrSeedWarning": ("rprop.torch", "LrSeedWarning"),
     "minimize": ("rprop.numpy", "minimize"),
 }
 
@@ -32,6 +33,7 @@ __all__ = [
     "VARIANTS",
     "Hyper",
     "LrChangeWarning",
+    "LrSeedWarning",
     "Rprop",
     "Variant",
     "get_variant",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ DEFAULT_ETAS = (0.5, 1.2)
 DEFAULT_STEP_SIZES = (1e-6, 50.0)
 
 
-def _real(name: str, value: Any) -> float:
+def real_number(name: str, value: Any) -> float:
     """``value`` as a float, or a TypeError naming ``name``.
 
     Accepts Python/NumPy reals and one-element arrays/tensors (torch allows a
@@ -32,9 +33,12 @@ def _real(name: str, value: Any) -> float:
 
 
 def _pair(name: str, value: Any) -> tuple[float, float]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise TypeError(f"{name} must be a pair of two numbers, got {value!r}")
-    return _real(f"{name}[0]", value[0]), _real(f"{name}[1]", value[1])
+    # An ordered pair: a set or a dict has two elements but no first and second.
+    if (isinstance(value, (str, bytes, Set, Mapping)) or not hasattr(value, "__len__")
+            or not hasattr(value, "__getitem__") or len(value) != 2):
+        raise TypeError(
+            f"{name} must be a pair of two numbers (a tuple or list, in order), got {value!r}")
+    return real_number(f"{name}[0]", value[0]), real_number(f"{name}[1]", value[1])
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Hyper:
 
     def __post_init__(self) -> None:
         for field in ("lr", "eta_minus", "eta_plus", "step_min", "step_max", "weight_decay"):
-            object.__setattr__(self, field, _real(field, getattr(self, field)))
+            object.__setattr__(self, field, real_number(field, getattr(self, field)))
         if not isinstance(self.maximize, bool):
             raise TypeError(f"maximize must be a bool, got {self.maximize!r}")
         if not (math.isfinite(self.lr) and self.lr >= 0.0):

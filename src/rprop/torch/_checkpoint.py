@@ -7,8 +7,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
 
 from rprop._variants import get_variant
+from rprop.torch._group import (
+    check_fits_dtype,
+    check_group,
+    check_state_dtype,
+    describe_param,
+    state_dtype_for,
+)
 
 # Per-parameter state keys: torch.optim.Rprop's, then our variants' extras.
 REQUIRED = ("step", "prev", "step_size")
@@ -18,15 +26,15 @@ SCALAR = ("step", "prev_loss")
 
 def prepare_state_dict(
     optimizer: Any, state_dict: dict[str, Any]
-) -> tuple[dict[str, Any], dict[int, dict[str, Tensor]]]:
+) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
     """Validate ``state_dict`` against ``optimizer``; return (groups-only
-    state_dict for torch's loader, per-index state placed on the devices).
+    state_dict for torch's loader, the state keyed by parameter).
 
     Nothing of ``optimizer`` or of ``state_dict`` is modified; the returned
-    tensors are copies, so later steps never write into the caller's dict.
+    tensors are copies placed on their parameters' devices, so later steps
+    never write into the caller's dict. State under a key that is not a
+    parameter index (a marker a hook wrote) is copied as is, as torch does.
     """
-    from rprop.torch._optimizer import _check_group, describe_param
-
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")
     if not isinstance(state_dict["state"], dict):
@@ -54,7 +62,10 @@ def prepare_state_dict(
         merged.update(copy.deepcopy({k: v for k, v in saved.items() if k != "params"}))
         merged["params"] = list(saved["params"])
         try:
-            _check_group(merged)
+            hyper, _ = check_group(merged)
+            for p in group["params"]:
+                check_state_dtype(p, merged["state_dtype"], "a parameter of this group")
+                check_fits_dtype(hyper, state_dtype_for(p, merged))
             skipped = merged.get("skipped_steps", 0)
             if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
                 raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
@@ -66,21 +77,25 @@ def prepare_state_dict(
         for index, p, name in zip(saved["params"], group["params"], names, strict=True):
             params_by_index[index] = (p, merged, saved, name)
 
-    state: dict[int, dict[str, Tensor]] = {}
+    state: dict[Any, dict[str, Any]] = {}
     for index, entry in state_dict["state"].items():
+        if not isinstance(index, int):
+            state[index] = copy.deepcopy(entry)
+            continue
         if index not in params_by_index:
             raise ValueError(f"state_dict has state for parameter {index}, which no group lists")
         p, group, saved, name = params_by_index[index]
-        state[index] = _check_entry(describe_param(index, name), p, group, "variant" in saved,
-                                    entry)
+        if not isinstance(entry, dict):
+            raise ValueError(f"state of {describe_param(index, name)} must be a dict, "
+                             f"got {type(entry).__name__}")
+        state[p] = _check_entry(describe_param(index, name), p, group, "variant" in saved,
+                                entry)
     return {"state": {}, "param_groups": groups}, state
 
 
 def _check_entry(
     param: str, p: Tensor, group: dict[str, Any], saver_had_variant: bool, entry: dict[str, Any]
 ) -> dict[str, Tensor]:
-    from rprop.torch._optimizer import state_dtype_for
-
     where = f"{param} (shape {tuple(p.shape)}, {p.dtype})"
     variant = get_variant(group["variant"])
     needed = list(REQUIRED)
@@ -97,8 +112,9 @@ def _check_entry(
             out[key] = copy.deepcopy(value)
             continue
         if not isinstance(value, Tensor):
-            if key == "step" and isinstance(value, (int, float)):  # very old torch states
-                value = torch.tensor(float(value))
+            if key == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                # a plain number, as old torch states have; torch makes it a tensor
+                value = torch.tensor(float(value), dtype=_get_scalar_dtype())
             else:
                 raise ValueError(f"state {key!r} of {where} must be a tensor, got {type(value)}")
         if key in LIKE_PARAM:
@@ -116,6 +132,11 @@ def _check_entry(
                 sizes = torch.view_as_real(value) if value.is_complex() else value
                 if bool((sizes.isnan() | (sizes < 0)).any()):
                     raise ValueError(f"state 'step_size' of {where} has NaN or negative values")
+            if key == "prev_update" and not bool(torch.isfinite(value).all()):
+                # The backtracking variants subtract it from the parameter.
+                raise ValueError(
+                    f"state 'prev_update' of {where} has NaN or infinite values; it must be "
+                    "finite (it is the last update, undone on a sign change)")
             out[key] = value.to(device=p.device, copy=True)
         else:
             if value.numel() != 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -12,18 +13,28 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
 
-from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._core import loss_went_up, signed_loss
+from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper, real_number
 from rprop._variants import Variant, get_variant
+from rprop.torch._checkpoint import prepare_state_dict
+from rprop.torch._compat import PLAIN_TYPES
+from rprop.torch._fused import forget_layouts
+from rprop.torch._group import (
+    check_fits_dtype,
+    check_group,
+    check_state_dtype,
+    describe_param,
+    state_dtype_for,
+)
+from rprop.torch._path_registry import choose
+from rprop.torch._tensors import real_views
 
-__all__ = ["LrChangeWarning", "Rprop"]
+__all__ = ["LrChangeWarning", "LrSeedWarning", "Rprop"]
 
-NONFINITE_MODES = ("propagate", "skip", "raise")
 # Keys of the saved state, per parameter. torch.optim.Rprop has the first three.
 TORCH_KEYS = ("step", "prev", "step_size")
 
 
-# Tensor types stepped as they are; others (DTensor) go through _real_views.
-_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 
 # torch's check that a CUDA graph capture has capturable=True, under its
@@ -52,51 +63,16 @@ class _Bucket:
             [s["prev_loss"] for s in states] if variant.needs_loss else [])
         # No complex parameter, no DTensor: the tensors are stepped as they are.
         self.plain = (not params[0].dtype.is_complex
-                      and {type(p) for p in params} <= _PLAIN_TYPES)
+                      and {type(p) for p in params} <= PLAIN_TYPES)
 
 
 class LrChangeWarning(UserWarning):
     """A group's ``lr`` changed after its step sizes were seeded from it."""
 
 
-def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, bool):
-        kind = "a bool or None" if allow_none else "a bool"
-        raise TypeError(f"{name} must be {kind}, got {value!r}")
-
-
-def _check_group(group: dict[str, Any]) -> tuple[Hyper, Variant]:
-    """Validate a param group's hyperparameters; return them parsed."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(
-            f"lr as a Tensor must have exactly one element, got shape {tuple(lr.shape)}"
-        )
-    hyper = Hyper.from_torch_args(
-        lr, group["etas"], group["step_sizes"], group["weight_decay"], group["maximize"]
-    )
-    variant = get_variant(group["variant"])
-    for flag in ("capturable", "differentiable"):
-        _check_flag(flag, group[flag])
-    for flag in ("foreach", "fused"):
-        _check_flag(flag, group[flag], allow_none=True)
-    if group["fused"] and group["foreach"]:
-        raise ValueError("fused=True and foreach=True cannot be set together; pick one")
-    if group["fused"] and group["differentiable"]:
-        raise ValueError("fused=True does not support differentiable=True")
-    state_dtype = group["state_dtype"]
-    if state_dtype is not None and not (
-        isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
-    ):
-        raise TypeError(
-            f"state_dtype must be None or a floating torch.dtype (e.g. torch.float32), "
-            f"got {state_dtype!r}"
-        )
-    if group["nonfinite"] not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {group['nonfinite']!r}")
-    return hyper, variant
+class LrSeedWarning(UserWarning):
+    """Step sizes were seeded from an ``lr`` of 0 or below ``step_min`` (they
+    start at ``step_min``): typically a warmup schedule that starts at 0."""
 
 
 class Rprop(Optimizer):
@@ -185,11 +161,13 @@ class Rprop(Optimizer):
             "nonfinite": nonfinite,
             "state_dtype": state_dtype,
         }
-        _check_group(defaults)
+        check_group(defaults)
         defaults["variant"] = get_variant(variant).name
         self._seen_lr: dict[int, Any] = {}
         self._warned_lr = False
+        self._warned_seed = False
         self._checked: dict[tuple[Any, ...], tuple[Hyper, Variant]] = {}
+        self._fits: set[tuple[Hyper, torch.dtype]] = set()
         super().__init__(params, defaults)
 
     # -- groups and state ---------------------------------------------------
@@ -199,52 +177,71 @@ class Rprop(Optimizer):
         group = self.param_groups[-1]
         group.setdefault("skipped_steps", 0)
         try:
-            _check_group(group)
+            hyper, _ = check_group(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
         group["variant"] = get_variant(group["variant"]).name
-        for p in group["params"]:
+        first = sum(len(g["params"]) for g in self.param_groups[:-1])
+        names = group.get("param_names") or [None] * len(group["params"])
+        for i, (p, name) in enumerate(zip(group["params"], names, strict=True)):
             if not isinstance(p, Tensor) or not (p.is_floating_point() or p.is_complex()):
                 self.param_groups.pop()
                 raise TypeError(
                     "params must be floating-point or complex tensors, got "
                     f"{getattr(p, 'dtype', type(p).__name__)}"
                 )
+            try:
+                check_state_dtype(p, group["state_dtype"], describe_param(first + i, name))
+                self._check_fits(hyper, state_dtype_for(p, group))
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        pending = self.__dict__.pop("_pending_state", None)
         super().__setstate__(state)
         self.__dict__.setdefault("_seen_lr", {})
         self.__dict__.setdefault("_warned_lr", False)
+        self.__dict__.setdefault("_warned_seed", False)
         self.__dict__.setdefault("_checked", {})
+        self.__dict__.setdefault("_fits", set())
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group.setdefault("skipped_steps", 0)
+        if pending is not None:  # inside load_state_dict: the checked state
+            self._install_checked_state(pending)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``rprop.Rprop`` or ``torch.optim.Rprop``.
 
         Everything is checked before anything changes: a state tensor whose
-        shape or dtype does not match its parameter, or a missing key, raises
-        a ValueError naming the parameter. Hyperparameters the saved groups
-        lack (a torch.optim.Rprop state has no ``variant``) keep this
-        optimizer's values; state the chosen variant needs beyond torch's
-        (``prev_update``, ``prev_loss``) starts fresh when absent.
+        shape, dtype or values do not fit its parameter (a NaN or negative
+        step size, a non-finite ``prev_update``), or a missing key, raises a
+        ValueError naming the parameter, and the optimizer stays exactly as it
+        was. Hyperparameters the saved groups lack (a torch.optim.Rprop state
+        has no ``variant``) keep this optimizer's values; state the chosen
+        variant needs beyond torch's (``prev_update``, ``prev_loss``) starts
+        fresh when absent. Hooks run in torch's order: the load pre-hooks see
+        (and may replace) the dict before it is checked, the post-hooks run
+        after the checked state is installed.
         """
-        from rprop.torch import _fused
-        from rprop.torch._checkpoint import prepare_state_dict
+        # The check runs as the last load pre-hook, so that it sees what the
+        # user's pre-hooks made of the dict; torch's loader then installs the
+        # groups and calls __setstate__, where the checked state (kept in the
+        # parameters' or state_dtype's dtype, which torch's loader would cast
+        # away) goes in, before torch runs the post-hooks.
+        handle = self.register_load_state_dict_pre_hook(_check_before_load)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self.__dict__.pop("_pending_state", None)
 
-        prepared, state = prepare_state_dict(self, state_dict)
-        super().load_state_dict(prepared)
-        _fused.forget_layouts()  # new state tensors: the kernel checks their layout anew
-        # torch's loader would cast state to each parameter's dtype; the
-        # prepared state is already checked and placed, so install it as is.
-        self.state.clear()
-        for group, saved in zip(self.param_groups, prepared["param_groups"], strict=True):
-            for p, index in zip(group["params"], saved["params"], strict=True):
-                if index in state:
-                    self.state[p] = state[index]
+    def _install_checked_state(self, pending: dict[Any, dict[str, Any]]) -> None:
+        self.state = defaultdict(dict, pending)
+        forget_layouts()  # new state tensors: the kernel checks their layout anew
         self._seen_lr.clear()
 
     def _init_group(self, group: dict[str, Any], variant: Variant) -> list[_Bucket]:
@@ -286,6 +283,8 @@ class Rprop(Optimizer):
     def _complete_states(self, group: dict[str, Any], variant: Variant, params: list[Tensor],
                          grads: list[Tensor], states: list[dict[str, Any]]) -> None:
         """Create the state the variant needs where it is missing."""
+        if not self._warned_seed and not all(states):  # before anything is created
+            self._warn_if_seed_below_min(group)
         fresh_losses: list[Tensor] = []
         for p, grad, state in zip(params, grads, states, strict=True):
             if not state:
@@ -304,6 +303,27 @@ class Rprop(Optimizer):
             if known is not None:
                 for t in fresh_losses:
                     t.copy_(known)
+
+    def _warn_if_seed_below_min(self, group: dict[str, Any]) -> None:
+        """Warn (once) when fresh step sizes are seeded from an lr of 0 or
+        below step_min: the first step clamps them to step_min (or leaves
+        them at 0 when step_min is 0), which is never what a schedule that
+        starts at lr=0 (a warmup) means."""
+        lr, step_min = float(group["lr"]), float(group["step_sizes"][0])
+        if lr == 0.0 or lr < step_min:
+            self._warned_seed = True
+            warnings.warn(
+                f"step sizes were seeded from lr={lr!r}"
+                + ("" if lr == 0.0 else f", below step_min={step_min!r}")
+                + f": Rprop starts every step size at step_min={step_min!r}"
+                + (" (0: they never grow)" if step_min == 0.0 else "")
+                + ". lr is Rprop's initial step size, not a rate a schedule can raise "
+                "later (a warmup from lr=0 has no effect); set lr to the initial step size "
+                "you want (e.g. 0.01) before the first step, or "
+                "optimizer.rescale_step_sizes(factor) afterwards.",
+                LrSeedWarning,
+                stacklevel=7,
+            )
 
     def _last_loss(self, group: dict[str, Any]) -> Tensor | None:
         """The E(t-1) a group's parameters hold (they all hold the same)."""
@@ -363,6 +383,9 @@ class Rprop(Optimizer):
             buckets = self._init_group(group, variant)
             if buckets:
                 work.append((group, hyper, variant, buckets))
+        for _, hyper, _, buckets in work:  # before anything is stepped
+            for b in buckets:
+                self._check_fits(hyper, b.prevs[0].dtype)
         needs_loss = any(variant.needs_loss for _, _, variant, _ in work)
         if needs_loss and loss is None:
             raise ValueError(
@@ -397,29 +420,40 @@ class Rprop(Optimizer):
             value = signed.to(device)
             torch._foreach_copy_(ts, [value] * len(ts))
 
+    def _check_fits(self, hyper: Hyper, dtype: torch.dtype) -> None:
+        """:func:`check_fits_dtype`, remembered for pairs already checked."""
+        if torch.compiler.is_compiling():  # traced once into constants; no cache to guard on
+            check_fits_dtype(hyper, dtype)
+        elif (hyper, dtype) not in self._fits:
+            check_fits_dtype(hyper, dtype)
+            if len(self._fits) > 64:
+                self._fits.clear()
+            self._fits.add((hyper, dtype))
+
     def _checked_group(self, group: dict[str, Any]) -> tuple[Hyper, Variant]:
         """:func:`_check_group`, remembered for hyperparameter values already seen."""
         if torch.compiler.is_compiling():  # traced once into constants; no cache to guard on
-            return _check_group(group)
+            return check_group(group)
         try:
             key = tuple(group[k] for k in self.defaults)
             return self._checked[key]
         except TypeError:  # an unhashable value (a list for etas, say): check every time
-            return _check_group(group)
+            return check_group(group)
         except KeyError:
             if len(self._checked) > 64:
                 self._checked.clear()
-            result = self._checked[key] = _check_group(group)
+            result = self._checked[key] = check_group(group)
             return result
 
     def _step_bucket(
         self, group: dict[str, Any], hyper: Hyper, variant: Variant, b: _Bucket, loss: Any
     ) -> None:
-        from rprop.torch._dispatch import mark_written, pick_path
-
-        # A plain bucket shares device, dtype and tensor type: its first
-        # parameter speaks for all of them when choosing the path.
-        path = pick_path(group, b.params[:1] if b.plain else b.params)
+        # A plain bucket shares device, dtypes and tensor type: its first
+        # tensors speak for all of them when choosing the path.
+        if b.plain:
+            path = choose(group, variant, b.params[:1], b.grads[:1], b.prevs[:1]).step
+        else:
+            path = choose(group, variant, b.params, b.grads, b.prevs).step
         grads = b.grads
         if b.prevs[0].dtype != b.params[0].dtype:
             # Higher-precision state (state_dtype): the arithmetic runs in the
@@ -428,13 +462,12 @@ class Rprop(Optimizer):
         worse = None
         if variant.needs_loss:
             prev_loss = b.prev_losses[0]
-            signed = (-loss if hyper.maximize else loss).to(prev_loss.device)
-            worse = signed > prev_loss
+            worse = loss_went_up(signed_loss(loss, hyper).to(prev_loss.device), prev_loss)
         tensors = [b.params, grads, b.prevs, b.step_sizes]
         prev_updates = b.prev_updates if variant.backtracks else None
         if not b.plain:
-            tensors = _real_views(*tensors)
-            prev_updates = None if prev_updates is None else _real_views(prev_updates)[0]
+            tensors = real_views(*tensors)
+            prev_updates = None if prev_updates is None else real_views(prev_updates)[0]
         path(
             *tensors,
             prev_updates,
@@ -444,7 +477,7 @@ class Rprop(Optimizer):
             worse=worse,
             differentiable=group["differentiable"],
         )
-        if not b.plain and not {type(p) for p in b.params} <= _PLAIN_TYPES:
+        if not b.plain and not {type(p) for p in b.params} <= PLAIN_TYPES:
             mark_written(b.params)  # the paths wrote the DTensors' local shards
 
     def _finite_or_handled(self, work: list[Any], loss: Tensor | None) -> bool:
@@ -488,12 +521,15 @@ class Rprop(Optimizer):
                 )
 
     @torch.no_grad()
-    def rescale_step_sizes(self, factor: float) -> None:
+    def rescale_step_sizes(self, factor: float | Tensor) -> None:
         """Multiply every current step size by ``factor`` (> 0), then clamp to
         each group's ``step_sizes`` bounds. This is the explicit way to do what
-        an LR scheduler cannot do to Rprop."""
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-            raise TypeError(f"factor must be a positive number, got {factor!r}")
+        an LR scheduler cannot do to Rprop. ``factor`` is a number in any form
+        ``lr`` takes (Python or NumPy scalar, one-element tensor)."""
+        try:
+            factor = real_number("factor", factor)
+        except TypeError:
+            raise TypeError(f"factor must be a positive number, got {factor!r}") from None
         if not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"factor must be a finite number > 0, got {factor}")
         for group in self.param_groups:
@@ -505,19 +541,13 @@ class Rprop(Optimizer):
                     view.mul_(factor).clamp_(lo, hi)
 
 
-def describe_param(index: int, name: str | None) -> str:
-    """How error messages name a parameter: ``parameter 3``, or with the name
-    the optimizer got from ``named_parameters()``, ``parameter 3 ('2.bias')``."""
-    return f"parameter {index}" if name is None else f"parameter {index} ({name!r})"
-
-
-def state_dtype_for(p: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype of a parameter's state: its own, or ``state_dtype`` when that
-    is more precise (complex parameters keep their own)."""
-    wanted = group.get("state_dtype")
-    if wanted is None or p.is_complex() or p.dtype.itemsize >= wanted.itemsize:
-        return p.dtype
-    return cast(torch.dtype, wanted)
+def _check_before_load(optimizer: Rprop, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The last load pre-hook of :meth:`Rprop.load_state_dict`: check the dict
+    the user's pre-hooks left, keep the checked state for ``__setstate__`` to
+    install, and hand torch's loader only the (checked) groups."""
+    prepared, state = prepare_state_dict(optimizer, state_dict)
+    optimizer._pending_state = state
+    return prepared
 
 
 def _loss_dtype(p: Tensor) -> torch.dtype:
@@ -544,9 +574,3 @@ def _as_loss(loss: Any) -> Tensor:
         )
     return torch.tensor(float(value), dtype=torch.float64)
 
-
-def _real_views(*lists: list[Tensor]) -> list[list[Tensor]]:
-    from rprop.torch._dispatch import local_tensor
-
-    views = [[local_tensor(t) for t in ts] for ts in lists]
-    return [[torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in views]
