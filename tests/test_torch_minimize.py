@@ -262,6 +262,23 @@ def test_every_iterate_is_feasible(variant):
     assert res.success
 
 
+@pytest.mark.parametrize("variant", ["irprop+", "rprop+"])
+def test_undo_at_a_bound_returns_to_the_previous_point(variant):
+    # (x - 0.85)² on [0, 1] from 0.5 with lr 0.3: 0.5 -> 0.8 -> 1.16, clipped
+    # to 1.0 (worse, and the gradient flips): the undo takes back the 0.2
+    # actually moved, not the 0.36 of the unclipped step.
+    x = leaf([0.5])
+    visited = []
+
+    def closure():
+        visited.append(x.item())
+        return ((x - 0.85) ** 2).sum()
+
+    rprop.torch.minimize(closure, x, bounds=(0.0, 1.0), lr=0.3, variant=variant, maxiter=3)
+    assert visited[:3] == pytest.approx([0.5, 0.8, 1.0])
+    assert visited[3] == pytest.approx(0.8, abs=1e-15)
+
+
 def test_start_outside_the_bounds_is_clipped_with_a_warning():
     x = leaf([5.0, 0.0])
     with pytest.warns(scipy_optimize.OptimizeWarning, match="outside the bounds"):
@@ -297,6 +314,27 @@ def test_stop_rules_match_the_numpy_front(fun, np_fun, x0, kwargs, rule):
         jac = {"quad": quad_grad, "rosen": rosen_der}[np_fun.__name__]
         np_res = rprop.minimize(np_fun, x0, jac=jac, **kwargs)
         assert np.array_equal(np_res.x, res.x.numpy()) and np_res.nit == res.nit
+
+
+def test_gtol_returns_the_final_iterate_even_if_an_earlier_one_was_lower():
+    # sin(3x) + x²/10 from 0.5 with lr 1: Rprop passes the deep minimum and
+    # stops (gtol) at a shallower one; x is the point that satisfied gtol.
+    def fun(t):
+        return (torch.sin(3 * t) + 0.1 * t**2).sum()
+
+    x = leaf([0.5])
+    seen = []
+
+    def closure():
+        loss = fun(x)
+        seen.append((loss.item(), x.item()))
+        return loss
+
+    res = rprop.torch.minimize(closure, x, lr=1.0, gtol=1e-3, variant="irprop-")
+    assert res.stop_rule == "gtol" and res.fun > min(seen)[0] + 0.5
+    assert (res.fun, res.x.item()) == seen[-1] and x.item() == seen[-1][1]
+    same_result(res, rprop.minimize(torch_fg(fun), [0.5], jac=True, lr=1.0, gtol=1e-3,
+                                     variant="irprop-"))
 
 
 def test_maxfev_counts_closure_calls():
