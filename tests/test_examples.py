@@ -41,3 +41,15 @@ def test_demos_import_neither_torch_nor_jax() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_sklearn_mlp(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    main = runpy.run_path(str(EXAMPLES / "sklearn_mlp.py"))["main"]
+    rows = main(seeds=1, datasets=("breast_cancer",))
+    out = capsys.readouterr().out
+    assert out.count("| breast_cancer |") == 4, out
+    scores = {r["model"]: r["score"] for r in rows}
+    assert min(scores.values()) > 0.9, scores
+    assert all(r["gradients"].split()[0].isdigit() for r in rows)
