@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from rprop._variants import get_variant
 from rprop.torch._checkpoint import prepare_state_dict
-from rprop.torch._dispatch import local_tensor
+from rprop.torch._compat import local_tensor
 from rprop.torch._optimizer import Rprop
 
 __all__ = ["atomic_save", "checkpoint_path", "exists_everywhere", "is_zero",
@@ -263,7 +263,10 @@ def read_verified(path: str | os.PathLike[str]) -> Any:
     after checking its digest: a ValueError naming the file if it is empty,
     not sealed (another file, a truncated one) or damaged."""
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"checkpoint {path} cannot be read ({err.strerror})") from None
     if not data:
         raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     end = len(data) - _COMMENT_SIZE
