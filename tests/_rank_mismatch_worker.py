@@ -11,6 +11,7 @@ records an error instead of hanging the test.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -97,6 +98,8 @@ def main(folder: Path) -> None:
         [4, 4, 4 if one else -1])))
     out["fp16_count_fit"] = attempt(lambda: fitted(make_model(), fp16_weighted, max_epochs=5,
                                                    target_loss=1e-3))
+    out["fsdp_tensor_count"] = attempt(lambda: fb(_fsdp(make_model()), with_counts(
+        [ten, ten, torch.tensor(math.nan) if one else ten])))
     out["shape"] = attempt(lambda: fb(make_model(hidden=7 if one else 6)))
     out["dtype"] = attempt(lambda: fb(make_model(dtype=torch.float32 if one else torch.float64)))
     out["param_count"] = attempt(lambda: fb(make_model(extra=one)))
@@ -140,6 +143,14 @@ def main(folder: Path) -> None:
     (folder / f"rank{rank}.json").write_text(json.dumps(out, default=_jsonable))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0])
+    fully_shard(model)
+    return model
 
 
 def _fit_with_lr(fitted: Callable[..., Any], lr: float) -> Any:

@@ -32,6 +32,7 @@ EXPECTED = {
     # scenario: what every rank's ValueError says
     "tensor_count": r"batch 1 on rank 1: loss_fn's count must be finite and >= 0, got -2",
     "python_count": r"batch 2 on rank 0: loss_fn's count must be finite and >= 0, got -1",
+    "fsdp_tensor_count": r"batch 2 on rank 1: loss_fn's count must be finite and >= 0, got nan",
     "fp16_count_fit": r"batch 0 on rank 1: .*got inf \(a float16 sum",
     "shape": r"full_batch_backward: the ranks disagree, parameter shapes: parameter 0 is "
              r"\(7, 3\) on rank 1 and \(6, 3\) on rank 0",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rprop.torch._dispatch import local_tensor
+from rprop.torch._compat import local_tensor
 from rprop.torch._fit_checkpoint import (
     atomic_save,
     checkpoint_path,

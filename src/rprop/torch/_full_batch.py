@@ -6,6 +6,7 @@ See :func:`full_batch_backward` and ``docs/full_batch.md``.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rprop.torch._dispatch import local_tensor
+from rprop.torch._compat import local_tensor
 from rprop.torch._rank_check import check_ranks_agree, describe_params
 
 __all__ = ["full_batch_backward"]
@@ -159,7 +160,7 @@ def full_batch_backward(
 
 def check_options(bucket_cap_mb: Any, fsdp_sync_each_batch: Any) -> None:
     """The options of :func:`full_batch_backward` (also checked up front by ``fit``)."""
-    if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float))
+    if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
             or not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb))):
         raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
     if not isinstance(fsdp_sync_each_batch, bool):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rprop.torch._dispatch import local_tensor
+from rprop.torch._compat import local_tensor
 
 __all__ = ["check_ranks_agree", "describe_params"]
 
