@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +198,20 @@ def test_maximize_with_bounds_projects_the_ascent_direction():
     res = rprop.torch.minimize(lambda: -((x - 3) ** 2).sum(), x, maximize=True,
                                bounds=(0.0, 1.0), lr=0.2)
     assert res.success and res.stop_rule == "gtol" and res.x.item() == 1.0
+
+
+def test_the_docs_example_runs_and_finds_lbfgsbs_optimum(capsys):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "fronts.md").read_text()
+    section = text[text.index("## `rprop.torch.minimize`"):]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    scope: dict = {}
+    exec(block, scope)
+    res, theta, nll = scope["res"], scope["theta"], scope["nll"]
+    assert capsys.readouterr().out.startswith("gtol ")
+    assert all(torch.equal(t.detach(), x) for t, x in zip(theta, res.x))
+    oracle = scipy_optimize.minimize(torch_fg(lambda t: nll(t[0], t[1], t[2])), np.zeros(3),
+                                     jac=True, method="L-BFGS-B", bounds=[(-5, 5)] * 3)
+    assert np.allclose([t.item() for t in res.x], oracle.x, rtol=0, atol=1e-4)
 
 
 # -- the closure and params ---------------------------------------------------------------
