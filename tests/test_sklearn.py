@@ -279,6 +279,21 @@ def test_warm_start_continues_weights_and_step_sizes():
     assert not np.array_equal(cold.coefs_[0], straight.coefs_[0])
 
 
+def test_weights_set_by_hand_start_with_fresh_step_sizes():
+    X, y = _scaled(load_iris)
+    coefs, intercepts = _sklearn_initial_weights(X, y, (5,), "relu", 8)
+    clf = RpropClassifier((5,), lr=0.03, max_iter=30, warm_start=True, random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(X, y)
+    clf.coefs_, clf.intercepts_ = [c.copy() for c in coefs], [b.copy() for b in intercepts]
+    clf.set_params(max_iter=1)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(X, y)
+    for w1, w0 in zip(clf.coefs_ + clf.intercepts_, coefs + intercepts):
+        moved = np.abs(w1 - w0)  # a first Rprop step: lr, or 0 for a zero gradient
+        assert np.all(np.isclose(moved, 0.03, rtol=0, atol=1e-15) | (moved == 0))
+
+
 def test_warm_start_refuses_another_architecture_and_changes_nothing():
     X, y = _scaled(load_iris)
     clf = RpropClassifier((4,), warm_start=True, max_iter=5, random_state=0)

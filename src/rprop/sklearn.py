@@ -190,6 +190,7 @@ class _BaseRprop(BaseEstimator):
     coefs_: list[np.ndarray]
     intercepts_: list[np.ndarray]
     _optimizer_state: dict[Any, Any]
+    _state_weights: list[np.ndarray]
 
     def __init__(
         self,
@@ -316,7 +317,13 @@ class _BaseRprop(BaseEstimator):
         if warm:
             starts = [[_tensor(a, {}) for pair in zip(self.coefs_, self.intercepts_, strict=True)
                        for a in pair]]
-            state = self._optimizer_state
+            # Rprop's state belongs to the weights the last fit left; weights
+            # set by hand (neuralnet's startweights) start with fresh step sizes.
+            left = self._state_weights
+            mine = [*self.coefs_, *self.intercepts_]
+            same = len(left) == len(mine) and all(
+                np.array_equal(a, b) for a, b in zip(left, mine, strict=True))
+            state = self._optimizer_state if same else None
         else:
             starts = [self._initial_weights(units, s, rng) for _ in range(s.n_restarts)]
             state = None
@@ -337,6 +344,7 @@ class _BaseRprop(BaseEstimator):
         self.coefs_ = [w.detach().cpu().numpy() for w in run.weights[0::2]]
         self.intercepts_ = [w.detach().cpu().numpy() for w in run.weights[1::2]]
         self._optimizer_state = run.optimizer_state
+        self._state_weights = [a.copy() for a in (*self.coefs_, *self.intercepts_)]
         self._fitted_as = (s.activation, s.device, s.dtype)
         self.n_layers_ = len(units)
         self.n_outputs_ = Y.shape[1]
@@ -542,6 +550,8 @@ class RpropClassifier(ClassifierMixin, _BaseRprop):
             sklearn's MLP draws them) and the validation split.
         warm_start: continue from ``coefs_``/``intercepts_`` *and* Rprop's
             step sizes from the previous fit (``n_restarts`` is then unused).
+            Weights set by hand (other than those the fit left) start with
+            fresh step sizes, ``lr``.
         verbose: print the loss at every iteration.
         variant: ``"irprop+"`` (default), ``"irprop-"``, ``"rprop+"``,
             ``"rprop-"``.
