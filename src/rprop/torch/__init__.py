@@ -5,5 +5,5 @@ from rprop.torch._full_batch import full_batch_backward
 from rprop.torch._minimize import minimize
 from rprop.torch._optimizer import LrChangeWarning, LrSeedWarning, Rprop
 
-__all__ = ["EpochInfo", "FitHistory", "LrChangeWarning", "LrSeedWarning", "Rprop", "fit", "full_batch_backward",
-           "minimize"]
+__all__ = ["EpochInfo", "FitHistory", "LrChangeWarning", "LrSeedWarning", "Rprop", "fit",
+           "full_batch_backward", "minimize"]
