@@ -22,6 +22,7 @@ from rprop._variants import get_variant
 
 try:
     from scipy.optimize import Bounds, OptimizeResult, OptimizeWarning
+
     from rprop._compat import approx_derivative
 except ImportError as err:  # pragma: no cover - exercised with scipy hidden
     raise ImportError(
