@@ -252,6 +252,15 @@ def test_module_parameters():
     assert res.x[0].dtype == torch.float32 and model.weight.grad is None
 
 
+def test_a_loss_that_stops_reaching_params_later_reads_as_zero_gradient():
+    # Only the first evaluation must reach params (a wiring check); later, a
+    # constant piece of a piecewise loss is an honest zero gradient.
+    x = leaf([1.0])
+    res = rprop.torch.minimize(lambda: (x**2).sum() if x.item() > 0.5 else torch.tensor(0.25),
+                               x, lr=0.6)  # 1 -> 0.4: a flat piece
+    assert res.success and res.stop_rule == "gtol" and res.nit == 1 and res.x.item() == 0.4
+
+
 def test_a_param_the_loss_does_not_reach_has_zero_gradient():
     x, unused = leaf([0.0]), leaf([5.0])
     res = rprop.torch.minimize(lambda: ((x - 1) ** 2).sum(), [x, unused])
@@ -434,6 +443,14 @@ def test_float32_params_stay_float32():
 # -- bad input -----------------------------------------------------------------------------
 
 
+OTHER = leaf([1.0, 2.0])  # a leaf that is not among params
+
+
+def backward_of(loss):
+    loss.backward()
+    return loss
+
+
 def _tm(**kw):
     x = leaf([0.0, 0.0])
     args = {"closure": lambda: tquad(x), "params": x, **kw}
@@ -487,6 +504,10 @@ BAD_INPUTS = [
     (_tm(closure=lambda: torch.tensor(1.0)), ValueError,
      r"the closure's loss does not depend on params through autograd"),
     (_tm(closure=lambda: 1.0), ValueError,
+     r"the closure's loss does not depend on params through autograd"),
+    (_tm(closure=lambda: (OTHER**2).sum()), ValueError,
+     r"the closure's loss does not depend on params through autograd"),
+    (_tm(closure=lambda: backward_of((OTHER**2).sum())), ValueError,
      r"the closure's loss does not depend on params through autograd"),
 ]
 

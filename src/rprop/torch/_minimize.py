@@ -231,15 +231,17 @@ class _Evaluator:
         self.nfev += 1
         f = _loss_value(loss)
         grads: list[Tensor | None] = [p.grad for p in self.params]
-        if all(gr is None for gr in grads):
+        if all(gr is None for gr in grads) and isinstance(loss, Tensor) and loss.requires_grad:
             # The closure did not call backward: take the gradient here.
-            if not (isinstance(loss, Tensor) and loss.requires_grad):
-                raise ValueError(
-                    "the closure's loss does not depend on params through autograd: return a "
-                    "tensor computed from params (minimize then takes its gradient), or call "
-                    "loss.backward() in the closure"
-                )
             grads = list(torch.autograd.grad(loss, self.params, allow_unused=True))
+        if self.nfev == 1 and all(gr is None for gr in grads):
+            # A loss wired to other tensors than params would read as a zero
+            # gradient, and gtol would report success at the start.
+            raise ValueError(
+                "the closure's loss does not depend on params through autograd: return a "
+                "tensor computed from params (minimize then takes its gradient), or call "
+                "loss.backward() in the closure"
+            )
         # A param the loss does not reach has a zero gradient.
         return f, [torch.zeros_like(p) if gr is None else gr.detach()
                    for p, gr in zip(self.params, grads, strict=True)]
