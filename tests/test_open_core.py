@@ -222,3 +222,52 @@ def test_import_rprop_alone_reaches_the_fronts_and_loads_no_framework():
 def test_unknown_attribute_is_still_an_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         rprop.nope  # noqa: B018
+
+
+def test_a_variant_declaring_a_feature_the_core_lacks_is_refused():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class WithExtra(rprop.Variant):
+        @property
+        def features(self) -> frozenset[str]:
+            return super().features | {"extra-term"}
+
+    with pytest.raises(ValueError, match=r"declares features the core does not implement: "
+                                         r"\['extra-term'\]"):
+        rprop.Rprop([torch.zeros(1, requires_grad=True)],
+                    variant=WithExtra("with-extra", undo="never", forget=True))
+
+
+def test_a_path_never_runs_a_variant_feature_it_does_not_declare():
+    """A preferred path that implements only part of the rule (no undo) is
+    chosen for the variants it covers and never for the others, which step on
+    a path that declares what they need, bitwise the reference."""
+    from rprop.torch import _path_registry, _paths
+
+    calls = []
+
+    def partial(*args, **kwargs):
+        calls.append(kwargs["variant"].name)
+        _paths.single_tensor(*args, **kwargs)
+
+    path = _path_registry.Path("partial", partial, preference=10,
+                               features=frozenset({"undo=never", "forget"}))
+    _path_registry.register(path)
+    try:
+        for name in ("irprop-", "rprop+", "irprop+", "rprop-"):
+            variant = rprop.get_variant(name)
+            w0, grads, losses, expected = _inputs(name, steps=40)
+            p = torch.tensor(w0, requires_grad=True)
+            opt = rprop.Rprop([p], lr=0.05, variant=name)
+            for g, loss in zip(grads, losses):
+                p.grad = torch.tensor(g)
+                opt.step(loss=loss)
+            np.testing.assert_array_equal(p.detach().numpy(), expected)
+            if variant.features <= path.features:
+                assert opt.last_paths == ("partial",), name
+            else:
+                assert opt.last_paths != ("partial",) and name not in calls, name
+    finally:
+        _path_registry.unregister("partial")
+    assert sorted(set(calls)) == ["irprop-"]

@@ -40,6 +40,8 @@ UNDO_MODES: tuple[Undo, ...] = ("never", "always", "if_worse")
 BASE_STATE = ("prev", "step_size")
 # The update to take back, kept by the backtracking variants.
 UNDO_STATE = "prev_update"
+# Every feature the core implements; a variant's features are a subset.
+FEATURES = frozenset({f"undo={mode}" for mode in UNDO_MODES} | {"forget"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,12 @@ def register_variant(variant: Variant) -> Variant:
     """
     if not isinstance(variant, Variant):
         raise TypeError(f"variant must be a rprop.Variant, got {type(variant).__name__}")
+    unknown = variant.features - FEATURES
+    if unknown:
+        raise ValueError(
+            f"variant {variant.name!r} declares features the core does not implement: "
+            f"{sorted(unknown)}"
+        )
     known = VARIANTS.setdefault(_key(variant.name), variant)
     if known != variant:
         raise ValueError(

@@ -36,16 +36,20 @@ from torch import Tensor
 
 from rprop._hyper import Hyper
 from rprop._variants import Variant
+from rprop.torch._compat import PLAIN_TYPES, local_tensor
 from rprop.torch._kernel_cache import CODES, REAL_OF, kernel_info, load_library
+from rprop.torch._path_registry import Path, register, run_declined
+from rprop.torch._paths import increment_steps
+from rprop.torch._tensors import mark_written
 
 __all__ = ["available", "forget_layouts", "fused_step", "kernel_info", "require"]
 
 # prev_update handling (PU_* in the C source).
 PU_NONE, PU_UNDO, PU_KEEP = 0, 1, 2
-# Tensor types the kernel may read through data_ptr(). A DTensor reaches the
-# kernel as its local shard (a plain tensor, see _dispatch.local_tensor);
-# other subclasses (fake, functional, wrapper tensors) keep the plain paths.
-_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+# Tensor types the kernel may read through data_ptr() are PLAIN_TYPES. A
+# DTensor reaches the kernel as its local shard (a plain tensor, see
+# _compat.local_tensor); other subclasses (fake, functional, wrapper tensors)
+# keep the plain paths.
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
@@ -59,7 +63,7 @@ _get_dtype = attrgetter("dtype")
 
 # Whether fused=None uses the Triton kernel on CUDA. Off until the CUDA tests
 # of tests/test_fused.py have passed on a GPU: the kernel is verified bitwise
-# in Triton's interpreter only (no GPU was available when it was written).
+# in Triton's interpreter only; `make gpu-check` runs them on a GPU machine.
 CUDA_BY_DEFAULT = False
 
 
@@ -83,12 +87,10 @@ _triton_module: Any = None
 def _unsupported(params: list[Tensor], default: bool = False) -> str | None:
     """Why the fused kernel cannot step these parameters, or None.
     ``default``: asked for ``fused=None`` rather than ``fused=True``."""
-    if not set(map(type, params)) <= _PLAIN_TYPES:
-        from rprop.torch._dispatch import local_tensor
-
+    if not set(map(type, params)) <= PLAIN_TYPES:
         # A DTensor steps its local shard, a plain tensor (see local_tensor).
         params = [local_tensor(p) for p in params]
-        others = sorted({type(p).__name__ for p in params if type(p) not in _PLAIN_TYPES})
+        others = sorted({type(p).__name__ for p in params if type(p) not in PLAIN_TYPES})
         if others:
             return f"fused=True supports plain tensors and DTensors, got {', '.join(others)}"
     dtypes = set(map(_get_dtype, params))
@@ -114,6 +116,16 @@ def _unsupported(params: list[Tensor], default: bool = False) -> str | None:
             except RuntimeError as err:
                 return str(err)
     return None
+
+
+def _unsupported_here(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
+                      default: bool) -> str | None:
+    """The fused path's check for the path registry. Left to choose
+    (``fused=None``), it also gives way to foreach under torch.compile, which
+    traces foreach without the graph break an opaque kernel call makes."""
+    if default and torch.compiler.is_compiling():
+        return "fused=None takes the foreach path under torch.compile"
+    return _unsupported(params, default)
 
 
 def available(params: list[Tensor]) -> bool:
@@ -267,10 +279,11 @@ def fused_step(
     kernel on one thread, on CUDA by the for-loop path. Threads (or the
     foreach path's batching, with weight decay) would interleave the reads
     and writes of the shared elements differently.
-    """
-    from rprop.torch import _paths
-    from rprop.torch._dispatch import mark_written
 
+    What the kernel cannot walk it hands back to the path registry
+    (:func:`rprop.torch._path_registry.run_declined`), which chooses who
+    steps it; this function never picks another path itself.
+    """
     if differentiable:
         raise ValueError("fused=True does not support differentiable=True")
     n = len(params)
@@ -281,13 +294,10 @@ def fused_step(
     pdt, gdt, sdt = params[0].dtype, grads[0].dtype, prevs[0].dtype
     code = CODES.get((pdt, gdt, sdt))
     cuda = params[0].is_cuda
-    if cuda and torch.cuda.is_current_stream_capturing():
-        # The kernel's pointer tables are copied from the host each step,
-        # which a CUDA graph cannot capture; the foreach path can be.
-        _paths.multi_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
-        return
     if code is None:
-        _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
+        # A dtype combination no kernel build has (a gradient in another
+        # dtype than its parameter, say).
+        run_declined("fused", True, params, grads, prevs, step_sizes, prev_updates, **kw)
         return
     if cuda:
         kernel = _triton()
@@ -320,9 +330,11 @@ def fused_step(
         or all(_same_layout(p, g, gdt) for p, g in zip(params, grads, strict=True))
     ):
         if cuda and entry[2]:
-            _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
-        elif cuda:
-            _paths.increment_steps(steps)
+            # Overlapping parameters on CUDA: in order, one after the other.
+            run_declined("fused", True, params, grads, prevs, step_sizes, prev_updates, **kw)
+            return
+        if cuda:
+            increment_steps(steps)
             kernel.step(params, grads, prevs, step_sizes, prev_updates, hyper=hyper,
                         variant=variant, worse=worse)
         else:
@@ -332,11 +344,11 @@ def fused_step(
         mark_written(params)
         return
     if _extents_overlap(params):
-        # Shared memory and a tensor the kernel cannot walk: the for-loop
-        # path's order is the for-loop path.
-        _paths.single_tensor(params, grads, prevs, step_sizes, prev_updates, **kw)
+        # Shared memory and a tensor the kernel cannot walk: all of them in
+        # the for-loop path's order.
+        run_declined("fused", True, params, grads, prevs, step_sizes, prev_updates, **kw)
         return
-    # Some tensors cannot be walked flat: fuse the others, foreach these.
+    # Some tensors cannot be walked flat: fuse the others, hand these back.
     fusable: list[int] = []
     other: list[int] = []
     for i, p in enumerate(params):
@@ -351,10 +363,10 @@ def fused_step(
         sub_pu = sub_states[2] if len(sub_states) == 3 else None
         sub_kw = {**kw, "steps": sub_steps}
         if idx is other:
-            _paths.multi_tensor(sub_params, sub_grads, sub_states[0], sub_states[1], sub_pu,
-                                **sub_kw)
+            run_declined("fused", False, sub_params, sub_grads, sub_states[0], sub_states[1],
+                         sub_pu, **sub_kw)
         elif cuda:
-            _paths.increment_steps(sub_steps)
+            increment_steps(sub_steps)
             kernel.step(sub_params, sub_grads, sub_states[0], sub_states[1], sub_pu,
                         hyper=hyper, variant=variant, worse=worse)
         else:
@@ -387,8 +399,6 @@ def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
     """Run the kernel on ``threads`` threads. ``ptrs`` holds n pointers each of
     params, prevs, step_sizes, [prev_updates,] step counters, grads, in that
     order."""
-    from rprop.torch import _paths
-
     base, word = ptrs.buffer_info()[0], n * ptrs.itemsize
     if not backtracks:
         pu_mode = PU_NONE
@@ -398,7 +408,7 @@ def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
         pu_mode = PU_UNDO if bool(worse) else PU_KEEP
     k = 3 if backtracks else 2  # state arrays after params
     if kind < 0:
-        _paths.increment_steps(steps)
+        increment_steps(steps)
     rc = lib.rprop_fused_step(
         code, n, base, base + (2 + k) * word, base + word, base + 2 * word,
         base + 3 * word if backtracks else None, numels.buffer_info()[0],
@@ -408,3 +418,9 @@ def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
     )
     if rc != 0:
         raise RuntimeError(f"the fused kernel rejected its arguments (code {rc})")
+
+
+# The kernel's pointer tables are copied from the host each step, which a CUDA
+# graph cannot capture (the capture records foreach instead).
+register(Path("fused", fused_step, preference=2, capturable=False,
+              unsupported=_unsupported_here))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from rprop.torch._dispatch import local_tensor
+from rprop.torch._compat import local_tensor
+from rprop.torch._group import describe_param
 
 
 def first_nonfinite(optimizer: Any, checked: list[Any], loss: Tensor | None) -> str | None:
@@ -49,8 +51,6 @@ def _agree_across_ranks(params: list[Tensor], first_bad: int) -> int:
     mesh = next((p.device_mesh for p in params if hasattr(p, "device_mesh")), None)
     if mesh is None:
         return first_bad
-    import torch.distributed as dist
-
     group = mesh.get_group() if mesh.ndim == 1 else None  # None: the default group
     flag = torch.tensor([first_bad], dtype=torch.int64, device=mesh.device_type)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
@@ -60,8 +60,6 @@ def _agree_across_ranks(params: list[Tensor], first_bad: int) -> int:
 def _param_name(optimizer: Any, param: Tensor) -> str:
     """``parameter N`` (its index as state_dict numbers it), with its name
     when the optimizer was given ``named_parameters()``."""
-    from rprop.torch._optimizer import describe_param
-
     i = 0
     for group in optimizer.param_groups:
         for j, p in enumerate(group["params"]):

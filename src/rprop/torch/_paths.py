@@ -10,6 +10,9 @@ Every path has the same signature and the same result, bitwise:
   so it suits ``capturable=True`` (CUDA graphs) and ``torch.compile``;
 * the fused path lives in :mod:`rprop.torch._fused`.
 
+Both register with :mod:`rprop.torch._path_registry`, the for-loop path as
+the reference path that runs every variant feature.
+
 All tensors arrive as real views (complex parameters already split into real
 and imaginary parts). ``worse`` is ``None`` unless the variant needs the loss;
 then it is a 0-dim bool tensor on the group's device.
@@ -25,6 +28,7 @@ from torch import Tensor
 from rprop._core import effective_grad, rprop_update
 from rprop._hyper import Hyper
 from rprop._variants import Variant
+from rprop.torch._path_registry import Path, register
 
 
 def single_tensor(
@@ -133,3 +137,11 @@ def increment_steps(steps: list[Tensor]) -> None:
         torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
     else:
         torch._foreach_add_(steps, 1)
+
+
+# The reference path: every variant feature, differentiable=True, CUDA graphs
+# and torch.compile.
+register(Path("for-loop", single_tensor, preference=0, differentiable=True))
+# foreach: no host synchronisation and no mask indexing, so it captures and
+# compiles too.
+register(Path("foreach", multi_tensor, preference=1))
