@@ -26,8 +26,9 @@ from rprop.torch._group import (
     describe_param,
     state_dtype_for,
 )
+from rprop.torch._nonfinite import first_nonfinite
 from rprop.torch._path_registry import choose
-from rprop.torch._tensors import real_views
+from rprop.torch._tensors import mark_written, real_views
 
 __all__ = ["LrChangeWarning", "LrSeedWarning", "Rprop"]
 
@@ -167,6 +168,9 @@ class Rprop(Optimizer):
         self._warned_lr = False
         self._warned_seed = False
         self._checked: dict[tuple[Any, ...], tuple[Hyper, Variant]] = {}
+        # Which path stepped each bucket (one device and dtype of a group) in
+        # the last step: a diagnostic, e.g. ("fused",).
+        self.last_paths: tuple[str, ...] = ()
         self._fits: set[tuple[Hyper, torch.dtype]] = set()
         super().__init__(params, defaults)
 
@@ -205,6 +209,7 @@ class Rprop(Optimizer):
         self.__dict__.setdefault("_warned_lr", False)
         self.__dict__.setdefault("_warned_seed", False)
         self.__dict__.setdefault("_checked", {})
+        self.__dict__.setdefault("last_paths", ())
         self.__dict__.setdefault("_fits", set())
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -399,12 +404,14 @@ class Rprop(Optimizer):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             return loss
+        ran = []
         for group, hyper, variant, buckets in work:
             self._warn_if_lr_changed(group)
             for bucket in buckets:
-                self._step_bucket(group, hyper, variant, bucket, loss_t)
+                ran.append(self._step_bucket(group, hyper, variant, bucket, loss_t))
             if loss_t is not None and variant.needs_loss:
-                self._remember_loss(group, -loss_t if hyper.maximize else loss_t)
+                self._remember_loss(group, signed_loss(loss_t, hyper))
+        self.last_paths = tuple(ran)
         return loss
 
     def _remember_loss(self, group: dict[str, Any], signed: Tensor) -> None:
@@ -447,13 +454,14 @@ class Rprop(Optimizer):
 
     def _step_bucket(
         self, group: dict[str, Any], hyper: Hyper, variant: Variant, b: _Bucket, loss: Any
-    ) -> None:
+    ) -> str:
         # A plain bucket shares device, dtypes and tensor type: its first
         # tensors speak for all of them when choosing the path.
         if b.plain:
-            path = choose(group, variant, b.params[:1], b.grads[:1], b.prevs[:1]).step
+            chosen = choose(group, variant, b.params[:1], b.grads[:1], b.prevs[:1])
         else:
-            path = choose(group, variant, b.params, b.grads, b.prevs).step
+            chosen = choose(group, variant, b.params, b.grads, b.prevs)
+        path = chosen.step
         grads = b.grads
         if b.prevs[0].dtype != b.params[0].dtype:
             # Higher-precision state (state_dtype): the arithmetic runs in the
@@ -479,6 +487,7 @@ class Rprop(Optimizer):
         )
         if not b.plain and not {type(p) for p in b.params} <= PLAIN_TYPES:
             mark_written(b.params)  # the paths wrote the DTensors' local shards
+        return chosen.name
 
     def _finite_or_handled(self, work: list[Any], loss: Tensor | None) -> bool:
         """Apply the groups' ``nonfinite`` policy; False means skip this step.
@@ -486,8 +495,6 @@ class Rprop(Optimizer):
         A group checks its own gradients, and the loss when its variant uses
         it; "raise" groups are checked first, so a "skip" group's NaN skips
         the step rather than raising for another group."""
-        from rprop.torch._nonfinite import first_nonfinite
-
         for mode in ("raise", "skip"):
             groups = [(g, v, bs) for g, _, v, bs in work if g["nonfinite"] == mode]
             if not groups:
