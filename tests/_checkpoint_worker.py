@@ -23,8 +23,8 @@ import torch
 from rprop.torch import fit
 
 MARK_AT = 3
-SLOW = 0.1
-EPOCHS = 12  # the resumed runs' length; a signalled run stops long before
+SLOW = 0.2
+EPOCHS = 30  # the resumed runs' length; a signalled run stops long before
 NEVER = 100_000
 
 
