@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rprop.torch._compat import local_tensor
+from rprop.torch._compat import fsdp_param_groups, local_tensor
 from rprop.torch._rank_check import check_ranks_agree, describe_params
 
 __all__ = ["full_batch_backward"]
@@ -174,9 +174,10 @@ def check_options(bucket_cap_mb: Any, fsdp_sync_each_batch: Any) -> None:
 class _Totals:
     """Local loss sum and sample count, kept on the device (no host sync).
 
-    Counts are checked as they come: a Python number at once, a tensor on the
-    device (the index and value of the first bad one are kept in tensors, read
-    only when the end-of-call synchronisation shows there is one).
+    A Python count is checked at once. A tensor count is copied into a
+    device buffer (8 bytes a batch, one small copy: no host sync), checked in
+    one pass at the end; the index and value of the first bad one are read
+    only when the end-of-call synchronisation shows there is one.
     """
 
     def __init__(self, device: torch.device, defer_errors: bool) -> None:
@@ -186,7 +187,8 @@ class _Totals:
         self.count: Any = 0
         self.batches = 0  # batches added with weight 1
         self.bad_number: tuple[int, float] | None = None  # first bad Python count
-        self.bad_tensor: tuple[Tensor, Tensor] | None = None  # (index or -1, value)
+        self.tensor_counts: Tensor | None = None  # grows by doubling
+        self.tensor_batches: list[int] = []  # the batch of each tensor count
 
     def add(self, out: Any, weight: int) -> None:
         """Backward the batch's loss sum (times ``weight``, 0 or 1), add it up."""
@@ -196,7 +198,7 @@ class _Totals:
             self.loss += total.detach().to(device=self.device, dtype=torch.float64)
             if isinstance(count, Tensor):
                 count = count.detach().to(device=self.device, dtype=torch.float64).reshape(())
-                self._check_tensor(count)
+                self._keep(count)
             elif not (math.isfinite(count) and count >= 0) and self.bad_number is None:
                 self.bad_number = (self.batches, count)
                 if not self.defer_errors:
@@ -206,17 +208,23 @@ class _Totals:
         else:  # a zero-weight pass, only to line collectives up (FSDP2)
             (total * 0).backward()
 
-    def _check_tensor(self, count: Tensor) -> None:
-        # NaN fails both comparisons.
-        bad = ~((count >= 0) & (count < math.inf))
-        if self.bad_tensor is None:
-            index = torch.where(bad, self.batches, -1)
-            self.bad_tensor = (index, count)
-            return
-        index, value = self.bad_tensor
-        first = bad & (index < 0)
-        self.bad_tensor = (torch.where(first, self.batches, index),
-                           torch.where(first, count, value))
+    def _keep(self, count: Tensor) -> None:
+        n = len(self.tensor_batches)
+        kept = self.tensor_counts
+        if kept is None or n == len(kept):
+            grown = torch.empty(max(64, 2 * n), dtype=torch.float64, device=self.device)
+            if kept is not None:
+                grown[:n].copy_(kept)
+            self.tensor_counts = kept = grown
+        kept[n] = count
+        self.tensor_batches.append(self.batches)
+
+    def _bad_tensor_counts(self) -> Tensor | None:
+        """Mask of the kept tensor counts that are not finite and >= 0."""
+        if self.tensor_counts is None:
+            return None
+        kept = self.tensor_counts[:len(self.tensor_batches)]
+        return ~((kept >= 0) & (kept < math.inf))  # NaN fails both
 
     def stats(self) -> Tensor:
         """``[loss sum, count, 1 if a count was bad else 0]``, float64 (summed over ranks)."""
@@ -224,8 +232,9 @@ class _Totals:
         if not isinstance(count, Tensor):
             count = torch.tensor(float(count), dtype=torch.float64, device=self.device)
         flag = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self.bad_tensor is not None:
-            flag = (self.bad_tensor[0] >= 0).to(torch.float64)
+        bad = self._bad_tensor_counts()
+        if bad is not None:
+            flag = bad.any().to(torch.float64)
         if self.bad_number is not None:
             flag = torch.ones((), dtype=torch.float64, device=self.device)
         return torch.stack([self.loss, count.reshape(()), flag])
@@ -235,8 +244,10 @@ class _Totals:
         found = []
         if self.bad_number is not None:
             found.append(self.bad_number)
-        if self.bad_tensor is not None and int(self.bad_tensor[0]) >= 0:
-            found.append((int(self.bad_tensor[0]), float(self.bad_tensor[1])))
+        bad, kept = self._bad_tensor_counts(), self.tensor_counts
+        if bad is not None and kept is not None and bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            found.append((self.tensor_batches[i], float(kept[i])))
         return min(found) if found else None
 
     def raise_bad_count(self, group: Any) -> None:
@@ -544,7 +555,7 @@ def _fsdp_sum_reduction(modules: list[Any]) -> list[list[tuple[Any, Any]]]:
     """
     saved = []
     for m in modules:
-        groups = m._get_fsdp_state()._fsdp_param_groups
+        groups = fsdp_param_groups(m)
         saved.append([(getattr(g, "gradient_divide_factor", None),
                        getattr(g, "force_sum_reduction_for_comms", False)) for g in groups])
         m.set_gradient_divide_factor(1.0)
@@ -554,7 +565,7 @@ def _fsdp_sum_reduction(modules: list[Any]) -> list[list[tuple[Any, Any]]]:
 
 def _fsdp_restore(modules: list[Any], saved: list[list[tuple[Any, Any]]]) -> None:
     for m, settings in zip(modules, saved, strict=True):
-        groups = m._get_fsdp_state()._fsdp_param_groups
+        groups = fsdp_param_groups(m)
         for g, (factor, force_sum) in zip(groups, settings, strict=True):
             g.gradient_divide_factor = factor
             g.force_sum_reduction_for_comms = force_sum
