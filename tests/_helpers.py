@@ -25,3 +25,19 @@ def torch_grad_like(p: torch.Tensor, t: int, gen: torch.Generator) -> torch.Tens
     if t % 17 == 0:
         g = g * 1e3
     return torch.view_as_complex(g.contiguous()) if p.is_complex() else g
+
+
+ZERO_STEP = 5  # the step at which every gradient is exactly 0
+
+
+def flippy_grads(params: list[np.ndarray], t: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """flippy_grad for a list of NumPy arrays (complex ones get independent
+    real and imaginary parts), and all zeros at step ``ZERO_STEP``."""
+    out = []
+    for w in params:
+        if np.iscomplexobj(w):
+            g = flippy_grad(w.real, t, rng) + 1j * flippy_grad(w.imag, t, rng)
+        else:
+            g = flippy_grad(w, t, rng)
+        out.append(g * 0 if t == ZERO_STEP else g)
+    return out

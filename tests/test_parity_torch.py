@@ -1,4 +1,8 @@
-"""rprop.Rprop (default variant) against torch.optim.Rprop: bitwise, always."""
+"""rprop.Rprop (default variant, iRprop-) against torch.optim.Rprop: bitwise,
+on every path of the table, both of torch's implementations as the oracle,
+and state_dicts moving between the two both ways."""
+
+from __future__ import annotations
 
 import copy
 
@@ -6,78 +10,60 @@ import pytest
 import torch
 
 import rprop
-from _helpers import torch_grad_like
-from rprop.torch import _fused
-
-PATHS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "default": {}}
-if _fused.available([torch.zeros(1)]):
-    PATHS["fused"] = {"fused": True}
-
-
-def make_params(dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cdt = torch.complex64 if dtype == torch.float32 else torch.complex128
-    return [
-        torch.randn(17, dtype=dtype, generator=g),
-        torch.randn(3, 4, dtype=dtype, generator=g),
-        torch.randn((), dtype=dtype, generator=g),
-        torch.randn(5, dtype=cdt, generator=g),
-        torch.randn(6, dtype=dtype, generator=g),  # never gets a gradient
-        torch.randn(7, dtype=dtype, generator=g),  # gets one every other step
-        torch.randn(0, dtype=dtype, generator=g),  # empty
-    ]
-
-
-def groups_for(params, tensor_lr=False):
-    lr = torch.tensor(0.03, dtype=torch.float64) if tensor_lr else 0.03
-    return [
-        {"params": params[:2], "lr": lr},
-        {"params": params[2:4], "lr": 3.0, "step_sizes": (1e-4, 0.5), "etas": (0.3, 1.5)},
-        {"params": params[4:6], "lr": 1e-7, "step_sizes": (1e-3, 2.0), "maximize": True},
-        {"params": params[6:]},
-    ]
-
-
-def drive(opts, params_sets, steps, gen_seed=1):
-    gen = torch.Generator().manual_seed(gen_seed)
-    for t in range(steps):
-        grads = []
-        for i, p in enumerate(params_sets[0]):
-            if i == 4 or (i == 5 and t % 2):
-                grads.append(None)
-            else:
-                grads.append(torch_grad_like(p, t, gen))
-        for opt, params in zip(opts, params_sets):
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.clone()
-            opt.step()
-
-
-def assert_same(params_a, params_b, opt_a, opt_b):
-    for i, (a, b) in enumerate(zip(params_a, params_b)):
-        assert torch.equal(a, b), f"param {i} differs"
-        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
-        assert sa.keys() <= sb.keys(), f"param {i}: state keys {sa.keys()} vs {sb.keys()}"
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), f"param {i}: state {k!r} differs"
-            assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device
-
-
-def fresh(params):
-    return [p.detach().clone().requires_grad_() for p in params]
+from _table import (
+    DTYPES,
+    FULL,
+    HALF,
+    PATHS,
+    TORCH_PATHS,
+    assert_same,
+    drive,
+    fresh,
+    groups_for,
+    groups_warning,
+    make_params,
+)
 
 
 @pytest.mark.parametrize("tensor_lr", [False, True])
 @pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", FULL)
 def test_bitwise_parity_with_torch(dtype, path, tensor_lr):
-    base = make_params(dtype)
-    a, b = fresh(base), fresh(base)
-    ref = torch.optim.Rprop(groups_for(a, tensor_lr), foreach=path == "foreach")
-    ours = rprop.Rprop(groups_for(b, tensor_lr), **PATHS[path])
-    with pytest.warns(rprop.LrSeedWarning, match="below step_min"):  # group 2's lr=1e-7
-        drive([ref, ours], [a, b], steps=300)
-    assert_same(a, b, ref, ours)
+    """Four param groups (maximize, lr below step_min, lr above step_max, odd
+    etas), complex, 0-d, empty and non-contiguous parameters, gradients that
+    are missing, 300 steps: every parameter and state tensor bit for bit
+    equal to torch.optim.Rprop's, for its for-loop and its foreach
+    implementation alike."""
+    base = make_params(DTYPES[dtype])
+    sets = {name: fresh(base) for name in (*TORCH_PATHS, "ours")}
+    opts = {name: torch.optim.Rprop(groups_for(sets[name], tensor_lr=tensor_lr), **kw)
+            for name, kw in TORCH_PATHS.items()}
+    opts["ours"] = rprop.Rprop(groups_for(sets["ours"], tensor_lr=tensor_lr), **PATHS[path])
+    with groups_warning():
+        drive(list(opts.values()), list(sets.values()), steps=300)
+    for name in TORCH_PATHS:
+        assert_same(sets[name], sets["ours"], opts[name], opts["ours"], same_keys=False)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", HALF)
+def test_bitwise_parity_with_torch_in_half_precision(dtype, path):
+    """torch multiplies step sizes by eta held in the parameter's dtype
+    (bfloat16(1.2) = 1.203125); so do all of rprop's paths."""
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(40, generator=g).to(DTYPES[dtype]),
+            torch.randn(3, 5, generator=g).to(DTYPES[dtype])]
+
+    def groups(ps):
+        return [{"params": ps[:1]}, {"params": ps[1:], "lr": 0.3, "step_sizes": (1e-3, 1.0),
+                                     "maximize": True}]
+
+    sets = {name: fresh(base) for name in (*TORCH_PATHS, "ours")}
+    opts = {name: torch.optim.Rprop(groups(sets[name]), **kw) for name, kw in TORCH_PATHS.items()}
+    opts["ours"] = rprop.Rprop(groups(sets["ours"]), **PATHS[path])
+    drive(list(opts.values()), list(sets.values()), steps=200)
+    for name in TORCH_PATHS:
+        assert_same(sets[name], sets["ours"], opts[name], opts["ours"], same_keys=False)
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
@@ -89,14 +75,14 @@ def test_state_dict_torch_to_rprop_and_back(path):
     drive([ref], [a], steps=40)
     # torch -> rprop: load into a fresh optimizer over copies of torch's params.
     with torch.no_grad():
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             y.copy_(x)
     loaded = copy.deepcopy(ref.state_dict())
     snapshot = copy.deepcopy(loaded)
     ours.load_state_dict(loaded)
-    assert_same(a, b, ref, ours)
-    drive([ref, ours], [a, b], steps=60, gen_seed=7)
-    assert_same(a, b, ref, ours)
+    assert_same(a, b, ref, ours, same_keys=False)
+    drive([ref, ours], [a, b], steps=60, seed=7)
+    assert_same(a, b, ref, ours, same_keys=False)
     # The dict we loaded from is untouched by later steps (state was copied in).
     for k, v in snapshot["state"].items():
         for key in v:
@@ -106,8 +92,8 @@ def test_state_dict_torch_to_rprop_and_back(path):
     back = torch.optim.Rprop(groups_for(c))
     # torch's loader aliases the tensors it is given, so hand it a copy.
     back.load_state_dict(copy.deepcopy(ours.state_dict()))
-    drive([ours, back], [b, c], steps=60, gen_seed=9)
-    assert_same(c, b, back, ours)
+    drive([ours, back], [b, c], steps=60, seed=9)
+    assert_same(c, b, back, ours, same_keys=False)
 
 
 def test_state_dict_layout_matches_torch():
@@ -168,41 +154,6 @@ def test_differentiable_matches_torch():
     assert torch.equal(wa, wb) and torch.equal(ga, gb)
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("variant", ["rprop-", "rprop+", "irprop-"])
-def test_gradient_sharing_memory_with_the_parameter(path, variant):
-    # f = |p|^2 / 2 has gradient p: a caller may pass p's own storage as grad.
-    def run(alias):
-        p = torch.tensor([0.005, -0.3, 2.0], dtype=torch.float64, requires_grad=True)
-        opt = rprop.Rprop([p], variant=variant, **PATHS[path])
-        for _ in range(6):
-            p.grad = p.detach() if alias else p.detach().clone()
-            opt.step()
-        return p.detach().clone(), opt.state[p]["step_size"].clone()
-
-    (pa, sa), (pb, sb) = run(True), run(False)
-    assert torch.equal(pa, pb) and torch.equal(sa, sb)
-
-
-@pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_bitwise_parity_with_torch_in_half_precision(dtype, path):
-    # torch multiplies step sizes by eta held in the parameter's dtype
-    # (bfloat16(1.2) = 1.203125); so do all of rprop's paths.
-    g = torch.Generator().manual_seed(0)
-    base = [torch.randn(40, generator=g).to(dtype), torch.randn(3, 5, generator=g).to(dtype)]
-    a, b = fresh(base), fresh(base)
-
-    def groups(ps):
-        return [{"params": ps[:1]}, {"params": ps[1:], "lr": 0.3, "step_sizes": (1e-3, 1.0),
-                                     "maximize": True}]
-
-    ref = torch.optim.Rprop(groups(a), foreach=path == "foreach")
-    ours = rprop.Rprop(groups(b), **PATHS[path])
-    drive([ref, ours], [a, b], steps=200)
-    assert_same(a, b, ref, ours)
-
-
 def test_graph_capture_with_capturable_false_is_refused_as_by_torch(monkeypatch):
     """Capturing step() in a CUDA graph with capturable=False raises torch's
     error (simulated capture: the check only asks the accelerator's stream)."""
@@ -253,10 +204,9 @@ def test_an_eta_that_rounds_to_zero_is_the_papers_not_torchs():
     kw = {"lr": 0.01, "etas": (1e-8, 1.2), "step_sizes": (1e-6, 50.0)}
     grown = (torch.tensor(0.01, dtype=torch.float16) * torch.tensor(1.2, dtype=torch.float16))
     floor = torch.tensor(1e-6, dtype=torch.float16)
-    for make, extra, want in ((torch.optim.Rprop, {}, grown),
-                              (rprop.Rprop, {"foreach": False}, floor),
-                              (rprop.Rprop, {"foreach": True}, floor),
-                              (rprop.Rprop, {"fused": True}, floor)):
+    runs = [(torch.optim.Rprop, {}, grown)] + [(rprop.Rprop, extra, floor)
+                                               for extra in PATHS.values()]
+    for make, extra, want in runs:
         p = torch.zeros(1, dtype=torch.float16, requires_grad=True)
         opt = make([p], **kw, **extra)
         for g in (1.0, 1.0, -1.0):
