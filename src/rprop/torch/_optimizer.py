@@ -87,9 +87,24 @@ class Rprop(Optimizer):
         lr: initial step size Δ0 (float or 1-element Tensor). It only *seeds*
             the step sizes: changing it later (an LR scheduler) has no effect
             on them, as in torch; a one-time :class:`LrChangeWarning` says so,
-            and :meth:`rescale_step_sizes` rescales them explicitly.
+            and :meth:`rescale_step_sizes` rescales them explicitly. Step
+            sizes seeded from ``lr = 0`` or ``lr < step_min`` start at
+            ``step_min`` (a warmup schedule starting at 0 never reaches
+            them): a one-time :class:`LrSeedWarning` says so.
         etas: ``(eta_minus, eta_plus)``, with ``0 < eta_minus < 1 < eta_plus``.
-        step_sizes: ``(step_min, step_max)``, with ``0 <= step_min <= step_max``.
+        step_sizes: ``(step_min, step_max)``, with ``0 <= step_min <= step_max``
+            (``step_max = inf``: no upper bound).
+
+            ``lr``, ``eta_plus``, ``step_min``, a finite ``step_max`` and
+            ``weight_decay`` must be finite in the dtype the step computes
+            in (the state's: the parameter's, or ``state_dtype``): a value
+            past its largest number (``lr=1e39`` for float32, ``7e4`` for
+            float16) is refused with a ValueError naming the value and the
+            dtype, at construction, on :meth:`load_state_dict` and, for
+            values changed in ``param_groups``, at the step, before anything
+            changes. Such a value would round to inf in some of the
+            arithmetic and not in the rest, and each path would step it
+            differently; refused, every path behaves the same.
         variant: ``"irprop-"`` (default, torch's), ``"irprop+"``, ``"rprop+"``
             or ``"rprop-"``. ``"irprop+"`` needs the loss at each step:
             ``step(closure)`` or ``step(loss=...)``.
@@ -115,7 +130,10 @@ class Rprop(Optimizer):
             quantize (in float16, ``g_prev * g`` underflows to 0 for gradients
             below ~2e-4, and Rprop stops adapting), and each update is computed
             in float32 and rounded once into the parameter. Recommended for
-            half-precision parameters.
+            half-precision parameters. A ``state_dtype`` that cannot hold a
+            real parameter's values (float16 for float32 parameters, float32
+            for float64 ones) is refused with a ValueError; complex
+            parameters keep their own dtype.
 
     Example:
         >>> import torch, rprop
