@@ -161,7 +161,7 @@ def full_batch_backward(
 def check_options(bucket_cap_mb: Any, fsdp_sync_each_batch: Any) -> None:
     """The options of :func:`full_batch_backward` (also checked up front by ``fit``)."""
     if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
-            or not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb))):
+            or not (float(bucket_cap_mb) > 0 and math.isfinite(bucket_cap_mb))):
         raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
     if not isinstance(fsdp_sync_each_batch, bool):
         raise TypeError(f"fsdp_sync_each_batch must be True or False, got "
