@@ -270,4 +270,4 @@ def test_a_path_never_runs_a_variant_feature_it_does_not_declare():
                 assert opt.last_paths != ("partial",) and name not in calls, name
     finally:
         _path_registry.unregister("partial")
-    assert sorted(set(calls)) == ["irprop-"]
+    assert sorted(set(calls)) == ["irprop-", "rprop-"]

@@ -18,6 +18,19 @@ variant           undo        forget  source
 ``"irprop+"``     if_worse    yes     Igel & Hüsken 2000/2003
 ================  ==========  ======  =========================================
 
+Two more variants add a whole-step phase to Rprop- (``undo="never"``, no
+forgetting): the globally convergent Rprop (GRprop) of Anastasiadis, Magoulas
+& Vrahatis 2005, as R's ``neuralnet`` implements it (``algorithm="sag"`` and
+``"slr"``). After the step sizes adapt, one of them, chosen over *all*
+parameters (the smallest |gradient| for ``"sag"``, the smallest step size
+for ``"slr"``), is replaced by a value computed from all the others
+(:func:`rprop._core.grprop_adjust`); ``adjust`` declares it.
+
+================  ==========  ======  =========================================
+``"grprop-sag"``  never       no      neuralnet ``algorithm="sag"``
+``"grprop-slr"``  never       no      neuralnet ``algorithm="slr"``
+================  ==========  ======  =========================================
+
 A :class:`Variant` is the one declaration every front, checkpoint check and
 fast path reads: the per-array state it needs (:attr:`Variant.state_keys`),
 whether it needs the loss, and the features a fast path must implement to
@@ -34,14 +47,21 @@ from typing import Literal
 
 Undo = Literal["never", "always", "if_worse"]
 UNDO_MODES: tuple[Undo, ...] = ("never", "always", "if_worse")
+Adjust = Literal["sag", "slr"]
+# GRprop's whole-step phase: which coordinate's step size is recomputed.
+ADJUST_MODES: tuple[Adjust, ...] = ("sag", "slr")
 
 # Per-array state every variant keeps (torch.optim.Rprop's names): the
 # gradient remembered for the sign test, and the step sizes.
 BASE_STATE = ("prev", "step_size")
 # The update to take back, kept by the backtracking variants.
 UNDO_STATE = "prev_update"
+# E(t-1), the loss before this step (one number), kept by the variants that
+# need the loss.
+LOSS_STATE = "prev_loss"
 # Every feature the core implements; a variant's features are a subset.
-FEATURES = frozenset({f"undo={mode}" for mode in UNDO_MODES} | {"forget"})
+FEATURES = frozenset({f"undo={mode}" for mode in UNDO_MODES} | {"forget"}
+                     | {f"adjust={mode}" for mode in ADJUST_MODES})
 
 
 @dataclass(frozen=True)
@@ -49,12 +69,15 @@ class Variant:
     """One Rprop variant: its name and what it does on a sign flip.
 
     ``undo`` is ``"never"``, ``"always"`` or ``"if_worse"``; ``forget``
-    whether the stored gradient is zeroed where the sign flipped.
+    whether the stored gradient is zeroed where the sign flipped; ``adjust``
+    (``None``, ``"sag"`` or ``"slr"``) GRprop's whole-step phase, which
+    builds on Rprop- only (``undo="never"``, ``forget=False``), as neuralnet's.
     """
 
     name: str
     undo: Undo
     forget: bool
+    adjust: Adjust | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -63,6 +86,18 @@ class Variant:
             raise ValueError(f"Variant undo must be one of {UNDO_MODES}, got {self.undo!r}")
         if not isinstance(self.forget, bool):
             raise TypeError(f"Variant forget must be a bool, got {self.forget!r}")
+        if self.adjust is not None:
+            if self.adjust not in ADJUST_MODES:
+                raise ValueError(
+                    f"Variant adjust must be None or one of {ADJUST_MODES}, got {self.adjust!r}")
+            # The adjustment recomputes a step size from this step's gradients
+            # and moves every coordinate by it: a forgotten gradient or an
+            # undone update has no step of this step to adjust.
+            if self.undo != "never" or self.forget:
+                raise ValueError(
+                    f"Variant adjust={self.adjust!r} (GRprop) builds on Rprop-: it needs "
+                    f"undo='never' and forget=False, got undo={self.undo!r}, "
+                    f"forget={self.forget!r}")
 
     @property
     def backtracks(self) -> bool:
@@ -82,9 +117,11 @@ class Variant:
     @property
     def features(self) -> frozenset[str]:
         """What a path must implement to run this variant: the elementwise
-        rule's flags. A fast path runs a variant only if it declares all of
-        them; anything else falls back to the reference path."""
-        return frozenset({f"undo={self.undo}"} | ({"forget"} if self.forget else set()))
+        rule's flags and the whole-step phase. A fast path runs a variant only
+        if it declares all of them; anything else falls back to the reference
+        path."""
+        return frozenset({f"undo={self.undo}"} | ({"forget"} if self.forget else set())
+                         | ({f"adjust={self.adjust}"} if self.adjust else set()))
 
 
 CLASSIC: tuple[Variant, ...] = (
@@ -94,9 +131,17 @@ CLASSIC: tuple[Variant, ...] = (
     Variant("irprop-", undo="never", forget=True),
 )
 
-# Every variant a name can be looked up for: the classic four, then those
-# registered. Keys are lower-case names.
-VARIANTS: dict[str, Variant] = {v.name: v for v in CLASSIC}
+# GRprop, as R's neuralnet has it (algorithm="sag" / "slr").
+GRPROP: tuple[Variant, ...] = (
+    Variant("grprop-sag", undo="never", forget=False, adjust="sag"),
+    Variant("grprop-slr", undo="never", forget=False, adjust="slr"),
+)
+
+# Every variant a name can be looked up for: the classic four, GRprop, then
+# those registered. Keys are lower-case names.
+VARIANTS: dict[str, Variant] = {v.name: v for v in CLASSIC + GRPROP}
+# The names rprop itself defines, as error messages list them.
+BUILTIN_NAMES = sorted(VARIANTS)
 
 
 def _key(name: str) -> str:
@@ -132,13 +177,15 @@ def get_variant(name: str | Variant) -> Variant:
         return register_variant(name)
     if not isinstance(name, str):
         raise TypeError(
-            f"variant must be a string, one of {sorted(VARIANTS)}, or a rprop.Variant; "
-            f"got {type(name).__name__}"
+            f"variant must be a string, one of {BUILTIN_NAMES}, or a "
+            f"rprop.Variant; got {type(name).__name__}"
         )
     try:
         return VARIANTS[_key(name)]
     except KeyError:
+        registered = sorted(set(VARIANTS) - set(BUILTIN_NAMES))
+        also = f", a registered name {registered}" if registered else ""
         raise ValueError(
-            f"variant must be one of {sorted(VARIANTS)} (case-insensitive), or a "
+            f"variant must be one of {BUILTIN_NAMES} (case-insensitive){also}, or a "
             f"rprop.Variant; got {name!r}"
         ) from None

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
-from rprop._variants import get_variant
+from rprop._variants import BASE_STATE, LOSS_STATE, UNDO_STATE, get_variant
+from rprop.torch._compat import get_scalar_dtype
 from rprop.torch._group import (
     check_fits_dtype,
     check_group,
@@ -18,10 +18,11 @@ from rprop.torch._group import (
     state_dtype_for,
 )
 
-# Per-parameter state keys: torch.optim.Rprop's, then our variants' extras.
-REQUIRED = ("step", "prev", "step_size")
-LIKE_PARAM = ("prev", "step_size", "prev_update")
-SCALAR = ("step", "prev_loss")
+# Per-parameter state keys: torch.optim.Rprop's (its step counter, then the
+# state every variant keeps), the arrays a variant may keep, the scalars.
+REQUIRED = ("step", *BASE_STATE)
+LIKE_PARAM = (*BASE_STATE, UNDO_STATE)
+SCALAR = ("step", LOSS_STATE)
 
 
 def prepare_state_dict(
@@ -102,7 +103,8 @@ def _check_entry(
     if saver_had_variant:
         # Saved by rprop.Rprop with this variant: its extras must be there.
         # A torch.optim.Rprop state has none; they start fresh on the next step.
-        needed += ["prev_update"] * variant.backtracks + ["prev_loss"] * variant.needs_loss
+        needed += [k for k in variant.state_keys if k not in needed]
+        needed += [LOSS_STATE] * variant.needs_loss
     missing = [k for k in needed if k not in entry]
     if missing:
         raise ValueError(f"state of {where} lacks {missing} (needed by variant {variant.name!r})")
@@ -114,7 +116,7 @@ def _check_entry(
         if not isinstance(value, Tensor):
             if key == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 # a plain number, as old torch states have; torch makes it a tensor
-                value = torch.tensor(float(value), dtype=_get_scalar_dtype())
+                value = torch.tensor(float(value), dtype=get_scalar_dtype())
             else:
                 raise ValueError(f"state {key!r} of {where} must be a tensor, got {type(value)}")
         if key in LIKE_PARAM:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from rprop._hyper import Hyper
 from rprop._variants import Variant
-from rprop.torch._compat import PLAIN_TYPES, local_tensor
+from rprop.torch._compat import PLAIN_TYPES, local_tensor, view_base
 from rprop.torch._kernel_cache import CODES, REAL_OF, kernel_info, load_library
 from rprop.torch._path_registry import Path, register, run_declined
 from rprop.torch._paths import increment_steps
@@ -178,7 +178,7 @@ def _watch(key: tuple[int, bytes, bytes], tensors: list[Tensor]) -> list[Any]:
 
     refs = []
     for t in tensors:
-        base = t._base
+        base = view_base(t)
         refs.append(weakref.ref(base if base is not None and base.is_complex() else t, forget))
     return refs
 

@@ -7,17 +7,23 @@ import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
+from torch.optim.optimizer import Optimizer
 
-from rprop._core import loss_went_up, signed_loss
+from rprop._core import FIRST_PREV_LOSS, init_state, loss_went_up, signed_loss
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper, real_number
-from rprop._variants import Variant, get_variant
+from rprop._variants import LOSS_STATE, Variant, get_variant
 from rprop.torch._checkpoint import prepare_state_dict
-from rprop.torch._compat import PLAIN_TYPES
+from rprop.torch._compat import (
+    PLAIN_TYPES,
+    get_scalar_dtype,
+    graph_capture_health_check,
+    use_grad_for_differentiable,
+    version,
+)
 from rprop.torch._fused import forget_layouts
 from rprop.torch._group import (
     check_fits_dtype,
@@ -32,17 +38,6 @@ from rprop.torch._tensors import mark_written, real_views
 
 __all__ = ["LrChangeWarning", "LrSeedWarning", "Rprop"]
 
-# Keys of the saved state, per parameter. torch.optim.Rprop has the first three.
-TORCH_KEYS = ("step", "prev", "step_size")
-
-
-
-
-# torch's check that a CUDA graph capture has capturable=True, under its
-# current name or (older torch) its CUDA-only one; looked up once.
-_graph_capture_health_check = getattr(
-    Optimizer, "_accelerator_graph_capture_health_check", None
-) or Optimizer._cuda_graph_capture_health_check
 
 
 class _Bucket:
@@ -290,9 +285,7 @@ class Rprop(Optimizer):
             )
         all_states = self.state
         states = [all_states[p] for p in params]
-        if not (all(states)
-                and (not variant.backtracks or all("prev_update" in s for s in states))
-                and (not variant.needs_loss or all("prev_loss" in s for s in states))):
+        if not (all(states) and all(k in s for k in _needed(variant) for s in states)):
             self._complete_states(group, variant, params, grads, states)
         if (len({p.dtype for p in params}) == 1 and len({g.dtype for g in grads}) == 1
                 and all(p.is_cpu for p in params)):
@@ -311,14 +304,19 @@ class Rprop(Optimizer):
         fresh_losses: list[Tensor] = []
         for p, grad, state in zip(params, grads, states, strict=True):
             if not state:
-                self._init_state(p, grad, state, group)
-            if variant.backtracks and "prev_update" not in state:
-                state["prev_update"] = torch.zeros_like(
-                    p, dtype=state_dtype_for(p, group), memory_format=torch.preserve_format
+                # torch.optim.Rprop's counter, first, as torch orders the keys.
+                state["step"] = torch.zeros(
+                    (), dtype=get_scalar_dtype(),
+                    device=p.device if group["capturable"] else torch.device("cpu"),
                 )
-            if variant.needs_loss and "prev_loss" not in state:
-                state["prev_loss"] = torch.tensor(math.inf, dtype=_loss_dtype(p), device=p.device)
-                fresh_losses.append(state["prev_loss"])
+            missing = [k for k in variant.state_keys if k not in state]
+            if missing:
+                fresh = _fresh_state(p, grad, group, variant)
+                state.update((k, fresh[k]) for k in missing)
+            if variant.needs_loss and LOSS_STATE not in state:
+                state[LOSS_STATE] = torch.tensor(FIRST_PREV_LOSS, dtype=_loss_dtype(p),
+                                                 device=p.device)
+                fresh_losses.append(state[LOSS_STATE])
         if fresh_losses:
             # E(t-1) is one number for the whole optimizer: a parameter joining
             # later (first gradient, add_param_group) takes the current one.
@@ -356,27 +354,9 @@ class Rprop(Optimizer):
                 return st["prev_loss"]
         return None
 
-    @staticmethod
-    def _init_state(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """torch.optim.Rprop's initial state (in ``state_dtype`` if asked)."""
-        state["step"] = torch.zeros(
-            (), dtype=_get_scalar_dtype(),
-            device=p.device if group["capturable"] else torch.device("cpu"),
-        )
-        sdt = state_dtype_for(p, group)
-        state["prev"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-        lr = group["lr"]
-        if p.is_complex():
-            # Real and imaginary parts are independent reals, as in torch.
-            state["step_size"] = torch.full_like(grad, complex(lr, lr), dtype=sdt)
-        else:
-            # full_like takes a 0-dim Tensor lr as well (torch's _to_scalar).
-            fill = cast(float, lr.squeeze() if isinstance(lr, Tensor) else lr)
-            state["step_size"] = torch.full_like(grad, fill, dtype=sdt)
-
     # -- the step -----------------------------------------------------------
 
-    @_use_grad_for_differentiable
+    @use_grad_for_differentiable
     def step(
         self, closure: Callable[[], Any] | None = None, *, loss: Any = None
     ) -> Any:
@@ -396,7 +376,7 @@ class Rprop(Optimizer):
             raise ValueError("step() takes the loss from closure or from loss=, not both")
         # As torch's optimizers: capturing a CUDA graph with capturable=False
         # is an error, and capturable=True run uncaptured warns once.
-        _graph_capture_health_check(self)
+        graph_capture_health_check(self)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -494,8 +474,9 @@ class Rprop(Optimizer):
         if not b.plain:
             tensors = real_views(*tensors)
             prev_updates = None if prev_updates is None else real_views(prev_updates)[0]
+        params, grads, prevs, step_sizes = tensors
         path(
-            *tensors,
+            params, grads, prevs, step_sizes,
             prev_updates,
             steps=b.steps,
             hyper=hyper,
@@ -530,7 +511,7 @@ class Rprop(Optimizer):
     def _warn_if_lr_changed(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
         # A Tensor lr is compared by identity and version (no host sync).
-        seen = (id(lr), lr._version) if isinstance(lr, Tensor) else float(lr)
+        seen = (id(lr), version(lr)) if isinstance(lr, Tensor) else float(lr)
         before = self._seen_lr.setdefault(id(group), seen)
         if before != seen:
             self._seen_lr[id(group)] = seen
@@ -599,3 +580,18 @@ def _as_loss(loss: Any) -> Tensor:
         )
     return torch.tensor(float(value), dtype=torch.float64)
 
+
+def _needed(variant: Variant) -> tuple[str, ...]:
+    """The per-parameter state keys a step of ``variant`` reads."""
+    return ("step", *variant.state_keys, *((LOSS_STATE,) if variant.needs_loss else ()))
+
+
+def _fresh_state(p: Tensor, grad: Tensor, group: dict[str, Any],
+                 variant: Variant) -> dict[str, Tensor]:
+    """The variant's initial per-array state, as torch.optim.Rprop makes its
+    own: like the parameter, ``step_size`` like the gradient, in the state
+    dtype; a Tensor lr fills as its value (torch's _to_scalar)."""
+    lr = group["lr"]
+    return init_state(p, Hyper(), variant, xp=torch, is_complex=p.is_complex(),
+                      dtype=state_dtype_for(p, group), step_size_like=grad,
+                      lr=lr.squeeze() if isinstance(lr, Tensor) else lr)
