@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -13,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from rprop._core import FIRST_PREV_LOSS, init_state, loss_went_up, signed_loss
+from rprop._core import FIRST_PREV_LOSS, check_loss, init_state, loss_went_up, signed_loss
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper, real_number
 from rprop._variants import LOSS_STATE, Variant, get_variant
 from rprop.torch._checkpoint import prepare_state_dict
@@ -562,23 +561,14 @@ def _loss_dtype(p: Tensor) -> torch.dtype:
 
 def _as_loss(loss: Any) -> Tensor:
     """The loss as a 0-dim float tensor (float64 unless it is a float tensor
-    already: an integer or bool tensor would wrap when negated)."""
+    already: an integer tensor would wrap when negated)."""
+    loss = check_loss(loss)
     if isinstance(loss, Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}")
-        if loss.is_complex() or loss.dtype == torch.bool:
-            raise TypeError(f"loss must be a real number, got a {loss.dtype} tensor")
         loss = loss.detach().reshape(())
         return loss if loss.is_floating_point() else loss.to(torch.float64)
-    value = loss
-    if not isinstance(value, numbers.Real) and hasattr(value, "item") and \
-            getattr(value, "size", 1) == 1:
-        value = value.item()  # NumPy 0-dim and one-element arrays
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"loss must be a real number or a one-element tensor, got {type(loss).__name__}"
-        )
-    return torch.tensor(float(value), dtype=torch.float64)
+    if not isinstance(loss, float):  # a NumPy (or other) array of one element
+        loss = float(loss.reshape(()) if hasattr(loss, "reshape") else loss)
+    return torch.tensor(loss, dtype=torch.float64)
 
 
 def _needed(variant: Variant) -> tuple[str, ...]:
