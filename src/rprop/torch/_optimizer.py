@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -13,8 +14,15 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from rprop._core import FIRST_PREV_LOSS, check_loss, init_state, loss_went_up, signed_loss
-from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper, real_number
-from rprop._variants import LOSS_STATE, Variant, get_variant
+from rprop._hyper import (
+    DEFAULT_ETAS,
+    DEFAULT_GRPROP_DELTA,
+    DEFAULT_STEP_SIZES,
+    Hyper,
+    real_number,
+)
+from rprop._variants import BASE_STATE, LOSS_STATE, Variant, get_variant
+from rprop.torch import _grprop
 from rprop.torch._checkpoint import prepare_state_dict
 from rprop.torch._compat import (
     PLAIN_TYPES,
@@ -36,6 +44,10 @@ from rprop.torch._path_registry import choose
 from rprop.torch._tensors import mark_written, real_views
 
 __all__ = ["LrChangeWarning", "LrSeedWarning", "Rprop"]
+
+# The per-parameter state torch.optim.Rprop keeps: its step counter, then the
+# arrays every variant keeps.
+TORCH_STATE = ("step", *BASE_STATE)
 
 
 
@@ -101,7 +113,10 @@ class Rprop(Optimizer):
             differently; refused, every path behaves the same.
         variant: ``"irprop-"`` (default, torch's), ``"irprop+"``, ``"rprop+"``
             or ``"rprop-"``. ``"irprop+"`` needs the loss at each step:
-            ``step(closure)`` or ``step(loss=...)``.
+            ``step(closure)`` or ``step(loss=...)``. ``"grprop-sag"`` /
+            ``"grprop-slr"``: R neuralnet's GRprop, whose adjustment runs over
+            all parameters at once (every group must then share ``variant``,
+            ``step_sizes`` and ``grprop_delta``; see docs/variants.md).
         weight_decay: coupled L2 penalty, ``grad + weight_decay * param``
             before the sign test.
         maximize: maximise the objective instead.
@@ -128,6 +143,8 @@ class Rprop(Optimizer):
             real parameter's values (float16 for float32 parameters, float32
             for float64 ones) is refused with a ValueError; complex
             parameters keep their own dtype.
+        grprop_delta: GRprop's δ (default 1e-6, R neuralnet's); only the
+            ``grprop-*`` variants read it. Saved in the param groups.
 
     Example:
         >>> import torch, rprop
@@ -159,6 +176,7 @@ class Rprop(Optimizer):
         fused: bool | None = None,
         nonfinite: str = "propagate",
         state_dtype: torch.dtype | None = None,
+        grprop_delta: float = DEFAULT_GRPROP_DELTA,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -173,6 +191,7 @@ class Rprop(Optimizer):
             "fused": fused,
             "nonfinite": nonfinite,
             "state_dtype": state_dtype,
+            "grprop_delta": grprop_delta,
         }
         check_group(defaults)
         defaults["variant"] = get_variant(variant).name
@@ -194,6 +213,7 @@ class Rprop(Optimizer):
         group.setdefault("skipped_steps", 0)
         try:
             hyper, _ = check_group(group)
+            _grprop.check_groups(self.param_groups)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -284,7 +304,10 @@ class Rprop(Optimizer):
             )
         all_states = self.state
         states = [all_states[p] for p in params]
-        if not (all(states) and all(k in s for k in _needed(variant) for s in states)):
+        # A state exists with torch's keys; a variant may need more (a
+        # torch.optim.Rprop state resumed as irprop+, say).
+        extras = _extras(variant)
+        if not (all(states) and (not extras or all(k in s for s in states for k in extras))):
             self._complete_states(group, variant, params, grads, states)
         if (len({p.dtype for p in params}) == 1 and len({g.dtype for g in grads}) == 1
                 and all(p.is_cpu for p in params)):
@@ -400,6 +423,11 @@ class Rprop(Optimizer):
         if not self._finite_or_handled(work, loss_t):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
+            return loss
+        if any(variant.adjust for _, _, variant, _ in work):
+            for group, _, _, _ in work:
+                self._warn_if_lr_changed(group)
+            self.last_paths = _grprop.step(work)
             return loss
         ran = []
         for group, hyper, variant, buckets in work:
@@ -571,9 +599,12 @@ def _as_loss(loss: Any) -> Tensor:
     return torch.tensor(loss, dtype=torch.float64)
 
 
-def _needed(variant: Variant) -> tuple[str, ...]:
-    """The per-parameter state keys a step of ``variant`` reads."""
-    return ("step", *variant.state_keys, *((LOSS_STATE,) if variant.needs_loss else ()))
+@functools.cache
+def _extras(variant: Variant) -> tuple[str, ...]:
+    """The per-parameter state keys a step of ``variant`` reads beyond the
+    ones every state has (torch.optim.Rprop's)."""
+    needed = (*variant.state_keys, *((LOSS_STATE,) if variant.needs_loss else ()))
+    return tuple(k for k in needed if k not in TORCH_STATE)
 
 
 def _fresh_state(p: Tensor, grad: Tensor, group: dict[str, Any],
