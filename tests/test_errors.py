@@ -29,7 +29,8 @@ BAD_CONSTRUCTOR = [
     ({"step_sizes": (1e-6, "big")}, TypeError, r"step_sizes\[1\] must be a real number"),
     ({"weight_decay": -0.1}, ValueError, r"weight_decay must be a finite number >= 0"),
     ({"variant": "adam"}, ValueError,
-     r"variant must be one of \['irprop\+', 'irprop-', 'rprop\+', 'rprop-'\]"),
+     r"variant must be one of \['grprop-sag', 'grprop-slr', 'irprop\+', 'irprop-', 'rprop\+', "
+     r"'rprop-'\]"),
     ({"variant": 3}, TypeError, r"variant must be a string"),
     ({"maximize": "yes"}, TypeError, r"maximize must be a bool"),
     ({"foreach": "yes"}, TypeError, r"foreach must be a bool or None"),

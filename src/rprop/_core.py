@@ -97,6 +97,24 @@ def rprop_update(
     (a bool or 0-dim boolean array) says whether the loss went up since the
     last step; only ``undo="if_worse"`` variants read it.
     """
+    s, step_size = adapt_step_size(grad, prev, step_size, hyper=hyper, xp=xp)
+    flipped = s < 0
+    if variant.forget:
+        grad = xp.where(flipped, 0, grad)
+    update = move(grad, step_size, xp)
+    if variant.undo == "never":
+        return Update(update, grad, step_size, None)
+    assert prev_update is not None, "backtracking variants carry prev_update"
+    undo = flipped if variant.undo == "always" else flipped & worse
+    delta = xp.where(undo, -prev_update, update)
+    return Update(delta, grad, step_size, update)
+
+
+def adapt_step_size(grad: Array, prev: Array, step_size: Array, *, hyper: Hyper,
+                    xp: Any) -> tuple[Array, Array]:
+    """The step-size adaptation every variant shares: ``(sign(prev * grad),
+    new step sizes)``, grown where the sign held, shrunk where it flipped,
+    kept where the product is 0, then clamped to the bounds."""
     s = sign(grad * prev, xp)
     # eta in the step size's dtype, as torch.optim.Rprop multiplies by it (its
     # factor tensor has that dtype): for float16/bfloat16 that is 1.203125,
@@ -107,16 +125,112 @@ def rprop_update(
     # that clamp is what torch does when lr lies outside the bounds.
     step_size = xp.clip(xp.where(s > 0, grown, xp.where(s < 0, shrunk, step_size)),
                         hyper.step_min, hyper.step_max)
-    flipped = s < 0
-    if variant.forget:
-        grad = xp.where(flipped, 0, grad)
-    update = -(sign(grad, xp) * step_size)
-    if variant.undo == "never":
-        return Update(update, grad, step_size, None)
-    assert prev_update is not None, "backtracking variants carry prev_update"
-    undo = flipped if variant.undo == "always" else flipped & worse
-    delta = xp.where(undo, -prev_update, update)
-    return Update(delta, grad, step_size, update)
+    return s, step_size
+
+
+def move(grad: Array, step_size: Array, xp: Any) -> Array:
+    """Rprop's update, ``-(sign(grad) * step_size)`` (torch's rounding)."""
+    return -(sign(grad, xp) * step_size)
+
+
+def grprop_adjust(grads: list[Array], step_sizes: list[Array], *, adjust: str,
+                  hyper: Hyper, xp: Any) -> list[Array]:
+    """GRprop's whole-step phase (R neuralnet's ``minus`` for ``algorithm=
+    "sag"`` / ``"slr"``), over every array of the optimizer at once.
+
+    ``grads`` are the effective gradients and ``step_sizes`` the step sizes
+    just adapted (:func:`adapt_step_size`), in the optimizer's order; each
+    array is read in C (row-major) order, the arrays one after the other.
+    Among the coordinates with a non-zero gradient, the first with the
+    smallest ``|grad|`` (``"sag"``) or step size (``"slr"``) gets the step
+    size ``clip(-(Σ_{j≠i} step_j·grad_j + δ) / grad_i, step_min, step_max)``;
+    every other step size is returned unchanged. No non-zero gradient: nothing
+    changes. A NaN result (a NaN gradient in the sum) keeps the old step size,
+    where neuralnet would store the NaN. The sum is :func:`accurate_sum`:
+    the same bits on every front and path, and within an ulp of R's
+    long-double sum.
+
+    Returns new step-size arrays, shaped as given; the caller writes them.
+    """
+    sizes = []
+    for a in step_sizes:
+        n = 1
+        for d in a.shape:
+            n *= int(d)
+        sizes.append(n)
+    if sum(sizes) == 0:
+        return list(step_sizes)
+    g = xp.concatenate([xp.reshape(a, (-1,)) for a in grads])
+    lr = xp.concatenate([xp.reshape(a, (-1,)) for a in step_sizes])
+    if g.dtype != lr.dtype:
+        g = xp.asarray(g, dtype=lr.dtype)
+    candidate = g != 0  # neuralnet's `notzero`
+    key = xp.abs(g) if adjust == "sag" else lr
+    # NaN keys (a NaN gradient) never win; argmin takes the first minimum
+    # (R's which.min), and a non-candidate only ever holds +inf.
+    index = xp.argmin(xp.where(candidate & (key == key), key, float("inf")))
+    # Every candidate's key +inf or NaN: the first candidate, as which.min.
+    index = xp.where(candidate[index], index, xp.argmax(xp.where(candidate, 1, 0)))
+    # Positions made like g (on its device), for "every coordinate but the one".
+    position = xp.cumsum(xp.where(candidate, 1, 1), 0) - 1
+    chosen = position == index
+    others = xp.where(candidate & ~chosen, lr * g, xp.zeros_like(lr))
+    total = accurate_sum(others, xp) + hyper.grprop_delta
+    value = xp.clip(-total / g[index], hyper.step_min, hyper.step_max)
+    apply = candidate[index] & (value == value)
+    flat = xp.where(chosen & apply, value, lr)
+    out, start = [], 0
+    for a, n in zip(step_sizes, sizes, strict=True):
+        out.append(xp.reshape(flat[start:start + n], a.shape))
+        start += n
+    return out
+
+
+def accurate_sum(x: Array, xp: Any) -> Array:
+    """The sum of a 1-D array in about twice its precision, rounded once.
+
+    A pairwise tree whose every addition is an error-free two-sum (Knuth):
+    the rounding errors are carried, and summed, beside the sums. Every
+    front and path runs the same additions in the same order, so the result
+    has the same bits in NumPy, torch and JAX, and it is within an ulp of the
+    exact sum even where the terms cancel, as R's long-double ``sum()`` is
+    (a plain float64 reduction is off by the cancellation times an ulp, and
+    its order differs between libraries). A non-finite sum is the plain one.
+    """
+    hi = x
+    lo = xp.zeros_like(x)
+    while hi.shape[0] > 1:
+        if hi.shape[0] % 2:
+            hi = xp.concatenate([hi, xp.zeros_like(hi[:1])])
+            lo = xp.concatenate([lo, xp.zeros_like(lo[:1])])
+        a, b = hi[0::2], hi[1::2]
+        s = a + b
+        bb = s - a
+        err = (a - (s - bb)) + (b - bb)
+        lo = (lo[0::2] + lo[1::2]) + err
+        hi = s
+    if hi.shape[0] == 0:
+        return xp.sum(x)
+    total, carried = hi[0], lo[0]
+    return xp.where(xp.isfinite(total), total + carried, total)
+
+
+def grprop_step(grads: list[Array], prevs: list[Array], step_sizes: list[Array], *,
+                hyper: Hyper, variant: Variant, xp: Any,
+                hypers: list[Hyper] | None = None) -> list[Update]:
+    """One GRprop step over every array of the optimizer: Rprop- adaptation
+    per array, :func:`grprop_adjust` over all of them, then every coordinate
+    moves by ``-sign(g) * step``. ``grads`` are the effective gradients; the
+    gradient remembered is the raw one, also after a sign change (neuralnet's
+    ``gradients.old <- gradients``). ``hypers`` (one per array, torch's param
+    groups) adapt each array with its own etas; the adjustment reads the step
+    bounds and δ of ``hyper``, which the groups share."""
+    assert variant.adjust is not None, "grprop_step runs GRprop variants"
+    per_array = [hyper] * len(grads) if hypers is None else hypers
+    adapted = [adapt_step_size(g, p, s, hyper=h, xp=xp)[1]
+               for g, p, s, h in zip(grads, prevs, step_sizes, per_array, strict=True)]
+    adjusted = grprop_adjust(grads, adapted, adjust=variant.adjust, hyper=hyper, xp=xp)
+    return [Update(move(g, s, xp), g, s, None) for g, s in zip(grads, adjusted, strict=True)]
 
 
 def loss_went_up(loss: Any, prev_loss: Any) -> Any:
@@ -184,7 +298,7 @@ def initial_step_size(lr: Any, is_complex: bool) -> Any:
     return complex(lr, lr) if is_complex else lr
 
 
-def init_state(like: Array, hyper: Hyper, variant: Variant, *, xp: ArrayNamespace,
+def init_state(like: Array, hyper: Hyper, variant: Variant, *, xp: Any,
                is_complex: bool, dtype: Any = None, step_size_like: Array = None,
                lr: Any = None) -> dict[str, Array]:
     """A fresh per-array state, with exactly the keys ``variant.state_keys``.
@@ -192,7 +306,8 @@ def init_state(like: Array, hyper: Hyper, variant: Variant, *, xp: ArrayNamespac
     ``prev`` (and ``prev_update``) start at 0, ``step_size`` at Δ0 (``lr``,
     default ``hyper.lr``; torch passes a group's own, possibly a tensor).
     Arrays are made like ``like`` (``step_size`` like ``step_size_like`` when
-    given, as torch makes it like the gradient), in ``dtype`` if given.
+    given, as torch makes it like the gradient), in ``dtype`` if given, with
+    ``xp``, an :class:`ArrayNamespace`.
     """
     fill = initial_step_size(hyper.lr if lr is None else lr, is_complex)
     state = {

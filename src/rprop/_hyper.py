@@ -10,6 +10,8 @@ from typing import Any
 
 DEFAULT_ETAS = (0.5, 1.2)
 DEFAULT_STEP_SIZES = (1e-6, 50.0)
+# GRprop's δ, R neuralnet's `delta <- 10^-6` (fit_neuralnet.R, function minus).
+DEFAULT_GRPROP_DELTA = 1e-6
 
 
 def real_number(name: str, value: Any) -> float:
@@ -46,7 +48,8 @@ class Hyper:
     """Rprop hyperparameters (plain floats), checked on construction.
 
     ``lr`` is the initial step size Δ0; step sizes then adapt by ``eta_minus``
-    / ``eta_plus`` and stay within ``[step_min, step_max]``.
+    / ``eta_plus`` and stay within ``[step_min, step_max]``. ``grprop_delta``
+    is GRprop's δ (only the ``grprop-*`` variants read it).
     """
 
     lr: float = 1e-2
@@ -56,9 +59,11 @@ class Hyper:
     step_max: float = DEFAULT_STEP_SIZES[1]
     weight_decay: float = 0.0
     maximize: bool = False
+    grprop_delta: float = DEFAULT_GRPROP_DELTA
 
     def __post_init__(self) -> None:
-        for field in ("lr", "eta_minus", "eta_plus", "step_min", "step_max", "weight_decay"):
+        for field in ("lr", "eta_minus", "eta_plus", "step_min", "step_max", "weight_decay",
+                      "grprop_delta"):
             object.__setattr__(self, field, real_number(field, getattr(self, field)))
         if not isinstance(self.maximize, bool):
             raise TypeError(f"maximize must be a bool, got {self.maximize!r}")
@@ -78,6 +83,11 @@ class Hyper:
             )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        # δ is added to a sum of step size * gradient products: a NaN or inf
+        # would make every adjusted step size NaN or a bound.
+        if not (math.isfinite(self.grprop_delta) and self.grprop_delta >= 0.0):
+            raise ValueError(
+                f"grprop_delta must be a finite number >= 0, got {self.grprop_delta}")
 
     @classmethod
     def from_torch_args(
@@ -87,8 +97,10 @@ class Hyper:
         step_sizes: Any = DEFAULT_STEP_SIZES,
         weight_decay: Any = 0.0,
         maximize: bool = False,
+        grprop_delta: Any = DEFAULT_GRPROP_DELTA,
     ) -> Hyper:
         """Build from torch-style arguments (``etas`` and ``step_sizes`` as pairs)."""
         eta_minus, eta_plus = _pair("etas", etas)
         step_min, step_max = _pair("step_sizes", step_sizes)
-        return cls(lr, eta_minus, eta_plus, step_min, step_max, weight_decay, maximize)
+        return cls(lr, eta_minus, eta_plus, step_min, step_max, weight_decay, maximize,
+                   grprop_delta)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from rprop._core import effective_grad, loss_went_up, rprop_update
-from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._core import effective_grad, grprop_step, loss_went_up, rprop_update
+from rprop._hyper import DEFAULT_ETAS, DEFAULT_GRPROP_DELTA, DEFAULT_STEP_SIZES, Hyper
 from rprop._stopping import DEFAULT_LR, Callback, Monitor, StopRules, outcome
 from rprop._variants import get_variant
 
@@ -43,6 +43,7 @@ def minimize(
     lr: float = DEFAULT_LR,
     etas: tuple[float, float] = DEFAULT_ETAS,
     step_sizes: tuple[float, float] = DEFAULT_STEP_SIZES,
+    grprop_delta: float = DEFAULT_GRPROP_DELTA,
     bounds: Any = None,
     maxiter: int = 1000,
     maxfev: int | None = None,
@@ -77,10 +78,13 @@ def minimize(
             per iteration (``n = len(x0)``), stepping one-sidedly at bounds.
             ``None`` (default, and what SciPy passes for a string ``jac``)
             means ``"2-point"``.
-        variant: ``"irprop+"`` (default), ``"irprop-"``, ``"rprop+"`` or ``"rprop-"``.
+        variant: ``"irprop+"`` (default), ``"irprop-"``, ``"rprop+"``, ``"rprop-"``,
+            or R neuralnet's GRprop, ``"grprop-sag"`` / ``"grprop-slr"``.
         lr: initial step size Δ0 of every coordinate (default 0.1, Riedmiller's).
         etas: ``(eta_minus, eta_plus)``, default ``(0.5, 1.2)``.
         step_sizes: ``(step_min, step_max)``, default ``(1e-6, 50)``.
+        grprop_delta: GRprop's δ (default 1e-6, neuralnet's); only the
+            ``grprop-*`` variants read it.
         bounds: ``[(lo, hi), ...]`` (one pair per coordinate, ``None`` for no
             bound) or :class:`scipy.optimize.Bounds`. Every iterate stays
             within them (see Notes). An ``x0`` outside is clipped into them,
@@ -150,7 +154,7 @@ def minimize(
             f"constraints={constraints!r}. Use a constrained method (SLSQP, trust-constr, "
             "COBYLA) or a penalty term."
         )
-    hyper = Hyper.from_torch_args(lr, etas, step_sizes)
+    hyper = Hyper.from_torch_args(lr, etas, step_sizes, grprop_delta=grprop_delta)
     var = get_variant(variant)
     if not isinstance(args, tuple):
         args = (args,)
@@ -189,10 +193,14 @@ def minimize(
             break
 
         with np.errstate(all="ignore"):
-            out = rprop_update(
-                effective_grad(pg, x, hyper), prev, step_size, prev_update,
-                hyper=hyper, variant=var, worse=loss_went_up(f, prev_f), xp=np,
-            )
+            if var.adjust is not None:
+                out = grprop_step([effective_grad(pg, x, hyper)], [prev], [step_size],
+                                  hyper=hyper, variant=var, xp=np)[0]
+            else:
+                out = rprop_update(
+                    effective_grad(pg, x, hyper), prev, step_size, prev_update,
+                    hyper=hyper, variant=var, worse=loss_went_up(f, prev_f), xp=np,
+                )
             x_try = x + out.delta
             x_new = np.clip(x_try, lo, hi)
         prev, step_size = out.prev, out.step_size

@@ -59,9 +59,11 @@ UNDO_STATE = "prev_update"
 # E(t-1), the loss before this step (one number), kept by the variants that
 # need the loss.
 LOSS_STATE = "prev_loss"
-# Every feature the core implements; a variant's features are a subset.
-FEATURES = frozenset({f"undo={mode}" for mode in UNDO_MODES} | {"forget"}
-                     | {f"adjust={mode}" for mode in ADJUST_MODES})
+# The features of the elementwise rule (what a bucket-at-a-time path can
+# implement), then every feature the core implements, the whole-step phases
+# included; a variant's features are a subset.
+ELEMENTWISE_FEATURES = frozenset({f"undo={mode}" for mode in UNDO_MODES} | {"forget"})
+FEATURES = ELEMENTWISE_FEATURES | {f"adjust={mode}" for mode in ADJUST_MODES}
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,13 @@ from rprop._core import (
     check_loss,
     check_nonfinite,
     effective_grad,
+    grprop_step,
     init_state,
     loss_went_up,
     rprop_update,
     signed_loss,
 )
-from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._hyper import DEFAULT_ETAS, DEFAULT_GRPROP_DELTA, DEFAULT_STEP_SIZES, Hyper
 from rprop._variants import Variant, get_variant
 
 if TYPE_CHECKING:
@@ -58,9 +59,9 @@ def __getattr__(name: str) -> Any:
 
 def _check_hyper(
     lr: Any, etas: Any, step_sizes: Any, variant: Any, weight_decay: Any, maximize: Any,
-    nonfinite: Any,
+    nonfinite: Any, grprop_delta: Any = DEFAULT_GRPROP_DELTA,
 ) -> tuple[Hyper, Variant, str]:
-    hyper = Hyper.from_torch_args(lr, etas, step_sizes, weight_decay, maximize)
+    hyper = Hyper.from_torch_args(lr, etas, step_sizes, weight_decay, maximize, grprop_delta)
     return hyper, get_variant(variant), check_nonfinite(nonfinite)
 
 
@@ -102,6 +103,8 @@ class Rprop:
         variant: ``"irprop-"`` (default, as ``torch.optim.Rprop`` and
             :class:`rprop.Rprop`), ``"irprop+"``, ``"rprop+"`` or ``"rprop-"``.
             ``"irprop+"`` needs the loss at each step: ``step(grads, loss=...)``.
+            ``"grprop-sag"`` / ``"grprop-slr"``: R neuralnet's GRprop, whose
+            adjustment runs over all arrays at once (see docs/variants.md).
         weight_decay: coupled L2 penalty, ``grad + weight_decay * param``.
         maximize: maximise the objective instead.
         nonfinite: what a NaN/±inf gradient (or iRprop+ loss) does.
@@ -110,6 +113,8 @@ class Rprop:
             gradient. ``"skip"`` skips the whole step (params and state stay
             unchanged; :attr:`skipped_steps` counts it). ``"raise"`` raises a
             FloatingPointError naming the first offending array.
+        grprop_delta: GRprop's δ (default 1e-6, neuralnet's); only the
+            ``grprop-*`` variants read it.
 
     The state (:meth:`state_dict`) has, per array, ``prev`` (the gradient
     remembered for the sign test), ``step_size`` and, for ``rprop+`` and
@@ -130,9 +135,10 @@ class Rprop:
         weight_decay: float = 0.0,
         maximize: bool = False,
         nonfinite: str = "propagate",
+        grprop_delta: float = DEFAULT_GRPROP_DELTA,
     ) -> None:
         self._hyper, self._variant, self._nonfinite = _check_hyper(
-            lr, etas, step_sizes, variant, weight_decay, maximize, nonfinite
+            lr, etas, step_sizes, variant, weight_decay, maximize, nonfinite, grprop_delta
         )
         self._params = params
         self._keys, self._arrays = _check_params(params)
@@ -210,8 +216,11 @@ class Rprop:
                 return loss
         worse = loss_went_up(signed, self.prev_loss) if variant.needs_loss else False
         with np.errstate(all="ignore"):  # NaN/inf propagate as in torch, silently
-            for key, p, g in prepared:
-                self._step_array(p, g, self._state[key], hyper, variant, worse)
+            if variant.adjust is not None:
+                self._step_grprop(prepared, hyper, variant)
+            else:
+                for key, p, g in prepared:
+                    self._step_array(p, g, self._state[key], hyper, variant, worse)
         if variant.needs_loss:
             assert signed is not None
             self.prev_loss = signed
@@ -245,6 +254,25 @@ class Rprop:
             p.imag += out.delta[..., 1]
         else:
             p += out.delta
+
+    def _step_grprop(self, prepared: list[Any], hyper: Hyper, variant: Variant) -> None:
+        """GRprop: its adjustment reads every array's gradient and step size
+        (the arrays without a gradient this step take no part)."""
+        states = [self._state[key] for key, _, _ in prepared]
+        grads = [effective_grad(g, _as_pairs(p) if hyper.weight_decay else p, hyper)
+                 for _, p, g in prepared]
+        outs = grprop_step(grads, [_pairs(st["prev"]) for st in states],
+                           [_pairs(st["step_size"]) for st in states],
+                           hyper=hyper, variant=variant, xp=np)
+        for (_, p, _), st, out in zip(prepared, states, outs, strict=True):
+            # State first: out.prev may be the caller's gradient, maybe p itself.
+            _pairs(st["prev"])[...] = out.prev
+            _pairs(st["step_size"])[...] = out.step_size
+            if np.iscomplexobj(p):
+                p.real += out.delta[..., 0]
+                p.imag += out.delta[..., 1]
+            else:
+                p += out.delta
 
     def _prepare_grads(self, grads: Any) -> list[tuple[Any, np.ndarray, np.ndarray]]:
         """(key, param, real gradient in the param's real dtype) for each
@@ -325,6 +353,7 @@ class Rprop:
                 "weight_decay": h.weight_decay,
                 "maximize": h.maximize,
                 "nonfinite": self._nonfinite,
+                "grprop_delta": h.grprop_delta,
             },
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
@@ -349,12 +378,15 @@ class Rprop:
         hp = state_dict["hyperparams"]
         if not isinstance(hp, Mapping):
             raise ValueError("state_dict['hyperparams'] must be a dict")
-        names = ("lr", "etas", "step_sizes", "variant", "weight_decay", "maximize", "nonfinite")
-        if set(hp) != set(names):
+        names = ("lr", "etas", "step_sizes", "variant", "weight_decay", "maximize", "nonfinite",
+                 "grprop_delta")
+        # A state saved before grprop_delta existed lacks it: this optimizer's applies.
+        if set(hp) not in (set(names), set(names[:-1])):
             raise ValueError(
                 f"state_dict['hyperparams'] must have exactly the keys {list(names)}, "
                 f"got {sorted(map(str, hp))}"
             )
+        hp = {"grprop_delta": self._hyper.grprop_delta, **hp}
         try:
             hyper, variant, nonfinite = _check_hyper(*(hp[n] for n in names))
         except (TypeError, ValueError) as err:

@@ -44,12 +44,13 @@ from rprop._core import (
     FIRST_PREV_LOSS,
     check_loss,
     effective_grad,
+    grprop_step,
     init_state,
     loss_went_up,
     rprop_update,
     signed_loss,
 )
-from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._hyper import DEFAULT_ETAS, DEFAULT_GRPROP_DELTA, DEFAULT_STEP_SIZES, Hyper
 from rprop._variants import Variant, get_variant
 
 __all__ = ["ScaleByRpropState", "rprop", "scale_by_rprop"]
@@ -82,14 +83,15 @@ _NAMES = [
 
 
 def _hyper(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: Any,
-           max_step_size: Any) -> Hyper:
+           max_step_size: Any, grprop_delta: Any = DEFAULT_GRPROP_DELTA) -> Hyper:
     if callable(learning_rate):
         raise TypeError(
             "learning_rate must be a number: it is Rprop's initial step size, which then "
             "adapts per element, so a schedule has nothing to act on"
         )
     try:
-        return Hyper(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
+        return Hyper(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size,
+                     grprop_delta=grprop_delta)
     except (TypeError, ValueError) as err:
         message = str(err)
         for pattern, name in _NAMES:
@@ -124,6 +126,7 @@ def scale_by_rprop(
     max_step_size: float = DEFAULT_STEP_SIZES[1],
     *,
     variant: str = "irprop-",
+    grprop_delta: float = DEFAULT_GRPROP_DELTA,
 ) -> optax.GradientTransformationExtraArgs:
     """Rprop as an optax transformation, with optax's sign convention.
 
@@ -138,8 +141,13 @@ def scale_by_rprop(
         variant: ``"irprop-"`` (default, as optax and torch), ``"irprop+"``,
             ``"rprop+"`` or ``"rprop-"``. ``"irprop+"`` needs the loss at the
             current params: ``update(grads, state, params, value=loss)``.
+            ``"grprop-sag"`` / ``"grprop-slr"``: R neuralnet's GRprop; its
+            adjustment runs over all leaves at once (in tree-flatten order).
+        grprop_delta: GRprop's δ (default 1e-6, neuralnet's); only the
+            ``grprop-*`` variants read it.
     """
-    hyper = _hyper(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
+    hyper = _hyper(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size,
+                   grprop_delta)
     var = get_variant(variant)
 
     def init_fn(params: optax.Params) -> ScaleByRpropState:
@@ -204,11 +212,14 @@ def scale_by_rprop(
         prevs = treedef.flatten_up_to(state.prev_grads)
         prev_updates = (treedef.flatten_up_to(state.prev_updates)
                         if state.prev_updates is not None else [None] * len(prevs))
-        outs = [
-            _leaf(path, g, s, pv, pu, hyper, var, worse)
-            for (path, g), s, pv, pu in zip(paths_grads, step_sizes, prevs, prev_updates,
-                                            strict=True)
-        ]
+        if var.adjust is not None:
+            outs = _grprop_leaves(paths_grads, step_sizes, prevs, hyper, var)
+        else:
+            outs = [
+                _leaf(path, g, s, pv, pu, hyper, var, worse)
+                for (path, g), s, pv, pu in zip(paths_grads, step_sizes, prevs, prev_updates,
+                                                strict=True)
+            ]
         new_state = ScaleByRpropState(
             count=optax.safe_increment(state.count),
             step_sizes=treedef.unflatten([o[2] for o in outs]),
@@ -222,11 +233,8 @@ def scale_by_rprop(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _leaf(
-    path: Any, g: Any, step_size: jax.Array, prev: jax.Array, prev_update: jax.Array | None,
-    hyper: Hyper, variant: Variant, worse: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """One leaf's step: (delta, prev, step_size, prev_update), in its dtype."""
+def _checked_grad(path: Any, g: Any, step_size: jax.Array) -> jax.Array:
+    """The gradient of one leaf in its parameter's dtype, or a clear error."""
     g = jnp.asarray(g)
     where = f"grads{jax.tree_util.keystr(path)}"
     if g.shape != step_size.shape:
@@ -235,10 +243,34 @@ def _leaf(
         )
     if jnp.iscomplexobj(g) and not jnp.iscomplexobj(step_size):
         raise TypeError(f"{where} is complex ({g.dtype}) but its parameter is real")
+    return g.astype(step_size.dtype)
+
+
+def _grprop_leaves(
+    paths_grads: list[Any], step_sizes: list[jax.Array], prevs: list[jax.Array], hyper: Hyper,
+    variant: Variant,
+) -> list[tuple[jax.Array, jax.Array, jax.Array, None]]:
+    """GRprop over every leaf at once: its adjustment (an argmin and a sum
+    over the concatenated leaves) reads them all; jit-compatible."""
+    grads = [_to_real(_checked_grad(path, g, s)) for (path, g), s in
+             zip(paths_grads, step_sizes, strict=True)]
+    outs = grprop_step([effective_grad(g, None, hyper) for g in grads],
+                       [_to_real(p) for p in prevs], [_to_real(s) for s in step_sizes],
+                       hyper=hyper, variant=variant, xp=jnp)
+    return [(_from_real(o.delta, s.dtype), _from_real(o.prev, s.dtype),
+             _from_real(o.step_size, s.dtype), None) for o, s in zip(outs, step_sizes, strict=True)]
+
+
+def _leaf(
+    path: Any, g: Any, step_size: jax.Array, prev: jax.Array, prev_update: jax.Array | None,
+    hyper: Hyper, variant: Variant, worse: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """One leaf's step: (delta, prev, step_size, prev_update), in its dtype."""
+    g = _checked_grad(path, g, step_size)
     dtype = step_size.dtype
     # weight_decay is 0 here (use optax.add_decayed_weights), so no param is needed.
     out = rprop_update(
-        effective_grad(_to_real(g.astype(dtype)), None, hyper),
+        effective_grad(_to_real(g), None, hyper),
         _to_real(prev),
         _to_real(step_size),
         None if prev_update is None else _to_real(prev_update),
@@ -263,6 +295,7 @@ def rprop(
     max_step_size: float = DEFAULT_STEP_SIZES[1],
     *,
     variant: str = "irprop-",
+    grprop_delta: float = DEFAULT_GRPROP_DELTA,
 ) -> optax.GradientTransformationExtraArgs:
     """The Rprop optimizer for optax (a drop-in for ``optax.rprop``, without its lag).
 
@@ -273,6 +306,6 @@ def rprop(
     """
     return optax.chain(
         scale_by_rprop(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size,
-                       variant=variant),
+                       variant=variant, grprop_delta=grprop_delta),
         optax.scale(-1.0),
     )

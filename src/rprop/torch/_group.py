@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from rprop._core import NONFINITE_MODES
-from rprop._hyper import Hyper
+from rprop._hyper import DEFAULT_GRPROP_DELTA, Hyper
 from rprop._variants import Variant, get_variant
 
 __all__ = ["check_fits_dtype", "check_group", "check_state_dtype", "describe_param",
@@ -62,7 +62,8 @@ def check_group(group: dict[str, Any]) -> tuple[Hyper, Variant]:
     torch_says = _torch_refusal(lr, group["etas"])
     try:
         hyper = Hyper.from_torch_args(
-            lr, group["etas"], group["step_sizes"], group["weight_decay"], group["maximize"]
+            lr, group["etas"], group["step_sizes"], group["weight_decay"], group["maximize"],
+            group.get("grprop_delta", DEFAULT_GRPROP_DELTA),
         )
     except ValueError as err:
         if torch_says is None:
@@ -79,6 +80,15 @@ def check_group(group: dict[str, Any]) -> tuple[Hyper, Variant]:
         raise ValueError("fused=True and foreach=True cannot be set together; pick one")
     if group["fused"] and group["differentiable"]:
         raise ValueError("fused=True does not support differentiable=True")
+    if variant.adjust is not None:
+        # GRprop's adjustment reads every parameter of the optimizer at once:
+        # no fused kernel implements it, and its selection is not differentiable.
+        for flag in ("fused", "differentiable"):
+            if group[flag]:
+                raise ValueError(
+                    f"variant={variant.name!r} (GRprop) does not support {flag}=True: its "
+                    "step-size adjustment runs over all parameters at once, on the reference "
+                    f"path; leave {flag} at its default")
     state_dtype = group["state_dtype"]
     if state_dtype is not None and not (
         isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point

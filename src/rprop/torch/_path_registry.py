@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from rprop._hyper import Hyper
+from rprop._variants import ELEMENTWISE_FEATURES, Variant
 from rprop._variants import FEATURES as ALL_FEATURES
-from rprop._variants import Variant
 
 __all__ = ["ALL_FEATURES", "Path", "StepPath", "choose", "paths", "reference", "register",
            "run_declined", "unregister"]
@@ -60,7 +60,9 @@ class Path:
     name: str
     step: StepPath
     preference: int
-    features: frozenset[str] = ALL_FEATURES
+    # A path claims the elementwise rule unless it says otherwise: a
+    # whole-step phase (GRprop's adjustment) must be declared explicitly.
+    features: frozenset[str] = ELEMENTWISE_FEATURES
     differentiable: bool = False
     capturable: bool = True
     compiling: bool = True

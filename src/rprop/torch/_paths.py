@@ -28,7 +28,7 @@ from torch import Tensor
 from rprop._core import effective_grad, rprop_update
 from rprop._hyper import Hyper
 from rprop._variants import Variant
-from rprop.torch._path_registry import Path, register
+from rprop.torch._path_registry import ALL_FEATURES, Path, register
 
 
 def single_tensor(
@@ -141,7 +141,8 @@ def increment_steps(steps: list[Tensor]) -> None:
 
 # The reference path: every variant feature, differentiable=True, CUDA graphs
 # and torch.compile.
-register(Path("for-loop", single_tensor, preference=0, differentiable=True))
+register(Path("for-loop", single_tensor, preference=0, features=ALL_FEATURES,
+              differentiable=True))
 # foreach: no host synchronisation and no mask indexing, so it captures and
 # compiles too.
 register(Path("foreach", multi_tensor, preference=1))
