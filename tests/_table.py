@@ -199,8 +199,9 @@ def run_numpy(variant: str, kwargs: dict[str, Any], w0: list[np.ndarray],
 
 
 def run_optax(variant: str, kwargs: dict[str, Any], w0: list[np.ndarray],
-              inputs: list[tuple[list[np.ndarray], float]]) -> Trajectory:
-    """rprop.optax.rprop under jax.jit (compiled once, checked). The optax front
+              inputs: list[tuple[list[np.ndarray], float]], *, jit: bool = True) -> Trajectory:
+    """rprop.optax.rprop under jax.jit (compiled once, checked; ``jit=False``
+    runs it eagerly, for many short runs with other hyperparameters). The optax front
     has no maximize or weight_decay option; it is fed what the option would
     compute: the negated gradients and loss, and optax.add_decayed_weights
     chained in front (g + weight_decay * p, the same operation as the core's).
@@ -220,10 +221,12 @@ def run_optax(variant: str, kwargs: dict[str, Any], w0: list[np.ndarray],
         opt = optax.chain(optax.add_decayed_weights(kwargs["weight_decay"]), opt)
     sign = -1.0 if kwargs.get("maximize") else 1.0
 
-    @jax.jit
     def step(params, state, grads, loss):
         updates, state = opt.update(grads, state, params, value=loss)
         return optax.apply_updates(params, updates), state
+
+    if jit:
+        step = jax.jit(step)
 
     params = [jnp.asarray(w) for w in w0]
     assert [p.dtype for p in params] == [w.dtype for w in w0]
@@ -233,7 +236,8 @@ def run_optax(variant: str, kwargs: dict[str, Any], w0: list[np.ndarray],
         params, state = step(params, state, grads, jnp.asarray(sign * loss))
         inner = state[-1][0] if "weight_decay" in kwargs else state[0]
         yield params, inner.step_sizes
-    assert step._cache_size() == 1  # compiled once
+    if jit:
+        assert step._cache_size() == 1  # compiled once
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """rprop.numpy.Rprop: in-place updates, every variant, checkpoints, non-finite
-gradients, bad inputs, and Hypothesis properties."""
+gradients and bad inputs (its parity with tests/reference.py and its Hypothesis
+properties are in test_parity_reference.py and test_properties.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from reference import VARIANT_NAMES, ReferenceRprop
 from rprop.numpy import Rprop
@@ -287,101 +286,3 @@ def test_dict_grads_must_match_keys():
         opt.step([np.ones(2)])
     with pytest.raises(ValueError, match=r"missing \['w'\], extra \['v'\]"):
         opt.step({"v": np.ones(2)})
-
-
-# -- Hypothesis properties -----------------------------------------------------------
-
-# Zero, or a magnitude in [1e-100, 1e3]: scaling by 2**k (|k| <= 20) keeps every
-# product g_prev * g exact (no underflow, no overflow), the premise of the scaling
-# property.
-finite = st.one_of(st.just(0.0), st.floats(1e-100, 1e3).flatmap(lambda m: st.sampled_from([m, -m])))
-grad_seqs = st.lists(st.lists(finite, min_size=4, max_size=4), min_size=1, max_size=20)
-hypers = st.fixed_dictionaries({
-    "lr": st.floats(1e-6, 10.0),
-    "eta_minus": st.floats(0.05, 0.95),
-    "eta_plus": st.floats(1.01, 3.0),
-    "step_min": st.floats(0.0, 1e-2),
-    "span": st.floats(1.0, 1e4),
-})
-SETTINGS = settings(max_examples=40, deadline=None)
-
-
-def _run(grad_seq, h, variant, scale=1.0, observe=None):
-    w = np.zeros(4)
-    bounds = (h["step_min"], h["step_min"] + h["span"] * 1e-3)
-    opt = Rprop([w], lr=h["lr"], etas=(h["eta_minus"], h["eta_plus"]), step_sizes=bounds,
-                variant=variant)
-    path = []
-    for t, g in enumerate(grad_seq):
-        before = w.copy()
-        grad = np.array(g) * scale
-        # the whole loss scales too: iRprop+ compares losses, scaling keeps their order
-        opt.step([grad], loss=(float(np.sum(np.square(g))) + (t % 3)) * scale)
-        if observe:
-            observe(before, grad, w, opt.state[0], bounds)
-        path.append(w.copy())
-    return path
-
-
-@SETTINGS
-@given(grad_seqs, hypers, st.sampled_from(VARIANT_NAMES))
-def test_step_sizes_stay_within_bounds(grad_seq, h, variant):
-    def check(before, grad, after, state, bounds):
-        s = state["step_size"]
-        assert np.all(s >= bounds[0]) and np.all(s <= bounds[1])
-
-    _run(grad_seq, h, variant, observe=check)
-
-
-@SETTINGS
-@given(grad_seqs, hypers, st.sampled_from(["irprop-", "rprop-"]))
-def test_update_is_zero_or_a_step_against_the_gradient(grad_seq, h, variant):
-    def check(before, grad, after, state, bounds):
-        s = state["step_size"]
-        for w0, w1, g, size in zip(before, after, grad, s, strict=True):
-            assert w1 == w0 or (g != 0 and w1 == w0 + -math.copysign(1.0, g) * size)
-
-    _run(grad_seq, h, variant, observe=check)
-
-
-@SETTINGS
-@given(grad_seqs, hypers, st.sampled_from(VARIANT_NAMES), st.integers(0, 3))
-def test_zero_gradients_leave_params_unchanged(grad_seq, h, variant, where):
-    # a coordinate whose gradient is always 0 never moves (nor does anything
-    # move on a step whose gradient is all zeros)
-    seq = [[0.0 if i == where else x for i, x in enumerate(g)] for g in grad_seq]
-    zero_step = len(seq) // 2
-    seq.insert(zero_step, [0.0] * 4)
-
-    seen = []
-
-    def check(before, grad, after, state, bounds):
-        assert after[where] == 0.0
-        if len(seen) == zero_step:  # no sign change is possible, so no undo either
-            assert np.array_equal(before, after)
-        seen.append(1)
-
-    _run(seq, h, variant, observe=check)
-
-
-@SETTINGS
-@given(grad_seqs, hypers, st.sampled_from(VARIANT_NAMES), st.integers(-20, 20))
-def test_scaling_gradients_by_a_power_of_two_changes_nothing(grad_seq, h, variant, k):
-    a = _run(grad_seq, h, variant)
-    b = _run(grad_seq, h, variant, scale=math.ldexp(1.0, k))
-    for x, y in zip(a, b, strict=True):
-        assert np.array_equal(x, y)
-
-
-@pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_gradient_that_is_the_array_itself(variant):
-    # f = |x|^2 / 2 has gradient x: passing x itself must equal passing a copy.
-    def run(alias):
-        x = np.array([0.005, -0.3, 2.0])
-        opt = Rprop([x], variant=variant)
-        for t in range(6):
-            opt.step([x if alias else x.copy()], loss=float(6 - t))
-        return x, opt.state[0]["step_size"]
-
-    (xa, sa), (xb, sb) = run(True), run(False)
-    assert np.array_equal(xa, xb) and np.array_equal(sa, sb)
