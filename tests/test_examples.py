@@ -46,8 +46,15 @@ def test_demos_import_neither_torch_nor_jax() -> None:
 @pytest.mark.slow
 def test_sklearn_mlp(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("sklearn")
+    import torch
+
     main = runpy.run_path(str(EXAMPLES / "sklearn_mlp.py"))["main"]
-    rows = main(seeds=1, datasets=("breast_cancer",))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: extra threads only wait on a busy machine
+    try:
+        rows = main(seeds=1, datasets=("breast_cancer",))
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.count("| breast_cancer |") == 4, out
     scores = {r["model"]: r["score"] for r in rows}
