@@ -350,19 +350,26 @@ def _library(code: int, discard: Path | None = None) -> tuple[Path, dict[str, An
                 "openmp": "-fopenmp" in build.extra, "compiled": compiled,
                 "compile_s": seconds}
 
-    if discard is None:
-        for build in builds:  # the common case: a verified build, no lock needed
-            if _check_cached(build) is None:
-                return build.library, info(build, False)
-    with _exclusive(directory / f"rprop_kernel_{code}.lock"):
-        damaged = []
+    def usable() -> _Build | None:
+        """The best build in the cache, if it may be loaded: a damaged one
+        means a rebuild, not a fallback to a slower flag set."""
         for build in builds:
             why = _check_cached(build)
-            if why is None and build.library != discard:
-                return build.library, info(build, False)  # another process built it
-            if build.library == discard:
-                why = "it does not load"
             if why != _MISSING:
+                return build if why is None and build.library != discard else None
+        return None
+
+    found = usable() if discard is None else None  # the common case: no lock needed
+    if found is not None:
+        return found.library, info(found, False)
+    with _exclusive(directory / f"rprop_kernel_{code}.lock"):
+        found = usable()
+        if found is not None:
+            return found.library, info(found, False)  # another process built it
+        damaged = []
+        for build in builds:
+            why = "it does not load" if build.library == discard else _check_cached(build)
+            if why is not None and why != _MISSING:
                 damaged.append(f"{build.library} ({why})")
                 # Deleted, never rewritten in place: a process that maps it keeps its pages.
                 build.record.unlink(missing_ok=True)
