@@ -17,15 +17,14 @@ import torch
 import torch.distributed as dist
 
 import rprop
-from rprop.torch import _fused, fit, full_batch_backward
+from _table import NAMED_PATHS
+from rprop.torch import fit, full_batch_backward
 
 STEPS = 12
 LR = 0.3  # large enough that iRprop+ sees the loss go up, and backtracks
 VARIANTS = ("irprop+", "irprop-")
 # rprop.Rprop's paths on DTensor parameters (plain "fsdp" lets the optimizer pick).
-PATHS = {"fsdp-foreach": {"foreach": True}, "fsdp-for-loop": {"foreach": False, "fused": False}}
-if _fused.available([torch.zeros(1, dtype=torch.float64)]):  # a C compiler is there
-    PATHS["fsdp-fused"] = {"fused": True}
+PATHS = {f"fsdp-{name}": kw for name, kw in NAMED_PATHS.items()}
 SETUPS = ("plain", "plain-buckets", "ddp", "fsdp", "fsdp-generator", "fsdp-sync-each", "zero",
           *PATHS)
 # rank 0: 25 samples in batches of 4 (7 batches); rank 1: 12 in batches of 5 (3 batches)

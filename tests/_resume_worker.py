@@ -12,12 +12,9 @@ from pathlib import Path
 import torch
 
 import rprop
-from rprop.torch import _fused
+from _table import NAMED_PATHS as PATHS
 
 VARIANTS = ("rprop+", "rprop-", "irprop+", "irprop-")
-PATHS = {"for-loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True}}
-if _fused.available([torch.zeros(1)]):
-    PATHS["fused"] = {"fused": True}
 FIRST, SECOND = 25, 25
 
 
