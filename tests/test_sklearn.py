@@ -263,6 +263,19 @@ def test_early_stopping_restores_the_best_validation_iteration():
     assert reg.loss_ == reg.loss_curve_[best]
 
 
+def test_classifier_early_stopping_scores_a_stratified_split():
+    X, y = _cancer()
+    seed = 2
+    clf = RpropClassifier((16,), early_stopping=True, validation_fraction=0.25,
+                          n_iter_no_change=5, random_state=seed).fit(X, y)
+    _, X_val, _, y_val = train_test_split(
+        X, y, test_size=0.25, random_state=np.random.RandomState(seed), stratify=y)
+    scores = clf.validation_scores_
+    assert clf.stop_rule_ == "early_stopping" and len(scores) == clf.n_iter_
+    assert clf.best_validation_score_ == max(scores)
+    assert clf.score(X_val, y_val) == max(scores)  # accuracy of the restored weights
+
+
 def test_warm_start_continues_weights_and_step_sizes():
     X, y = _diabetes()
     kw = {"hidden_layer_sizes": (8,), "tol": 0.0, "gtol": 0.0, "random_state": 0}
