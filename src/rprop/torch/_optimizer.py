@@ -402,6 +402,9 @@ class Rprop(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GRprop reads all groups at once; groups changed by hand since they
+        # were added are refused here, before any state is made.
+        _grprop.check_groups(self.param_groups)
         work = []
         for group in self.param_groups:
             hyper, variant = self._checked_group(group)
