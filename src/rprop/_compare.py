@@ -71,6 +71,10 @@ METHODS: dict[str, Method] = {
         Method("rprop-", f"rprop.Rprop(lr={RPROP_LR}, variant='rprop-')", _rprop("rprop-")),
         Method("irprop+", f"rprop.Rprop(lr={RPROP_LR}, variant='irprop+')", _rprop("irprop+")),
         Method("irprop-", f"rprop.Rprop(lr={RPROP_LR}, variant='irprop-')", _rprop("irprop-")),
+        Method("grprop-sag", f"rprop.Rprop(lr={RPROP_LR}, variant='grprop-sag')",
+               _rprop("grprop-sag")),
+        Method("grprop-slr", f"rprop.Rprop(lr={RPROP_LR}, variant='grprop-slr')",
+               _rprop("grprop-slr")),
         Method("torch-rprop", f"torch.optim.Rprop(lr={RPROP_LR})", _torch_rprop),
         Method("adam", f"torch.optim.Adam(lr={ADAM_LR})", _adam),
         Method("lbfgs", "torch.optim.LBFGS(lr=1, max_iter=20, history_size=10, "

@@ -19,12 +19,12 @@ MAX_SEEDS = 100_000  # a run of seconds per seed; the list is built up front
 
 def add_parser(sub: Any) -> None:
     comp = sub.add_parser(
-        "compare", help="the four variants, torch.optim.Rprop, Adam and L-BFGS on "
+        "compare", help="the Rprop variants, torch.optim.Rprop, Adam and L-BFGS on "
                         "problems from the literature",
-        description="Run the four Rprop variants, torch.optim.Rprop, Adam and L-BFGS on "
-                    "the built-in problems from several seeds, and print success rate, "
-                    "median gradient evaluations to the goal, final loss and time per "
-                    "method and problem. The protocol is printed with the results.",
+        description="Run the Rprop variants (the classic four and GRprop), torch.optim.Rprop, "
+                    "Adam and L-BFGS on the built-in problems from several seeds, and print "
+                    "success rate, median gradient evaluations to the goal, final loss and "
+                    "time per method and problem. The protocol is printed with the results.",
     )
     comp.add_argument("--problems", type=_names, metavar="NAMES",
                       help="comma-separated problems (default: all available): "
