@@ -577,12 +577,12 @@ class Rprop(Optimizer):
                     view.mul_(factor).clamp_(lo, hi)
 
 
-def _check_before_load(optimizer: Rprop, state_dict: dict[str, Any]) -> dict[str, Any]:
+def _check_before_load(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """The last load pre-hook of :meth:`Rprop.load_state_dict`: check the dict
     the user's pre-hooks left, keep the checked state for ``__setstate__`` to
     install, and hand torch's loader only the (checked) groups."""
     prepared, state = prepare_state_dict(optimizer, state_dict)
-    optimizer._pending_state = state
+    optimizer.__dict__["_pending_state"] = state  # read by Rprop.__setstate__
     return prepared
 
 
