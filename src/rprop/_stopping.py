@@ -57,7 +57,7 @@ DEFAULT_LR = 0.1
 
 __all__ = [
     "DEFAULT_LR", "STATUS", "Callback", "Monitor", "OptimizeResult", "OptimizeWarning",
-    "StopRules", "count", "outcome", "tolerance",
+    "StopRules", "count", "gtol_reached", "outcome", "step_floor_reached", "tolerance",
 ]
 
 STATUS = {
@@ -127,17 +127,13 @@ class Monitor:
         if not (math.isfinite(f) and grad_finite):
             what = self.fun_name if not math.isfinite(f) else "the gradient"
             return "nonfinite", f"{what} returned a non-finite value at iteration {self.nit}"
-        if gmax <= r.gtol:
-            return "gtol", (f"the largest projected gradient component, {gmax:.3g}, "
-                            f"is <= gtol = {r.gtol:g}")
+        detail = gtol_reached(gmax, r.gtol)
+        if detail is not None:
+            return "gtol", detail
         if self.nit > 0:
-            if moving_step is not None and moving_step <= r.xtol:
-                # Say how far from stationary x still is: a step-size floor
-                # is Rprop's resolution, not proof of an optimum.
-                return "xtol", (f"the largest step size of a moving coordinate, "
-                                f"{moving_step:.3g}, is <= xtol = {r.xtol:g} (the largest "
-                                f"projected gradient component is still {gmax:.3g} > "
-                                f"gtol = {r.gtol:g})")
+            detail = step_floor_reached(moving_step, r.xtol, gmax, gtol=r.gtol)
+            if detail is not None:
+                return "xtol", detail
             if r.ftol > 0 and self.moved and self.last_change <= r.ftol:
                 return "ftol", (f"the relative change in f, {self.last_change:.3g}, "
                                 f"is <= ftol = {r.ftol:g}")
@@ -154,6 +150,32 @@ class Monitor:
         self.moved = moved
         if math.isfinite(f_new):
             self.last_change = abs(f_new - f_old) / max(abs(f_new), abs(f_old), 1.0)
+
+
+def gtol_reached(gmax: float, gtol: float, what: str = "projected gradient") -> str | None:
+    """The ``gtol`` rule: why it fires when the largest ``|what|`` component,
+    ``gmax``, is ``<= gtol``; else None."""
+    if gmax <= gtol:
+        return f"the largest {what} component, {gmax:.3g}, is <= gtol = {gtol:g}"
+    return None
+
+
+def step_floor_reached(
+    moving_step: float | None, floor: float, gmax: float, *, gtol: float | None,
+    floor_name: str = "xtol", what: str = "projected gradient", element: str = "coordinate",
+) -> str | None:
+    """The step-floor rule (``xtol``): why it fires when the largest step
+    size of a moving element (one whose gradient is not 0), ``moving_step``,
+    is ``<= floor``; else None (also when nothing moves: ``moving_step`` None)."""
+    if moving_step is None or moving_step > floor:
+        return None
+    # Say how far from stationary x still is: a step-size floor is Rprop's
+    # resolution, not proof of an optimum.
+    still = f"the largest {what} component is still {gmax:.3g}"
+    if gtol is not None:
+        still += f" > gtol = {gtol:g}"
+    return (f"the largest step size of a moving {element}, {moving_step:.3g}, is <= "
+            f"{floor_name} = {floor:g} ({still})")
 
 
 def outcome(rule: str, detail: str, have_best: bool) -> tuple[int, str]:

@@ -406,10 +406,32 @@ def _checked(path: Path, payload: Any, model: nn.Module, optimizer: Any, group: 
             prepare_state_dict(optimizer, optim_state)  # checks, changes nothing
         except ValueError as err:
             raise refuse(f"its optimizer state does not fit this optimizer: {err}") from None
+    _check_best(history.get("best"), epoch, model, optimizer, inner, refuse)
     rng = payload.get("rng") if group is None else None
     if rng is not None:
         _check_rng(rng, refuse)
     return _Plan(path, epoch, model_state, optim_state, rng, history)
+
+
+def _check_best(best: Any, epoch: int, model: nn.Module, optimizer: Any, inner: Any,
+                refuse: Any) -> None:
+    """The state of the best validation epoch that ``restore_best`` keeps in
+    the history, if any: checked like the current state, so that a resume
+    cannot fail later, when it would be restored."""
+    if best is None:
+        return
+    e = best.get("epoch") if isinstance(best, dict) else None
+    if (isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= epoch
+            or not isinstance(best.get("optimizer"), dict)):
+        raise refuse(f"'history' 'best' must be a dict with an 'epoch' in 0..{epoch}, a 'model' "
+                     "and an 'optimizer' state")
+    _checked_model(best.get("model"), model.state_dict(), refuse)
+    if isinstance(inner, Rprop):
+        try:
+            prepare_state_dict(optimizer, best["optimizer"])  # checks, changes nothing
+        except ValueError as err:
+            raise refuse(f"its best epoch's optimizer state does not fit this optimizer: "
+                         f"{err}") from None
 
 
 def _checked_history(saved: Any, epoch: int, refuse: Any) -> dict[str, Any]:

@@ -33,8 +33,23 @@ from rprop._stopping import (
     outcome,
 )
 from rprop._variants import get_variant
+from rprop.plotting import plot_training
+from rprop.torch._step_stats import step_size_summary
 
-__all__ = ["minimize"]
+__all__ = ["MinimizeResult", "minimize"]
+
+
+class MinimizeResult(OptimizeResult):  # type: ignore[misc]
+    """SciPy's ``OptimizeResult`` (a dict with attribute access) that draws itself."""
+
+    def plot(self, path: Any = None, *, title: str | None = None) -> Any:
+        """Draw ``fun_history`` above ``step_size_history`` (median line,
+        min..max band, ``step_min`` dashed), per iteration; see
+        :func:`rprop.plotting.plot_training`. Saved to ``path`` when given;
+        returns the matplotlib Figure (needs ``pip install rprop[plot]``)."""
+        return plot_training(self["fun_history"], self["step_size_history"],
+                             step_min=self.get("step_min"), xlabel="iteration", title=title,
+                             path=path)
 
 
 def minimize(
@@ -102,7 +117,12 @@ def minimize(
         SciPy is not installed) with ``x`` (copies of the tensors: one tensor
         when ``params`` was one, else a list), ``fun`` (a float), ``jac``,
         ``nit``, ``nfev``, ``njev``, ``success``, ``status``, ``message``,
-        ``stop_rule`` and ``step_size`` (shaped as ``x``). As in
+        ``stop_rule``, ``step_size`` (shaped as ``x``), ``fun_history``
+        (the loss at every iterate, ``x0``'s first: ``nit + 1`` values),
+        ``step_size_history`` (the (min, median, max) of the step sizes
+        after each step: ``nit`` triples; see :func:`rprop.torch.fit`'s
+        history for the median) and ``step_min``; ``result.plot()`` draws
+        the last two. As in
         :func:`rprop.minimize`, ``x`` is the best iterate seen unless
         ``gtol`` stopped the run (then the final one), and ``params`` are
         left holding ``x``, with ``.grad`` set to ``None``.
@@ -140,6 +160,8 @@ def minimize(
         prev_update = [torch.zeros_like(p) for p in x] if var.backtracks else None
         f, g = evaluate()
         pg, grad_finite, gmax, moving = _look(g, x, lo, hi, boxed, hyper, step_size)
+        # Kept on the device and read once at the end: no host sync per step.
+        fun_history, step_history = [f], []
         prev_f = math.inf
         best = (f, x, g) if math.isfinite(f) and grad_finite else None
         monitor = Monitor(rules, fun_name="the closure")
@@ -180,6 +202,8 @@ def minimize(
             x = x_new
             f, g = evaluate()
             pg, grad_finite, gmax, moving = _look(g, x, lo, hi, boxed, hyper, step_size)
+            fun_history.append(f)
+            step_history.append(step_size_summary(step_size))
             monitor.stepped(prev_f, sign * f, moved)
             if math.isfinite(f) and grad_finite and (best is None or sign * f < sign * best[0]):
                 best = (f, x, g)
@@ -204,10 +228,14 @@ def minimize(
         for p, xi in zip(tensors, bx, strict=True):
             p.copy_(xi)
     status, message = outcome(rule, detail, best is not None)
-    return OptimizeResult(
+    steps = [] if not step_history else [
+        (v[0], v[1], v[2]) for v in torch.stack(
+            [t.to(step_history[0].device) for t in step_history]).tolist()]
+    return MinimizeResult(
         x=_shaped(bx, single), fun=bf, jac=_shaped(bg, single), nit=monitor.nit,
         nfev=evaluate.nfev, njev=evaluate.nfev, success=status == 0, status=status,
         message=message, stop_rule=rule, step_size=_shaped(step_size, single),
+        fun_history=fun_history, step_size_history=steps, step_min=hyper.step_min,
     )
 
 
