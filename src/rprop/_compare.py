@@ -45,6 +45,21 @@ def _rprop(variant: str) -> Callable[[list[Any]], Any]:
     return make
 
 
+# GRprop as R's neuralnet runs it: learningrate.limit (1e-10, 0.1). With the
+# classic bound of 50 the adjusted step size (often -sum / tiny gradient) hits
+# 50 at almost every step, and the runs diverge.
+GRPROP_STEP_SIZES = (1e-10, 0.1)
+
+
+def _grprop(variant: str) -> Callable[[list[Any]], Any]:
+    def make(params: list[Any]) -> Any:
+        import rprop
+
+        return rprop.Rprop(params, lr=RPROP_LR, step_sizes=GRPROP_STEP_SIZES, variant=variant)
+
+    return make
+
+
 def _torch_rprop(params: list[Any]) -> Any:
     import torch
 
@@ -71,10 +86,8 @@ METHODS: dict[str, Method] = {
         Method("rprop-", f"rprop.Rprop(lr={RPROP_LR}, variant='rprop-')", _rprop("rprop-")),
         Method("irprop+", f"rprop.Rprop(lr={RPROP_LR}, variant='irprop+')", _rprop("irprop+")),
         Method("irprop-", f"rprop.Rprop(lr={RPROP_LR}, variant='irprop-')", _rprop("irprop-")),
-        Method("grprop-sag", f"rprop.Rprop(lr={RPROP_LR}, variant='grprop-sag')",
-               _rprop("grprop-sag")),
-        Method("grprop-slr", f"rprop.Rprop(lr={RPROP_LR}, variant='grprop-slr')",
-               _rprop("grprop-slr")),
+        *(Method(v, f"rprop.Rprop(lr={RPROP_LR}, step_sizes={GRPROP_STEP_SIZES}, "
+                    f"variant='{v}')", _grprop(v)) for v in ("grprop-sag", "grprop-slr")),
         Method("torch-rprop", f"torch.optim.Rprop(lr={RPROP_LR})", _torch_rprop),
         Method("adam", f"torch.optim.Adam(lr={ADAM_LR})", _adam),
         Method("lbfgs", "torch.optim.LBFGS(lr=1, max_iter=20, history_size=10, "

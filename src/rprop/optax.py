@@ -249,7 +249,7 @@ def _checked_grad(path: Any, g: Any, step_size: jax.Array) -> jax.Array:
 def _grprop_leaves(
     paths_grads: list[Any], step_sizes: list[jax.Array], prevs: list[jax.Array], hyper: Hyper,
     variant: Variant,
-) -> list[tuple[jax.Array, jax.Array, jax.Array, None]]:
+) -> list[tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]:
     """GRprop over every leaf at once: its adjustment (an argmin and a sum
     over the concatenated leaves) reads them all; jit-compatible."""
     grads = [_to_real(_checked_grad(path, g, s)) for (path, g), s in

@@ -67,7 +67,7 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]]) -> tuple[
     step_sizes: list[Tensor] = []
     hypers: list[Hyper] = []
     steps: list[Tensor] = []
-    devices = set()
+    devices: set[torch.device] = set()
     for group, hyper, variant, buckets in work:
         for b in buckets:
             ran.append(choose(group, variant, b.params[:1], b.grads[:1], b.prevs[:1]).name)
