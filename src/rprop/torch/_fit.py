@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rprop.torch._adaptive import AdaptiveHistory, check_batching, fit_adaptive
 from rprop.torch._compat import local_tensor
 from rprop.torch._fit_checkpoint import (
     atomic_save,
@@ -116,7 +117,9 @@ def fit(
     checkpoint_every: int = 10,
     process_group: Any = None,
     full_batch_kwargs: dict[str, Any] | None = None,
-) -> FitHistory:
+    batching: str = "full",
+    batching_kwargs: dict[str, Any] | None = None,
+) -> FitHistory | AdaptiveHistory:
     """Train ``model`` full-batch: each epoch, the exact gradient of the mean
     loss over the whole dataset (:func:`full_batch_backward`), then one step.
 
@@ -179,6 +182,18 @@ def fit(
         process_group: the data-parallel group (default: the world).
         full_batch_kwargs: more keyword arguments for :func:`full_batch_backward`
             (``bucket_cap_mb``, ``fsdp_sync_each_batch``).
+        batching: ``"full"`` (default): the exact full-batch loop above.
+            ``"adaptive"``: Rprop on mini-batches that grow until every
+            step's signs can be trusted, then exact full batch; ``data`` is
+            then a tuple of tensors (samples along dim 0) or a map-style
+            ``Dataset``, ``max_epochs`` and ``checkpoint_every`` count
+            epoch-equivalents (examples / N), ``target_loss`` and
+            ``patience`` are not available, callbacks get a
+            ``StepInfo`` per step, and the result is an ``AdaptiveHistory``
+            (the method and its measurements: docs/benchmarks.md).
+        batching_kwargs: the adaptive mode's options: ``batch_size`` (64),
+            ``micro_batches`` (8), ``rho`` (0.5), ``z`` (None: derived from
+            the etas), ``seed`` (0, the sampler's), ``eval_batch_size`` (1024).
 
     Every argument is checked before the first epoch (a TypeError or
     ValueError naming it). Under ``torch.distributed``, one small all-reduce
@@ -193,14 +208,24 @@ def fit(
         the model is left at the parameters of the last loss recorded, except
         after ``max_epochs`` (the last epoch's step is taken).
     """
+    adaptive = check_batching(batching, batching_kwargs)
+    # The adaptive mode samples data by index and checks it itself.
     trainable = _check_fit_args(model, loss_fn, optimizer, variant, max_epochs, target_loss,
-                                patience, min_improvement, callbacks, checkpoint_every, data,
-                                full_batch_kwargs)
+                                patience, min_improvement, callbacks, checkpoint_every,
+                                data if adaptive is None else (), full_batch_kwargs)
     if optimizer is None:
         from rprop.torch._optimizer import Rprop
 
         optimizer = Rprop(trainable, variant=variant or "irprop+")
     closure_step = _check_optimizer(optimizer, model)
+    if adaptive is not None:
+        if target_loss is not None or patience is not None:
+            raise ValueError("target_loss and patience need full-data losses; batching="
+                             "'adaptive' records mini-batch losses: use batching='full'")
+        return fit_adaptive(model, loss_fn, data, optimizer, options=adaptive,
+                            max_epochs=max_epochs, callbacks=list(callbacks), progress=progress,
+                            checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                            variant=variant, full_batch_kwargs=full_batch_kwargs)
     callbacks = list(callbacks)
     group = _group(process_group)
     rank = _rank(group)

@@ -1,0 +1,632 @@
+"""``fit(..., batching="adaptive")``: Rprop on growing mini-batches whose
+coordinates move only where the batch is large enough to trust their sign.
+
+Why: Rprop's step sizes grow where consecutive gradient signs agree and
+shrink where they flip. With ``eta_minus = 0.5`` and ``eta_plus = 1.2`` the
+logarithm of a step size drifts by ``q ln eta_plus + (1 - q) ln eta_minus``
+per step, where ``q`` is the probability that two consecutive signs agree;
+the drift is zero at
+
+    q* = ln(1/eta_minus) / (ln eta_plus + ln(1/eta_minus))  (0.7917 for the defaults).
+
+If a coordinate's sign is right with probability ``p`` at each step,
+independently, consecutive signs agree with probability ``p^2 + (1-p)^2``,
+which reaches ``q*`` at
+
+    p* = (1 + sqrt(2 q* - 1)) / 2  (0.8819),
+
+and a Gaussian estimate of the gradient with mean ``mu`` and standard error
+``se`` has the right sign with probability ``Phi(|mu| / se)``: signs carry
+enough information for the step size to grow only where ``|mu| / se >
+z = Phi^-1(p*)`` (1.1847). On a fixed mini-batch ``se`` is fixed while
+``mu -> 0`` near an optimum, so every coordinate eventually falls below
+``z`` and the step sizes collapse to ``step_min``.
+
+The mode (see :func:`fit_adaptive`): each step draws ``B`` samples without
+replacement (a dedicated ``torch.Generator``; a new permutation once the
+data is used up), splits them into ``k`` equal micro-batches, and keeps the
+sum and the sum of squares of the micro-batch mean gradients. A coordinate
+is *reliable* when ``|g_mean| / se(g_mean) > z`` (``se`` estimated from the
+``k`` micro-batch means). Only reliable coordinates take part in the sign
+test, the step-size adaptation and the move; every other coordinate keeps
+its value, step size and stored gradient (and stored update). When fewer
+than a fraction ``rho`` of the coordinates that received any gradient are
+reliable, ``B`` doubles for the next step; once ``2B >= N`` the mode runs
+exact full-batch Rprop (:func:`full_batch_backward` and ``step``, nothing
+masked) until the end.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset, default_collate
+
+from rprop._hyper import DEFAULT_ETAS
+from rprop._variants import LOSS_STATE, get_variant
+from rprop.torch._fit_checkpoint import (
+    checkpoint_path,
+    is_zero,
+    load_checkpoint,
+    read_verified,
+    save_checkpoint,
+)
+from rprop.torch._full_batch import LossFn, _sum_and_count, full_batch_backward
+from rprop.torch._optimizer import Rprop
+from rprop.torch._preemption import DeferredInterrupt
+
+__all__ = ["BATCHING_MODES", "DEFAULTS", "AdaptiveHistory", "StepInfo", "check_batching",
+           "fit_adaptive", "reliability_threshold", "reliable_mask"]
+
+BATCHING_MODES = ("full", "adaptive")
+STOP_REASONS = ("max_epochs", "callback", "nonfinite")
+
+# The options of the adaptive mode (fit's batching_kwargs), with their defaults.
+#   batch_size: B0, the first batch. 64 = 8 micro-batches of 8 samples: the
+#     standard error comes from 8 means, and a micro-batch of 8 is already
+#     close enough to Gaussian for the sign probability Phi(|mu|/se).
+#   micro_batches: k. Each step costs k forward/backward calls (the same
+#     samples, so no extra examples, only per-call overhead); the t statistic
+#     from k means has k-1 degrees of freedom.
+#   rho: grow B when fewer than this fraction of coordinates are reliable.
+#     Under pure noise (mu = 0) a coordinate passes |t_{k-1}| > z with
+#     probability 2 P(T_7 > 1.18) = 0.28 for k = 8: rho must sit well above
+#     that (else a batch that is all noise never grows); 0.5 is "most
+#     coordinates are noise".
+#   z: the threshold; None derives it from each group's etas (above).
+#   seed: the sampler's generator seed.
+#   eval_batch_size: the size of the batches of a full-data pass (B = N).
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 64, "micro_batches": 8, "rho": 0.5, "z": None, "seed": 0,
+    "eval_batch_size": 1024,
+}
+_CHECKPOINT_KEY = "adaptive"
+
+
+def reliability_threshold(etas: tuple[float, float] = DEFAULT_ETAS) -> float:
+    """``z = Phi^-1(p*)``: the ``|mean| / se`` above which a Gaussian sign is
+    right often enough for Rprop's step size to grow (module docstring).
+    ``etas = (eta_minus, eta_plus)``."""
+    eta_minus, eta_plus = float(etas[0]), float(etas[1])
+    shrink, grow = -math.log(eta_minus), math.log(eta_plus)
+    q_star = shrink / (grow + shrink)
+    p_star = (1.0 + math.sqrt(2.0 * q_star - 1.0)) / 2.0 if q_star > 0.5 else 0.5
+    return statistics.NormalDist().inv_cdf(p_star) if p_star > 0.5 else 0.0
+
+
+def reliable_mask(total: Tensor, squares: Tensor, k: int, z: float,
+                  shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(reliable, informative) from the sum and the sum of squares of ``k``
+    micro-batch means of one array.
+
+    ``mean = total / k``; the sample variance of the means is ``(squares -
+    k mean^2) / (k - 1)`` (clamped at 0 against rounding), ``se^2 = var / k``;
+    reliable is ``(mean + shift)^2 > z^2 se^2`` (no square root: a zero
+    spread with a non-zero mean is reliable, a zero mean never is), and
+    ``shift`` is what the optimizer adds to the gradient before its sign test
+    (weight decay). A non-finite mean counts as reliable, so that the
+    optimizer's ``nonfinite`` policy sees it. Informative: the coordinate got
+    a non-zero gradient on some micro-batch.
+    """
+    mean = total / k
+    var = ((squares - k * (mean * mean)) / (k - 1)).clamp_(min=0)
+    if shift is not None:
+        mean = mean + shift
+    ok = (mean * mean) > (z * z) * (var / k)
+    ok |= ~torch.isfinite(mean)
+    return ok, squares != 0
+
+
+@dataclass
+class AdaptiveHistory:
+    """What ``fit(..., batching="adaptive")`` did, one entry per step.
+
+    ``loss[i]``: the mean loss of step ``i``'s batch at the parameters it
+    started from (the full-data loss once ``batch_size[i] == dataset_size``);
+    ``batch_size[i]``: the samples it drew; ``reliable[i]``: the fraction of
+    coordinates that moved, among those with any gradient (1.0 at full
+    batch); ``examples[i]``: examples processed up to and including it;
+    ``time[i]``: seconds of training at its end; ``step_size[i]``: (min,
+    median, max) step size after it. ``epochs`` is the epoch-equivalents
+    processed (examples / N).
+    """
+
+    dataset_size: int = 0
+    loss: list[float] = field(default_factory=list)
+    time: list[float] = field(default_factory=list)
+    step_size: list[tuple[float, float, float] | None] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    reliable: list[float] = field(default_factory=list)
+    examples: list[int] = field(default_factory=list)
+    stop_reason: str = ""
+    resumed_from: int | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+    @property
+    def epochs(self) -> float:
+        return self.examples[-1] / self.dataset_size if self.examples else 0.0
+
+    @property
+    def best_loss(self) -> float:
+        return min(self.loss) if self.loss else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": list(self.loss), "time": list(self.time),
+            "step_size": [None if s is None else list(s) for s in self.step_size],
+            "batch_size": list(self.batch_size), "reliable": list(self.reliable),
+            "examples": list(self.examples), "stop_reason": self.stop_reason,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], steps: int, n: int) -> AdaptiveHistory:
+        return cls(
+            dataset_size=n,
+            loss=[float(x) for x in state["loss"][:steps]],
+            time=[float(x) for x in state["time"][:steps]],
+            step_size=[None if s is None else (float(s[0]), float(s[1]), float(s[2]))
+                       for s in state["step_size"][:steps]],
+            batch_size=[int(x) for x in state["batch_size"][:steps]],
+            reliable=[float(x) for x in state["reliable"][:steps]],
+            examples=[int(x) for x in state["examples"][:steps]],
+        )
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback receives in adaptive mode, once per step, before it."""
+
+    step: int
+    loss: float
+    batch_size: int
+    reliable: float
+    history: AdaptiveHistory
+    model: nn.Module
+    optimizer: Any
+
+
+# -- data and sampling ---------------------------------------------------------------
+
+
+class _Data:
+    """Samples by index from a tuple of tensors (rows along dim 0) or a map-style Dataset."""
+
+    def __init__(self, data: Any) -> None:
+        if isinstance(data, (IterableDataset, str, bytes)) or (
+                not isinstance(data, (tuple, list, Dataset))):
+            raise TypeError(
+                "data must be a tuple of tensors (samples along dim 0) or a map-style "
+                f"torch.utils.data.Dataset (with __len__ and __getitem__) for "
+                f"batching='adaptive', got {type(data).__name__}"
+                + (": an iterable cannot be sampled by index" if hasattr(data, "__iter__")
+                   else ""))
+        self.tensors: tuple[Tensor, ...] | None = None
+        if isinstance(data, (tuple, list)):
+            if not data or not all(isinstance(t, Tensor) for t in data):
+                raise TypeError("data must be a tuple of tensors (samples along dim 0) for "
+                                "batching='adaptive'; got a "
+                                f"{type(data).__name__} of "
+                                f"{[type(t).__name__ for t in data][:4]}")
+            sizes = {int(t.shape[0]) if t.ndim else -1 for t in data}
+            if -1 in sizes or len(sizes) != 1:
+                raise ValueError(f"data's tensors must have the same length along dim 0, got "
+                                 f"shapes {[tuple(t.shape) for t in data]}")
+            self.tensors = tuple(data)
+            self.n = sizes.pop()
+        else:
+            try:
+                self.n = len(data)  # type: ignore[arg-type]
+            except TypeError:
+                raise TypeError("data must be a map-style Dataset with __len__ for "
+                                "batching='adaptive'") from None
+            self.dataset = data
+        if self.n == 0:
+            raise ValueError("data has 0 samples: batching='adaptive' has nothing to sample")
+
+    def take(self, idx: Tensor) -> Any:
+        if self.tensors is not None:
+            return tuple(t[idx.to(t.device)] for t in self.tensors)
+        return default_collate([self.dataset[i] for i in idx.tolist()])
+
+    def passes(self, size: int) -> list[Any]:
+        """The batches of one full pass, in order."""
+        if self.tensors is not None:
+            return [tuple(t[i:i + size] for t in self.tensors) for i in range(0, self.n, size)]
+        return [default_collate([self.dataset[j] for j in range(i, min(i + size, self.n))])
+                for i in range(0, self.n, size)]
+
+
+class _Sampler:
+    """Indices without replacement from a dedicated generator: a permutation
+    of 0..N-1, used up in order, then the next permutation."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.generator)
+        self.pos = 0
+
+    def draw(self, b: int) -> Tensor:
+        parts = []
+        while b > 0:
+            if self.pos == self.n:
+                self.perm = torch.randperm(self.n, generator=self.generator)
+                self.pos = 0
+            take = min(b, self.n - self.pos)
+            parts.append(self.perm[self.pos:self.pos + take])
+            self.pos += take
+            b -= take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "perm": self.perm.clone(),
+                "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm = state["perm"].clone()
+        self.pos = int(state["pos"])
+
+
+# -- arguments -------------------------------------------------------------------------
+
+
+def check_batching(batching: Any, batching_kwargs: Any) -> dict[str, Any] | None:
+    """The adaptive options with defaults filled in, None for full batch; a
+    clear error for anything else."""
+    if not isinstance(batching, str) or batching not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
+    if batching == "full":
+        if batching_kwargs is not None:
+            raise ValueError("batching_kwargs apply to batching='adaptive' only")
+        return None
+    if batching_kwargs is not None and not isinstance(batching_kwargs, Mapping):
+        raise TypeError(f"batching_kwargs must be a dict or None, got "
+                        f"{type(batching_kwargs).__name__}")
+    unknown = sorted(map(str, set(batching_kwargs or {}) - set(DEFAULTS)))
+    if unknown:
+        raise TypeError(f"batching_kwargs has unknown keys {unknown}; batching='adaptive' "
+                        f"takes {list(DEFAULTS)}")
+    opts = {**DEFAULTS, **(batching_kwargs or {})}
+
+    def integer(name: str, low: int) -> None:
+        v = opts[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise ValueError(f"batching_kwargs[{name!r}] must be an int >= {low}, got {v!r}")
+        opts[name] = int(v)
+
+    integer("micro_batches", 2)
+    integer("batch_size", opts["micro_batches"])
+    integer("seed", 0)
+    integer("eval_batch_size", 1)
+    if opts["batch_size"] % opts["micro_batches"]:
+        raise ValueError(f"batching_kwargs['batch_size'] ({opts['batch_size']}) must be a "
+                         f"multiple of micro_batches ({opts['micro_batches']}): the "
+                         "micro-batches are equal")
+    rho = opts["rho"]
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 <= float(rho) <= 1:
+        raise ValueError(f"batching_kwargs['rho'] must be a number in [0, 1], got {rho!r}")
+    z = opts["z"]
+    if z is not None and (isinstance(z, bool) or not isinstance(z, numbers.Real)
+                          or not (math.isfinite(z) and float(z) >= 0)):
+        raise ValueError(f"batching_kwargs['z'] must be None or a finite number >= 0, "
+                         f"got {z!r}")
+    return opts
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if is_zero(optimizer) or not isinstance(optimizer, Rprop):
+        raise TypeError(f"batching='adaptive' needs an rprop.Rprop optimizer (it masks "
+                        f"coordinates in its state), got {type(optimizer).__name__}")
+    for i, group in enumerate(optimizer.param_groups):
+        variant = get_variant(group["variant"])
+        if variant.adjust is not None and group["weight_decay"] != 0:
+            raise ValueError(
+                f"batching='adaptive' with a GRprop variant ({variant.name!r}) needs "
+                f"weight_decay=0 (param_groups[{i}] has {group['weight_decay']!r}): the "
+                "adjustment would see the decay of coordinates that do not move")
+
+
+# -- the masked step --------------------------------------------------------------------
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class _Statistics:
+    """Sum and sum of squares of the micro-batch mean gradients, per parameter."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.sums = [torch.zeros_like(_real(p)) for p in params]
+        self.squares = [torch.zeros_like(_real(p)) for p in params]
+
+    def reset(self) -> None:
+        torch._foreach_zero_(self.sums)
+        torch._foreach_zero_(self.squares)
+
+    def add(self) -> None:
+        """Add the gradients now in ``.grad`` (None counts as 0)."""
+        pairs = [(i, _real(p.grad)) for i, p in enumerate(self.params) if p.grad is not None]
+        if not pairs:
+            return
+        sums = [self.sums[i] for i, _ in pairs]
+        squares = [self.squares[i] for i, _ in pairs]
+        grads = [g for _, g in pairs]
+        torch._foreach_add_(sums, grads)
+        torch._foreach_addcmul_(squares, grads, grads)
+
+
+def _batch_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
+                    stats: _Statistics) -> Tensor:
+    """Leave in ``.grad`` the mean of the micro-batch mean gradients (the
+    batch mean for equal micro-batches); return the mean of their mean losses."""
+    stats.reset()
+    losses = []
+    with torch.enable_grad():
+        for batch in batches:
+            for p in stats.params:
+                p.grad = None
+            total, count = _sum_and_count(loss_fn(model, batch))
+            mean = total / count
+            mean.backward()
+            losses.append(mean.detach().to(torch.float64))
+            stats.add()
+    k = len(batches)
+    for p, s in zip(stats.params, stats.sums, strict=True):
+        mean = s / k
+        p.grad = torch.view_as_complex(mean) if p.is_complex() else mean
+    return torch.stack(losses).sum() / k
+
+
+def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | None
+           ) -> tuple[dict[int, Tensor], Tensor, Tensor]:
+    """Per parameter (by id) its reliable mask; and the counts of reliable and
+    of informative coordinates (0-dim tensors)."""
+    where = {id(p): i for i, p in enumerate(stats.params)}
+    masks: dict[int, Tensor] = {}
+    reliable, informative = [], []
+    for group in optimizer.param_groups:
+        z = reliability_threshold(group["etas"]) if z_override is None else z_override
+        decay, sign = group["weight_decay"], (-1.0 if group["maximize"] else 1.0)
+        for p in group["params"]:
+            i = where.get(id(p))
+            if i is None:
+                continue
+            shift = None if decay == 0 else (sign * decay) * _real(p.detach())
+            ok, info = reliable_mask(stats.sums[i], stats.squares[i], k, z, shift)
+            masks[id(p)] = ok
+            reliable.append((ok & info).sum())
+            informative.append(info.sum())
+    return masks, torch.stack(reliable).sum(), torch.stack(informative).sum()
+
+
+_KEPT = ("prev", "step_size", "prev_update")
+
+
+@torch.no_grad()
+def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor) -> None:
+    """One ``optimizer.step`` in which only the coordinates where ``masks``
+    is True take part; every other coordinate keeps its value, step size,
+    stored gradient and stored update.
+
+    The masked coordinates get a zero gradient, which, in the core's rule,
+    already leaves the parameter (a zero move), the stored update (0 only
+    where the state was fresh) and, inside the bounds, the step size as they
+    were; ``prev`` would become 0 and a step size outside the bounds would be
+    clamped, so the kept state and the value are restored from copies
+    afterwards (also for weight decay, which moves a zero-gradient
+    coordinate). iRprop+'s E(t-1) is held at +inf, so no mini-batch step is
+    judged worse than the last: mini-batch losses of different samples are
+    not comparable, and the variant runs as iRprop- until full batch.
+    """
+    saved: list[tuple[Tensor, Tensor, dict[str, Tensor | None], dict[str, Any]]] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            m = masks.get(id(p))
+            if m is None or p.grad is None:
+                continue
+            st = optimizer.state.get(p)
+            kept = {k: (_real(st[k]).clone() if st and k in st else None) for k in _KEPT}
+            saved.append((p, m, kept, group))
+            g = _real(p.grad)
+            g.copy_(torch.where(m, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+            kept["param"] = _real(p).clone()
+    optimizer.step(loss=loss)
+    for p, m, kept, group in saved:
+        st = optimizer.state[p]
+        value = _real(p.data)
+        value.copy_(torch.where(m, value, kept["param"]))  # type: ignore[arg-type]
+        for k in _KEPT:
+            if k not in st:
+                continue
+            now = _real(st[k])
+            before = kept[k]
+            if before is None:  # a state the step created: its fresh value
+                fill = group["lr"] if k == "step_size" else 0.0
+                before = torch.full_like(now, float(fill))
+            now.copy_(torch.where(m, now, before))
+        if LOSS_STATE in st:
+            st[LOSS_STATE].fill_(math.inf)
+
+
+def _step_size_stats(optimizer: Rprop) -> tuple[float, float, float] | None:
+    sizes = [_real(s["step_size"]).reshape(-1) for s in optimizer.state.values()
+             if isinstance(s, dict) and isinstance(s.get("step_size"), Tensor)]
+    sizes = [s for s in sizes if s.numel()]
+    if not sizes:
+        return None
+    flat = torch.cat([s.to(torch.float64) for s in sizes])
+    stride = max(1, flat.numel() // 8192)
+    lo, med, hi = torch.stack([flat.min(), flat[::stride].median(), flat.max()]).tolist()
+    return (lo, med, hi)
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def fit_adaptive(
+    model: nn.Module, loss_fn: LossFn, data: Any, optimizer: Rprop, *, options: dict[str, Any],
+    max_epochs: int, callbacks: Sequence[Callable[[Any], Any]], progress: bool,
+    checkpoint: str | os.PathLike[str] | None, checkpoint_every: int, variant: str | None,
+    full_batch_kwargs: dict[str, Any] | None,
+) -> AdaptiveHistory:
+    """The adaptive loop (module docstring); called by ``fit`` with its
+    arguments already checked. ``max_epochs`` counts epoch-equivalents
+    (examples / N): steps run while fewer than ``max_epochs * N`` examples
+    have been processed. ``checkpoint_every`` counts epoch-equivalents too: a
+    checkpoint is written after the step that crosses each multiple."""
+    if dist.is_available() and dist.is_initialized():
+        raise NotImplementedError(
+            "batching='adaptive' does not run under torch.distributed yet (each rank would "
+            "need its own sampler shard and all-reduced sums); use batching='full'")
+    _check_optimizer(optimizer)
+    source = _Data(data)
+    n = source.n
+    b0, k = options["batch_size"], options["micro_batches"]
+    if b0 > n:
+        raise ValueError(f"batching_kwargs['batch_size'] ({b0}) is larger than the dataset "
+                         f"({n} samples)")
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    sampler = _Sampler(n, options["seed"])
+    history = AdaptiveHistory(dataset_size=n)
+    batch = b0 if 2 * b0 <= n else n
+    start = 0
+    path = None if checkpoint is None else checkpoint_path(checkpoint)
+    if path is not None and path.exists():
+        saved = _checked_resume(path, n, options)
+        start, hist_state = load_checkpoint(path, model, optimizer, None, variant)
+        history = AdaptiveHistory.from_state_dict(hist_state, start, n)
+        history.resumed_from = start
+        sampler.load_state_dict(saved["sampler"])
+        batch = int(saved["batch"])
+    stats = _Statistics(params)
+    z = options["z"]
+    limit = max_epochs * n
+    examples = history.examples[-1] if history.examples else 0
+    offset = history.time[-1] if history.time else 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_epochs, initial=examples / n, desc="fit", unit="epoch",
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.2f}/{total} "
+                   "[{elapsed}<{remaining}{postfix}]")
+    began = time.perf_counter()
+    reason = "max_epochs"
+    steps = start
+    interrupted = DeferredInterrupt(enabled=path is not None)
+
+    def save() -> None:
+        assert path is not None
+        state = history.state_dict()
+        state[_CHECKPOINT_KEY] = {"sampler": sampler.state_dict(), "batch": batch,
+                                  "dataset_size": n, "options": dict(options)}
+        save_checkpoint(path, model, optimizer, state, steps, None, 0)
+
+    try:
+        while examples < limit:
+            full = batch >= n
+            if full:
+                loss_t = full_batch_backward(model, loss_fn,
+                                             source.passes(options["eval_batch_size"]),
+                                             **(full_batch_kwargs or {}))
+                loss, fraction = float(loss_t), 1.0
+            else:
+                idx = sampler.draw(batch)
+                micro = [source.take(part) for part in idx.chunk(k)]
+                loss_t = _batch_gradient(model, loss_fn, micro, stats)
+                masks, hits, info = _masks(optimizer, stats, k, z)
+                values = torch.stack([loss_t, hits.to(torch.float64),
+                                      info.to(torch.float64)]).tolist()
+                loss = values[0]
+                fraction = values[1] / values[2] if values[2] else 0.0
+            stop = None if math.isfinite(loss) else "nonfinite"
+            if callbacks:
+                info_ = StepInfo(steps, loss, batch, fraction, history, model, optimizer)
+                if any([bool(cb(info_)) for cb in callbacks]) and stop is None:
+                    stop = "callback"
+            if stop is not None:
+                reason = stop
+                break
+            if full:
+                optimizer.step(loss=loss_t)
+            else:
+                masked_step(optimizer, masks, loss_t)
+            examples += batch
+            steps += 1
+            history.loss.append(loss)
+            history.batch_size.append(batch)
+            history.reliable.append(fraction)
+            history.examples.append(examples)
+            history.step_size.append(_step_size_stats(optimizer))
+            history.time.append(offset + time.perf_counter() - began)
+            if bar is not None:
+                bar.set_postfix_str(f"B={batch} reliable={fraction:.2f} loss={loss:.4g}",
+                                    refresh=False)
+                bar.update(batch / n)
+            if not full and fraction < options["rho"]:
+                # A mini-batch is at most half the data: past that, the exact
+                # full-data pass costs at most twice as much and has no noise.
+                batch = n if 4 * batch > n else 2 * batch
+            crossed = (examples // (checkpoint_every * n)
+                       != (examples - history.batch_size[-1]) // (checkpoint_every * n))
+            stopping = interrupted.agreed(None, params[0].device)
+            if path is not None and (crossed or stopping):
+                save()
+            if stopping:
+                interrupted.reraise()
+        history.stop_reason = reason
+        if path is not None:
+            save()
+        if interrupted.agreed(None, params[0].device):
+            interrupted.reraise()
+    finally:
+        interrupted.restore()
+        if bar is not None:
+            bar.close()
+    return history
+
+
+def _checked_resume(path: Any, n: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The adaptive part of a checkpoint, checked before anything is loaded."""
+    payload = read_verified(path)
+    history = payload.get("history") if isinstance(payload, dict) else None
+    saved = history.get(_CHECKPOINT_KEY) if isinstance(history, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path} was not written by fit(batching='adaptive'); "
+                         "resume it with batching='full', or use a new checkpoint path")
+    if saved.get("dataset_size") != n:
+        raise ValueError(f"checkpoint {path} was written for a dataset of "
+                         f"{saved.get('dataset_size')} samples; this one has {n}")
+    if saved.get("options") != options:
+        raise ValueError(f"checkpoint {path} was written with batching_kwargs "
+                         f"{saved.get('options')}; this call has {options}")
+    sampler = saved.get("sampler")
+    ok = (isinstance(sampler, dict) and isinstance(sampler.get("generator"), Tensor)
+          and isinstance(sampler.get("perm"), Tensor)
+          and sampler["perm"].shape == (n,) and sampler["perm"].dtype == torch.int64
+          and isinstance(sampler.get("pos"), int) and 0 <= sampler["pos"] <= n
+          and isinstance(saved.get("batch"), int) and 1 <= saved["batch"] <= n)
+    if ok and isinstance(sampler, dict):
+        try:
+            torch.Generator().set_state(sampler["generator"])
+        except (RuntimeError, TypeError):
+            ok = False
+    if not ok:
+        raise ValueError(f"checkpoint {path}: its sampler state is malformed")
+    return saved

@@ -1,0 +1,340 @@
+"""fit(batching="adaptive"): the reliability test against SciPy's t and
+noncentral t, the masked step against the per-element reference, the full
+batch phase bitwise against full_batch_backward + step, bitwise resume, and
+bad input. (The benchmark is benchmarks/minibatch.py, not part of the tests.)"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize, stats
+from torch.utils.data import IterableDataset, TensorDataset
+
+import rprop
+from reference import ReferenceRprop
+from rprop.torch import fit, full_batch_backward
+from rprop.torch._adaptive import masked_step, reliability_threshold, reliable_mask
+
+ALL_VARIANTS = ("irprop-", "irprop+", "rprop-", "rprop+", "grprop-sag", "grprop-slr")
+
+
+# -- the threshold and the reliability test ----------------------------------------------
+
+
+@pytest.mark.parametrize("etas", [(0.5, 1.2), (0.3, 1.5), (0.8, 1.05)])
+def test_threshold_is_the_zero_drift_sign_probability(etas):
+    eta_minus, eta_plus = etas
+    # Zero drift of log(step): q ln(eta+) + (1 - q) ln(eta-) = 0.
+    q = optimize.brentq(lambda q: q * math.log(eta_plus) + (1 - q) * math.log(eta_minus), 0, 1,
+                        xtol=1e-15)
+    # Consecutive signs agree with probability p^2 + (1-p)^2 = q, p > 1/2.
+    p = optimize.brentq(lambda p: p * p + (1 - p) ** 2 - q, 0.5, 1, xtol=1e-15)
+    assert reliability_threshold(etas) == pytest.approx(stats.norm.ppf(p), rel=1e-9)
+    if etas == (0.5, 1.2):
+        assert reliability_threshold(etas) == pytest.approx(1.1847, abs=1e-4)
+
+
+def micro_means(mu, sigma, k, gen):
+    """k micro-batch means per coordinate, drawn around mu with spread sigma."""
+    return mu + sigma * gen.standard_normal((k, *np.shape(mu)))
+
+
+def test_mask_is_the_t_statistic_of_the_micro_batch_means():
+    gen = np.random.default_rng(0)
+    k, z = 8, reliability_threshold()
+    mu = gen.normal(size=5000) * 0.5
+    g = micro_means(mu, 1.0, k, gen)
+    g[:, :10] = 0.0  # no gradient at all: neither reliable nor informative
+    g[:, 10:20] = 0.25  # no spread: reliable
+    ok, info = reliable_mask(torch.tensor(g.sum(0)), torch.tensor((g * g).sum(0)), k, z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = g.mean(0) / (g.std(0, ddof=1) / math.sqrt(k))
+        expected = np.where(g.std(0) == 0, g.mean(0) != 0, np.abs(t) > z)
+    np.testing.assert_array_equal(ok.numpy(), expected)
+    np.testing.assert_array_equal(info.numpy(), (g != 0).any(0))
+
+
+def test_mask_with_weight_decay_tests_the_decayed_gradient():
+    gen = np.random.default_rng(1)
+    k, z = 6, 1.0
+    g = micro_means(gen.normal(size=2000) * 0.3, 1.0, k, gen)
+    shift = gen.normal(size=2000)
+    t = (g.mean(0) + shift) / (g.std(0, ddof=1) / math.sqrt(k))
+    ok, _ = reliable_mask(torch.tensor(g.sum(0)), torch.tensor((g * g).sum(0)), k, z,
+                          torch.tensor(shift))
+    np.testing.assert_array_equal(ok.numpy(), np.abs(t) > z)
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.5, 1.5, 3.0])
+def test_reliable_rate_is_the_noncentral_t_tail(delta):
+    """A coordinate whose mean is delta standard errors from 0 passes with
+    probability P(|T| > z), T noncentral t with k-1 degrees of freedom."""
+    gen = np.random.default_rng(2)
+    k, z, n = 8, reliability_threshold(), 200_000
+    sigma = 1.0
+    g = micro_means(np.full(n, delta * sigma / math.sqrt(k)), sigma, k, gen)
+    ok, _ = reliable_mask(torch.tensor(g.sum(0)), torch.tensor((g * g).sum(0)), k, z)
+    p = stats.nct.sf(z, k - 1, delta) + stats.nct.cdf(-z, k - 1, delta)
+    assert abs(ok.double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+# -- the masked step against the per-element reference -------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["irprop-", "irprop+", "rprop-", "rprop+"])
+@pytest.mark.parametrize("extra", [{}, {"maximize": True, "weight_decay": 0.1},
+                                   {"lr": 80.0}])
+def test_masked_step_is_the_reference_step_on_the_reliable_coordinates(variant, extra):
+    gen = np.random.default_rng(3)
+    shapes = [(5, 4), (7,)]
+    start = [gen.normal(size=s) for s in shapes]
+    start.append(gen.normal(size=(3,)) + 1j * gen.normal(size=(3,)))
+    hyper = {"lr": 0.01, **extra}
+    ref = ReferenceRprop(start, variant=variant, **hyper)
+    params = [torch.tensor(a) for a in start]
+    for p in params:
+        p.requires_grad_(True)
+    opt = rprop.Rprop(params, variant=variant, **hyper)
+    for _ in range(25):
+        grads = [gen.normal(size=s) for s in shapes]
+        grads.append(gen.normal(size=(3,)) + 1j * gen.normal(size=(3,)))
+        masks = [gen.random(size=(*np.shape(g), 2) if np.iscomplexobj(g) else np.shape(g)) < 0.6
+                 for g in grads]
+        loss = float(gen.normal())
+        # The reference: an ordinary step, then every unmasked coordinate put
+        # back as it was; E(t-1) is +inf (no mini-batch step is "worse").
+        before = ([np.array(ReferenceRprop._reals(p), copy=True) for p in ref.params],
+                  copy.deepcopy(ref.step_size), copy.deepcopy(ref.prev),
+                  copy.deepcopy(ref.prev_update))
+        ref.prev_loss = math.inf
+        ref.step(grads, loss=loss)
+        for i, m in enumerate(masks):
+            w = ReferenceRprop._reals(ref.params[i]).copy()
+            w[~m] = before[0][i][~m]
+            ref.params[i] = (w[..., 0] + 1j * w[..., 1]) if np.iscomplexobj(start[i]) else w
+            for now, old in zip((ref.step_size, ref.prev, ref.prev_update), before[1:],
+                                strict=True):
+                now[i][~m] = old[i][~m]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = torch.tensor(g)
+        masked_step(opt, {id(p): torch.tensor(m) for p, m in zip(params, masks, strict=True)},
+                    torch.tensor(loss, dtype=torch.float64))
+    for p, r in zip(params, ref.params, strict=True):
+        np.testing.assert_array_equal(p.detach().numpy(), r)
+    for p, s in zip(params, ref.step_size, strict=True):
+        np.testing.assert_array_equal(
+            torch.view_as_real(opt.state[p]["step_size"]).numpy()
+            if p.is_complex() else opt.state[p]["step_size"].numpy(), s)
+
+
+# -- fit ------------------------------------------------------------------------------------
+
+
+def regression(n=48, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.3 * torch.randn(n, 1, generator=g,
+                                                                   dtype=torch.float64)
+    return x, y
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 1)).double()
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(dim=1)
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_full_batch_phase_is_bitwise_full_batch_rprop(variant):
+    x, y = regression()
+    model = make_model()
+    snapshot = {}
+
+    def grab(info):
+        if info.batch_size == len(x) and not snapshot:
+            snapshot["model"] = copy.deepcopy(model.state_dict())
+            snapshot["optimizer"] = copy.deepcopy(info.optimizer.state_dict())
+            snapshot["step"] = info.step
+
+    # rho=1: the batch doubles after every step (8, 16, then all 48).
+    hist = fit(model, loss_fn, (x, y), variant=variant, max_epochs=12, progress=False,
+               callbacks=[grab], batching="adaptive",
+               batching_kwargs={"batch_size": 8, "micro_batches": 4, "rho": 1.0,
+                                "eval_batch_size": 16})
+    assert hist.batch_size[:3] == [8, 16, 48] and snapshot["step"] == 2
+    assert hist.reliable[0] < 1.0  # the mini-batch steps did mask coordinates
+    ref_model = make_model()
+    ref_model.load_state_dict(snapshot["model"])
+    ref_opt = rprop.Rprop(ref_model.parameters(), variant=variant)
+    ref_opt.load_state_dict(snapshot["optimizer"])
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]
+    losses = []
+    for _ in range(hist.steps - snapshot["step"]):
+        loss = full_batch_backward(ref_model, loss_fn, batches)
+        losses.append(float(loss))
+        ref_opt.step(loss=loss)
+    assert losses == hist.loss[snapshot["step"]:]
+    for a, b in zip(weights(model), weights(ref_model), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_irprop_plus_runs_as_irprop_minus_before_full_batch():
+    x, y = regression(n=200)
+    runs = []
+    for variant in ("irprop+", "irprop-"):
+        model = make_model()
+        fit(model, loss_fn, (x, y), variant=variant, max_epochs=3, progress=False,
+            batching="adaptive", batching_kwargs={"batch_size": 16, "micro_batches": 4,
+                                                  "rho": 0.0})
+        runs.append(weights(model))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_history_counts_examples_and_epoch_equivalents():
+    x, y = regression(n=200)
+    model = make_model()
+    hist = fit(model, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+               batching_kwargs={"batch_size": 16, "micro_batches": 4})
+    assert hist.examples == list(np.cumsum(hist.batch_size))
+    assert hist.examples[-1] >= 4 * 200 > hist.examples[-2]
+    assert hist.epochs == hist.examples[-1] / 200
+    assert all(b in (16, 32, 64, 200) for b in hist.batch_size)
+    assert hist.batch_size == sorted(hist.batch_size)
+    assert all(0 <= r <= 1 for r in hist.reliable)
+    assert hist.stop_reason == "max_epochs"
+
+
+def test_a_dataset_and_the_tensors_give_the_same_run():
+    x, y = regression(n=100)
+    out = []
+    for data in ((x, y), TensorDataset(x, y)):
+        model = make_model()
+        h = fit(model, loss_fn, data, max_epochs=3, progress=False, batching="adaptive",
+                batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 0.7,
+                                 "eval_batch_size": 30})
+        out.append((weights(model), h.loss))
+    assert out[0][1] == out[1][1]
+    for a, b in zip(out[0][0], out[1][0], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_is_bitwise(tmp_path):
+    x, y = regression(n=400)
+    opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.3, "seed": 7}
+    straight = make_model()
+    want = fit(straight, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+               batching_kwargs=opts)
+    ckpt = tmp_path / "run.pt"
+    first = make_model()
+    fit(first, loss_fn, (x, y), max_epochs=1, progress=False, batching="adaptive",
+        batching_kwargs=opts, checkpoint=ckpt)
+    torch.manual_seed(123)  # the sampler's generator is its own: the global one is irrelevant
+    resumed = make_model()
+    got = fit(resumed, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+              batching_kwargs=opts, checkpoint=ckpt)
+    assert got.resumed_from is not None and 0 < got.resumed_from < want.steps
+    # Resumed in the mini-batch phase (the sampler's state matters), and the
+    # batch grew after it.
+    assert want.batch_size[got.resumed_from] < 400
+    assert len(set(want.batch_size[got.resumed_from:])) > 1
+    assert got.loss == want.loss and got.batch_size == want.batch_size
+    assert got.examples == want.examples and got.reliable == want.reliable
+    for a, b in zip(weights(straight), weights(resumed), strict=True):
+        assert torch.equal(a, b)
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        yield from ()
+
+
+class Empty(torch.utils.data.Dataset):
+    def __len__(self):
+        return 0
+
+    def __getitem__(self, i):
+        raise IndexError(i)
+
+
+X, Y = regression(n=40)
+BAD = [
+    ("generator", (lambda: ((X[i], Y[i]) for i in range(3)))(), {}, TypeError,
+     "cannot be sampled by index"),
+    ("iterable dataset", Stream(), {}, TypeError, "cannot be sampled by index"),
+    ("list of batches", [(X[:8], Y[:8])], {}, TypeError, "tuple of tensors"),
+    ("empty dataset", Empty(), {}, ValueError, "0 samples"),
+    ("uneven tensors", (X, Y[:30]), {}, ValueError, "same length along dim 0"),
+    ("batch larger than N", (X, Y), {"batch_size": 64}, ValueError,
+     r"larger than the dataset \(40 samples\)"),
+    ("batch not a multiple of k", (X, Y), {"batch_size": 12}, ValueError, "multiple of"),
+    ("one micro-batch", (X, Y), {"micro_batches": 1}, ValueError, "micro_batches"),
+    ("rho", (X, Y), {"rho": 1.5}, ValueError, "rho"),
+    ("z", (X, Y), {"z": -1.0}, ValueError, "'z'"),
+    ("unknown option", (X, Y), {"batchsize": 8}, TypeError, "unknown keys"),
+]
+
+
+@pytest.mark.parametrize(("data", "opts", "error", "match"),
+                         [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_error_and_changes_nothing(data, opts, error, match):
+    model = make_model()
+    before = weights(model)
+    rng = torch.get_rng_state()
+    with pytest.raises(error, match=match):
+        fit(model, loss_fn, data, progress=False, batching="adaptive", batching_kwargs=opts)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_bad_mode_and_unsupported_combinations():
+    model = make_model()
+    with pytest.raises(ValueError, match="batching must be one of"):
+        fit(model, loss_fn, (X, Y), batching="minibatch")
+    with pytest.raises(ValueError, match="batching='adaptive' only"):
+        fit(model, loss_fn, [(X, Y)], batching_kwargs={"batch_size": 8})
+    with pytest.raises(TypeError, match=r"needs an rprop\.Rprop"):
+        fit(model, loss_fn, (X, Y), optimizer=torch.optim.Adam(model.parameters()),
+            batching="adaptive", progress=False)
+    with pytest.raises(ValueError, match="target_loss and patience"):
+        fit(model, loss_fn, (X, Y), target_loss=0.1, batching="adaptive", progress=False)
+
+
+def test_a_full_batch_checkpoint_is_refused_unchanged(tmp_path):
+    ckpt = tmp_path / "full.pt"
+    fit(make_model(), loss_fn, [(X, Y)], max_epochs=2, progress=False, checkpoint=ckpt)
+    model = make_model()
+    before = weights(model)
+    with pytest.raises(ValueError, match="not written by fit\\(batching='adaptive'\\)"):
+        fit(model, loss_fn, (X, Y), progress=False, batching="adaptive",
+            batching_kwargs={"batch_size": 8}, checkpoint=ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))
+
+
+def test_torch_distributed_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(NotImplementedError, match=r"torch\.distributed"):
+            fit(make_model(), loss_fn, (X, Y), progress=False, batching="adaptive",
+                batching_kwargs={"batch_size": 8})
+    finally:
+        dist.destroy_process_group()
