@@ -164,19 +164,12 @@ def grprop_adjust(grads: list[Array], step_sizes: list[Array], *, adjust: str,
     lr = xp.concatenate([xp.reshape(a, (-1,)) for a in step_sizes])
     if g.dtype != lr.dtype:
         g = xp.asarray(g, dtype=lr.dtype)
-    candidate = g != 0  # neuralnet's `notzero`
-    key = xp.abs(g) if adjust == "sag" else lr
-    # NaN keys (a NaN gradient) never win; argmin takes the first minimum
-    # (R's which.min), and a non-candidate only ever holds +inf.
-    index = xp.argmin(xp.where(candidate & (key == key), key, float("inf")))
-    # Every candidate's key +inf or NaN: the first candidate, as which.min.
-    index = xp.where(candidate[index], index, xp.argmax(xp.where(candidate, 1, 0)))
+    candidate, _, index = grprop_pick(g, lr, adjust, xp)
     # Positions made like g (on its device), for "every coordinate but the one".
     position = xp.cumsum(xp.where(candidate, 1, 1), 0) - 1
     chosen = position == index
     others = xp.where(candidate & ~chosen, lr * g, xp.zeros_like(lr))
-    total = accurate_sum(others, xp) + hyper.grprop_delta
-    value = xp.clip(-total / g[index], hyper.step_min, hyper.step_max)
+    value = grprop_value(accurate_sum(others, xp), g[index], hyper, xp)
     apply = candidate[index] & (value == value)
     flat = xp.where(chosen & apply, value, lr)
     out, start = [], 0
@@ -184,6 +177,56 @@ def grprop_adjust(grads: list[Array], step_sizes: list[Array], *, adjust: str,
         out.append(xp.reshape(flat[start:start + n], a.shape))
         start += n
     return out
+
+
+def grprop_pick(g: Array, lr: Array, adjust: str, xp: Any) -> tuple[Array, Array, Array]:
+    """``(candidate, key, index)``: the coordinates GRprop may adjust (g ≠ 0,
+    neuralnet's ``notzero``), their selection keys (|g| for ``"sag"``, the
+    step size for ``"slr"``; +inf elsewhere and for NaN) and the index of the
+    first smallest key, R's ``which.min`` (the first candidate if every key
+    is +inf). ``candidate[index]`` is False when there is no candidate."""
+    candidate = g != 0
+    key = xp.abs(g) if adjust == "sag" else lr
+    key = xp.where(candidate & (key == key), key, float("inf"))
+    index = xp.argmin(key)
+    index = xp.where(candidate[index], index, xp.argmax(xp.where(candidate, 1, 0)))
+    return candidate, key, index
+
+
+def grprop_value(others: Array, g_i: Array, hyper: Hyper, xp: Any) -> Array:
+    """neuralnet's new step size for the chosen coordinate: ``min(max(-(others
+    + δ) / g_i, step_min), step_max)``, ``others`` = Σ_{j≠i} step_j·g_j."""
+    return xp.clip(-(others + hyper.grprop_delta) / g_i, hyper.step_min, hyper.step_max)
+
+
+def sum_parts(x: Array, xp: Any) -> tuple[Array, Array]:
+    """:func:`accurate_sum` before its final rounding: ``(hi, lo)``, the sum
+    and its carried error (0-dim), for sums combined across processes."""
+    hi = x
+    lo = xp.zeros_like(x)
+    while hi.shape[0] > 1:
+        if hi.shape[0] % 2:
+            hi = xp.concatenate([hi, xp.zeros_like(hi[:1])])
+            lo = xp.concatenate([lo, xp.zeros_like(lo[:1])])
+        a, b = hi[0::2], hi[1::2]
+        s, err = two_sum(a, b)
+        lo = (lo[0::2] + lo[1::2]) + err
+        hi = s
+    if hi.shape[0] == 0:
+        return xp.sum(x), xp.sum(x)
+    return hi[0], lo[0]
+
+
+def two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """Knuth's error-free sum: ``s = fl(a + b)`` and ``a + b - s`` exactly."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def finish_sum(hi: Array, lo: Array, xp: Any) -> Array:
+    """``hi + lo`` rounded once; a non-finite ``hi`` (inf, NaN) as it is."""
+    return xp.where(xp.isfinite(hi), hi + lo, hi)
 
 
 def accurate_sum(x: Array, xp: Any) -> Array:
@@ -197,22 +240,7 @@ def accurate_sum(x: Array, xp: Any) -> Array:
     (a plain float64 reduction is off by the cancellation times an ulp, and
     its order differs between libraries). A non-finite sum is the plain one.
     """
-    hi = x
-    lo = xp.zeros_like(x)
-    while hi.shape[0] > 1:
-        if hi.shape[0] % 2:
-            hi = xp.concatenate([hi, xp.zeros_like(hi[:1])])
-            lo = xp.concatenate([lo, xp.zeros_like(lo[:1])])
-        a, b = hi[0::2], hi[1::2]
-        s = a + b
-        bb = s - a
-        err = (a - (s - bb)) + (b - bb)
-        lo = (lo[0::2] + lo[1::2]) + err
-        hi = s
-    if hi.shape[0] == 0:
-        return xp.sum(x)
-    total, carried = hi[0], lo[0]
-    return xp.where(xp.isfinite(total), total + carried, total)
+    return finish_sum(*sum_parts(x, xp), xp)
 
 
 def grprop_step(grads: list[Array], prevs: list[Array], step_sizes: list[Array], *,
