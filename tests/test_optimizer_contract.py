@@ -821,6 +821,23 @@ def test_values_past_the_dtype_are_refused_when_changed_later_and_on_load():
     assert torch.equal(p, before)
 
 
+def test_lr_past_the_dtype_set_before_the_first_step_seeds_nothing():
+    p = Parameter(torch.randn(3))
+    opt = rprop.Rprop([p])
+    opt.param_groups[0]["lr"] = 1e39
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"lr=1e\+39 does not fit"):
+        opt.step()
+    assert not any(opt.state.values())  # nothing seeded from the refused lr
+    opt.param_groups[0]["lr"] = 0.01
+    opt.step()
+    q = Parameter(p.detach().clone())
+    ref = torch.optim.Rprop([q], lr=0.01)
+    q.grad = torch.ones(3)
+    ref.step()
+    assert torch.equal(opt.state[p]["step_size"], ref.state[q]["step_size"])
+
+
 def test_float16_range_is_its_own():
     p = Parameter(torch.randn(3, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"lr=70000.0 does not fit .* torch.float16"):

@@ -321,7 +321,12 @@ class Rprop(Optimizer):
     def _complete_states(self, group: dict[str, Any], variant: Variant, params: list[Tensor],
                          grads: list[Tensor], states: list[dict[str, Any]]) -> None:
         """Create the state the variant needs where it is missing."""
-        if not self._warned_seed and not all(states):  # before anything is created
+        # Before anything is created: a refused lr leaves no state seeded from it.
+        hyper = self._checked_group(group)[0]
+        for p, state in zip(params, states, strict=True):
+            if not state:
+                self._check_fits(hyper, state_dtype_for(p, group))
+        if not self._warned_seed and not all(states):
             self._warn_if_seed_below_min(group)
         fresh_losses: list[Tensor] = []
         for p, grad, state in zip(params, grads, states, strict=True):
