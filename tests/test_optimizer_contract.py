@@ -320,6 +320,63 @@ def test_complex(cls):
 
 
 @by_class
+def test_complex_mixed_with_real(cls):
+    """torch's test_complex: complex parameters (and a real one beside them)
+    step exactly as their view_as_real twins, at every step."""
+    for kwargs in inputs(skip=("differentiable",)):
+        torch.manual_seed(0)
+        cplx = [torch.randn(10, 5, dtype=torch.complex64, requires_grad=True),
+                torch.randn(10, dtype=torch.complex64, requires_grad=True),
+                torch.randn(10, 5, requires_grad=True)]
+        real = [(torch.view_as_real(p) if p.is_complex() else p).detach().clone()
+                .requires_grad_() for p in cplx]
+        opt_c, opt_r = cls(cplx, **kwargs), cls(real, **kwargs)
+        for _ in range(3):
+            for c, r in zip(cplx, real):
+                r.grad = torch.randn_like(r)
+                c.grad = torch.view_as_complex(r.grad.clone()) if c.is_complex() else r.grad.clone()
+            opt_r.step()
+            opt_c.step()
+            for c, r in zip(cplx, real):
+                assert torch.equal(torch.view_as_real(c) if c.is_complex() else c, r)
+
+
+def _mlp():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sigmoid(),
+                               torch.nn.Linear(3, 1), torch.nn.Sigmoid())
+
+
+@by_class
+def test_foreach_matches_forloop(cls):
+    """torch's test_foreach_matches_forloop (_compare_between): a layer frozen
+    for two steps, one step with no gradients, an empty 0-dim parameter; the
+    foreach implementation matches the for-loop one, parameters and state."""
+    for kwargs in OPTIM_INPUTS.values():
+        x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]).reshape(3, 2)
+        models, opts = [], []
+        for foreach in (False, True):
+            model = _mlp()
+            empty = torch.empty((), requires_grad=True)
+            empty.grad = torch.rand_like(empty)
+            models.append(model)
+            opts.append(cls([*model.parameters(), empty], **kwargs, foreach=foreach))
+        for i in range(7):
+            for model, opt in zip(models, opts):
+                opt.zero_grad()
+                if i == 3:
+                    model[2].requires_grad_(False)
+                if i == 5:
+                    model[2].requires_grad_(True)
+                if i != 2:
+                    model(x).sum().backward()
+                opt.step()
+            for p, q in zip(models[0].parameters(), models[1].parameters()):
+                assert torch.equal(p, q)
+                assert same(opts[0].state[p], opts[1].state[q])
+
+
+@by_class
 def test_non_empty_state(cls):
     model = torch.nn.Linear(5, 5)
     x = torch.rand(2, 5)
