@@ -2,7 +2,19 @@
 
 Each rank holds its own shard of the data; every step uses the exact gradient
 of the mean loss over all samples of all ranks (one bucketed all-reduce per
-step), so all ranks take the same step as one process on the whole dataset.
+step), so all ranks take the same step, and the step one process takes on the
+whole dataset up to rounding: the sums run in another order, so the gradient
+differs in its last bits. Rprop reads only its signs, so the runs stay bitwise
+equal until rounding flips the sign of a component within rounding of zero;
+then they part, as two runs of similar quality. Here, in float32 over 1500
+epochs, 2 ranks first left 1 process after 378 steps (one weight, by 2e-6),
+ending at loss 0.005187 against 0.005179.
+
+One process uses torch's default thread pool, one thread per core; on a
+machine with other load that can be many times slower than one thread
+(OMP_NUM_THREADS=1: torchrun sets it for each rank, a plain `python` does not).
+Here, on 2 shared cores: fit took 86.0 s with the default pool and 6.8 s
+with OMP_NUM_THREADS=1, at load ~7.
 
     python examples/distributed_full_batch.py                        # one process
     torchrun --nproc_per_node 2 examples/distributed_full_batch.py   # 2 ranks
