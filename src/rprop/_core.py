@@ -245,19 +245,22 @@ def accurate_sum(x: Array, xp: Any) -> Array:
 
 def grprop_step(grads: list[Array], prevs: list[Array], step_sizes: list[Array], *,
                 hyper: Hyper, variant: Variant, xp: Any,
-                hypers: list[Hyper] | None = None) -> list[Update]:
+                hypers: list[Hyper] | None = None, adjuster: Any = None) -> list[Update]:
     """One GRprop step over every array of the optimizer: Rprop- adaptation
     per array, :func:`grprop_adjust` over all of them, then every coordinate
     moves by ``-sign(g) * step``. ``grads`` are the effective gradients; the
     gradient remembered is the raw one, also after a sign change (neuralnet's
     ``gradients.old <- gradients``). ``hypers`` (one per array, torch's param
     groups) adapt each array with its own etas; the adjustment reads the step
-    bounds and δ of ``hyper``, which the groups share."""
+    bounds and δ of ``hyper``, which the groups share. ``adjuster`` replaces
+    :func:`grprop_adjust` (same signature) where the arrays are shards of a
+    vector spread over processes."""
     assert variant.adjust is not None, "grprop_step runs GRprop variants"
     per_array = [hyper] * len(grads) if hypers is None else hypers
     adapted = [adapt_step_size(g, p, s, hyper=h, xp=xp)[1]
                for g, p, s, h in zip(grads, prevs, step_sizes, per_array, strict=True)]
-    adjusted = grprop_adjust(grads, adapted, adjust=variant.adjust, hyper=hyper, xp=xp)
+    adjusted = (adjuster or grprop_adjust)(grads, adapted, adjust=variant.adjust, hyper=hyper,
+                                           xp=xp)
     return [Update(move(g, s, xp), g, s, None) for g, s in zip(grads, adjusted, strict=True)]
 
 

@@ -7,6 +7,11 @@ selection and sum run over all of them, then every tensor moves. The math is
 :func:`rprop._core.grprop_step`; this module gathers the tensors, checks that
 the param groups agree on what the adjustment reads, and writes the results.
 
+Sharded parameters (FSDP2: DTensors on dim 0 of one 1-D mesh) take part
+as the full vector they are shards of: :class:`_ShardedAdjust` combines the
+ranks' selections and sums in one all-gather. DDP needs nothing: every rank
+has the same gradients and computes the same step.
+
 The path registry still has the last word: no fast path declares the
 ``adjust=...`` features, so :func:`choose` gives every bucket the reference
 path (and refuses ``fused=True``, as the group check does first).
@@ -17,15 +22,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from rprop._core import effective_grad, grprop_step
+from rprop._core import (
+    effective_grad,
+    finish_sum,
+    grprop_pick,
+    grprop_step,
+    grprop_value,
+    sum_parts,
+    two_sum,
+)
 from rprop._hyper import Hyper
 from rprop._variants import Variant, get_variant
-from rprop.torch._compat import PLAIN_TYPES
+from rprop.torch._compat import PLAIN_TYPES, local_tensor
 from rprop.torch._path_registry import choose
 from rprop.torch._paths import increment_steps
-from rprop.torch._tensors import real_views
+from rprop.torch._tensors import mark_written, real_views
 
 __all__ = ["check_groups", "step"]
 
@@ -68,14 +82,12 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]]) -> tuple[
     hypers: list[Hyper] = []
     steps: list[Tensor] = []
     devices: set[torch.device] = set()
+    sharded: list[Tensor] = []
     for group, hyper, variant, buckets in work:
         for b in buckets:
             ran.append(choose(group, variant, b.params[:1], b.grads[:1], b.prevs[:1]).name)
             if not {type(p) for p in b.params} <= PLAIN_TYPES:
-                raise ValueError(
-                    f"variant={variant.name!r} (GRprop) does not support sharded parameters "
-                    f"(DTensor, FSDP2) yet: its adjustment needs a selection and a sum over "
-                    "all shards; use DDP (replicated parameters) or another variant")
+                sharded += b.params
             g = b.grads
             if b.prevs[0].dtype != b.params[0].dtype:  # state_dtype: compute in it
                 g = [t.to(b.prevs[0].dtype) for t in g]
@@ -91,15 +103,134 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]]) -> tuple[
         raise ValueError(
             "GRprop's adjustment runs over all parameters at once; they must be on one "
             f"device, got {sorted(map(str, devices))}")
+    adjuster = None
+    if sharded:
+        whole = [p for _, _, _, buckets in work for b in buckets for p in b.params]
+        adjuster = _ShardedAdjust(whole, work[0][2].name)  # refuses what it cannot lay out
     increment_steps(steps)
     if not params:
         return tuple(ran)
     outs = grprop_step(grads, prevs, step_sizes, hyper=work[0][1], variant=work[0][2],
-                       xp=torch, hypers=hypers)
+                       xp=torch, hypers=hypers, adjuster=adjuster)
     for p, prev, size, out in zip(params, prevs, step_sizes, outs, strict=True):
         # State first: out.prev may be the gradient itself, which may share
         # memory with the parameter (p.grad = p.detach() for f = |p|^2 / 2).
         prev.copy_(out.prev)
         size.copy_(out.step_size)
         p.add_(out.delta)
+    if sharded:
+        mark_written(sharded)  # written through the DTensors' local shards
     return tuple(ran)
+
+
+_SHARD: Any = None
+
+
+def _shard0() -> Any:
+    """``Shard(0)``, FSDP2's placement, imported on first use (as the DTensor
+    type in rprop.torch._compat): a process without sharded parameters never
+    loads torch.distributed.tensor."""
+    global _SHARD
+    if _SHARD is None:
+        from torch.distributed.tensor import Shard
+
+        _SHARD = Shard(0)
+    return _SHARD
+
+
+class _ShardedAdjust:
+    """GRprop's adjustment over DTensor parameters sharded on dim 0 of one 1-D
+    mesh (FSDP2's layout), exact up to the sum's last rounding.
+
+    The vector is the full parameters in the optimizer's order, each in C
+    order; a rank's shard of a parameter is a run of consecutive positions
+    (rows ``[r*c, (r+1)*c)``, ``c = ceil(rows / world)``, torch.chunk's split,
+    as ``Shard(0)`` documents). Each rank picks its first smallest key, and
+    sends it with its global position, whether it has a candidate, the
+    double-double sum of all its candidates' ``step * grad`` and the product
+    at its pick: one all-gather of six numbers per rank. Every rank then takes
+    the lexicographic minimum (key, position), which is the single-process
+    choice, sums the ranks' parts in rank order with error-free additions and
+    takes the chosen product away, and the rank that owns the coordinate
+    writes it.
+    """
+
+    def __init__(self, params: list[Tensor], variant: str) -> None:
+        mesh = getattr(params[0], "device_mesh", None)
+        if (mesh is None or mesh.ndim != 1
+                or any(getattr(p, "device_mesh", None) != mesh for p in params)
+                or any(tuple(getattr(p, "placements", ())) != (_shard0(),) for p in params)
+                or any(p.is_complex() for p in params)):
+            raise ValueError(
+                f"variant={variant!r} (GRprop) supports sharded parameters laid out as FSDP2 "
+                "lays them out (real DTensors, all sharded on dim 0 of one 1-D mesh); got "
+                + ", ".join(sorted({f"{type(p).__name__} {getattr(p, 'placements', '')}"
+                                    for p in params})))
+        self.group = mesh.get_group()
+        self.world = mesh.size()
+        self.rank = mesh.get_local_rank()
+        runs, base = [], 0
+        for p in params:
+            rows = p.shape[0] if p.dim() else 1
+            per_row = p.numel() // rows if rows else 0
+            chunk = -(-rows // self.world)
+            start = min(self.rank * chunk, rows)
+            local = local_tensor(p)
+            expected = max(0, min(start + chunk, rows) - start) * per_row
+            if local.numel() != expected:
+                raise ValueError(
+                    f"variant={variant!r} (GRprop): a parameter of shape {tuple(p.shape)} has "
+                    f"{local.numel()} elements on rank {self.rank}, not the {expected} of "
+                    "torch.chunk's split of dim 0; its global positions are unknown")
+            runs.append((base + start * per_row, local.numel()))
+            base += p.numel()
+        self.runs = runs
+
+    def __call__(self, grads: list[Tensor], step_sizes: list[Tensor], *, adjust: str,
+                 hyper: Hyper, xp: Any) -> list[Tensor]:
+        lr = torch.cat([s.reshape(-1) for s in step_sizes])
+        g = torch.cat([t.reshape(-1) for t in grads]).to(lr.dtype)
+        dtype, inf = lr.dtype, float("inf")
+        position = torch.cat([torch.arange(n, dtype=torch.float64, device=lr.device) + start
+                              for start, n in self.runs])
+        if lr.numel():
+            candidate, key, index = grprop_pick(g, lr, adjust, torch)
+            has = candidate[index]
+            prod = lr * g
+            hi, lo = sum_parts(torch.where(candidate, prod, 0), torch)
+            mine = [torch.where(has, key[index], inf), torch.where(has, position[index], inf),
+                    has, hi, lo, torch.where(has, prod[index], 0)]
+        else:
+            index, zero = None, torch.zeros((), dtype=dtype, device=lr.device)
+            mine = [zero + inf, zero + inf, zero, zero, zero, zero]
+        sent = torch.stack([torch.as_tensor(t, device=lr.device).to(torch.float64)
+                            for t in mine])
+        table = [torch.empty_like(sent) for _ in range(self.world)]
+        dist.all_gather(table, sent, group=self.group)
+        rows = [t.tolist() for t in table]
+        owners = [r for r in range(self.world) if rows[r][2]]
+        if not owners:  # no non-zero gradient on any rank: nothing to adjust
+            return list(step_sizes)
+        owner = min(owners, key=lambda r: (rows[r][0], rows[r][1]))
+        # Σ over ranks of hi + lo, in rank order, with error-free additions, in
+        # the step sizes' dtype (as the single-process sum), then minus the
+        # chosen coordinate's own product.
+        part = [torch.tensor(rows[r][3:6], dtype=dtype, device=lr.device)
+                for r in range(self.world)]
+        total, carried = part[0][0], part[0][1]
+        for r in range(1, self.world):
+            total, err = two_sum(total, part[r][0])
+            carried = carried + (part[r][1] + err)
+        total, err = two_sum(total, -part[owner][2])
+        others = finish_sum(total, carried + err, torch)
+        flat = lr
+        if owner == self.rank and index is not None:
+            value = grprop_value(others, g[index], hyper, torch)
+            if bool(value == value):
+                flat = lr.clone()
+                flat[index] = value
+        out, start = [], 0
+        for s in step_sizes:
+            out.append(flat[start:start + s.numel()].reshape(s.shape))
+            start += s.numel()
+        return out
