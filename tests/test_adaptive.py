@@ -338,3 +338,32 @@ def test_torch_distributed_is_refused(tmp_path):
                 batching_kwargs={"batch_size": 8})
     finally:
         dist.destroy_process_group()
+
+
+# -- rprop compare --minibatch ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--problems", "rosenbrock"], "unknown dataset 'rosenbrock' for --minibatch"),
+    (["--plot", "x.png"], "--plot does not apply to --minibatch"),
+    (["--methods", "adagrad"], "unknown method 'adagrad'"),
+])
+def test_compare_minibatch_bad_arguments_exit_2(capsys, argv, message):
+    from rprop import cli
+
+    code = cli.main(["compare", "--minibatch", *argv])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compare_minibatch_quick_prints_every_method(capsys):
+    from rprop import cli
+
+    code = cli.main(["compare", "--minibatch", "--quick", "--methods",
+                     "adaptive,adam-128,torch-rprop-128,irprop+-full,lbfgs-full"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    for name in ("adaptive (defaults)", "adam-128 (lr=", "torch-rprop-128", "irprop+-full",
+                 "lbfgs-full"):
+        assert out.count(name) == 2, name  # at 1 and at 3 epochs

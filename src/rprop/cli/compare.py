@@ -41,6 +41,12 @@ def add_parser(sub: Any) -> None:
                       help="write loss curves to this file, its type from its extension: "
                            "curves.png, curves.svg, curves.pdf... (needs matplotlib)")
     comp.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    comp.add_argument("--minibatch", action="store_true",
+                      help="instead: fit(batching='adaptive') against mini-batch Adam, SGD and "
+                           "Rprop and full-batch iRprop+ and L-BFGS at equal examples "
+                           "(docs/benchmarks.md); --problems then names datasets ("
+                           "default digits), --methods its methods, --seeds the seeds "
+                           "(default 3); --quick: 1 seed, 1 and 3 epochs. Needs scikit-learn")
     add_output_options(comp, json_help="print the protocol, summary and every run as JSON",
                        progress_help="no progress bar (it is off anyway when stderr is not "
                                      "a terminal)")
@@ -113,6 +119,8 @@ def _plot_format(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.minibatch:
+        return _run_minibatch(args)
     with checking_arguments():
         probs, meths, seeds, budget = _compare.plan(args.problems, args.methods, args.seeds,
                                                     args.quick)
@@ -139,4 +147,36 @@ def run(args: argparse.Namespace) -> int:
     say("over the successful runs; final loss: median over seeds of the last loss evaluated.")
     if plot_format is not None:
         say(f"Loss curves written to {args.plot}")
+    return 0
+
+
+def _run_minibatch(args: argparse.Namespace) -> int:
+    """``--minibatch``: the adaptive-batching benchmark, reduced (full protocol:
+    benchmarks/minibatch.py)."""
+    if args.plot is not None:
+        raise UsageError("--plot does not apply to --minibatch (it prints tables)")
+    require_backend("torch")
+    if importlib.util.find_spec("sklearn") is None:
+        raise MissingError("--minibatch needs scikit-learn: pip install 'rprop[datasets]'")
+    # torch is optional: imported only once --minibatch asks for it
+    from rprop import _compare_minibatch as mb
+
+    datasets = args.problems or ["digits"]
+    unknown = [d for d in datasets if d not in mb.DATASETS]
+    if unknown:
+        raise UsageError(f"unknown dataset {unknown[0]!r} for --minibatch; choose from "
+                         f"{', '.join(mb.DATASETS)}")
+    seeds = args.seeds or list(range(1 if args.quick else 3))
+    budgets = (1, 3) if args.quick else (1, 3, 10)
+    with checking_arguments():
+        results, chosen = mb.run(datasets, args.methods or list(mb.METHODS), seeds, [100],
+                                 budgets, synthetic_n=20_000)
+    if args.json:
+        say_json({"results": [r.__dict__ for r in results],
+                  "lr": {d: c["lr"] for d, c in chosen.items()}})
+        return 0
+    say(f"Adaptive batching vs mini-batch baselines at equal examples; seeds {seeds}, "
+        f"learning rates tuned per budget on seed 100, synthetic sets at 20k samples "
+        f"(docs/benchmarks.md has the protocol; benchmarks/minibatch.py the full run).")
+    say(mb.format_tables(results))
     return 0
