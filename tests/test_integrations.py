@@ -6,6 +6,8 @@ missing. RecordedLossRprop's own contract is checked without any of them."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +20,9 @@ import rprop
 from rprop.integrations import RecordedLossRprop, botorch_optimizer_kwargs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+# The recipe tests are grouped by framework (xdist_group), so that under
+# `pytest -n 2 --dist loadgroup` each framework is imported by one worker only
+# (lightning takes ~4-13 s to import here, most of it torchmetrics and dynamo).
 
 # Lightning 2.6's own pytree code calls a deprecated check of torch's.
 LIGHTNING_PYTREE = r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
@@ -46,6 +51,17 @@ def run(*names: str) -> dict[str, Any]:
 
 
 # -- RecordedLossRprop, without any framework --------------------------------
+
+
+@pytest.mark.slow
+def test_no_framework_is_imported() -> None:
+    code = ("import sys, rprop; assert 'rprop.integrations' not in sys.modules; "
+            "import rprop.integrations; "
+            "print(sorted(m for m in ('botorch', 'gpytorch', 'lightning', 'transformers', "
+            "'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def _quadratic_step(opt: torch.optim.Optimizer, w: torch.Tensor, record: bool) -> torch.Tensor:
@@ -148,6 +164,7 @@ def _hyperparameters(mll: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in mll.named_parameters()}
 
 
+@pytest.mark.xdist_group("botorch")
 @pytest.mark.slow
 def test_botorch_recipe_matches_lbfgsb() -> None:
     import_or_skip("botorch")
@@ -160,6 +177,7 @@ def test_botorch_recipe_matches_lbfgsb() -> None:
     assert abs(_neg_mll(ours) - _neg_mll(ref)) < 1e-8
 
 
+@pytest.mark.xdist_group("botorch")
 @pytest.mark.slow
 def test_botorch_noise_at_its_bound() -> None:
     """Noiseless data drive the noise to its lower bound, where BoTorch's clamp
@@ -222,6 +240,7 @@ def _assert_same(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0) -> N
         torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=name)
 
 
+@pytest.mark.xdist_group("lightning")
 @pytest.mark.slow
 @pytest.mark.filterwarnings(LIGHTNING_PYTREE)
 def test_lightning_recipes_match_a_plain_loop() -> None:
@@ -245,6 +264,7 @@ def test_lightning_recipes_match_a_plain_loop() -> None:
     _assert_same(run_manual["manual"].net, ref, atol=1e-5)  # one batch vs four
 
 
+@pytest.mark.xdist_group("lightning")
 @pytest.mark.slow
 @pytest.mark.filterwarnings(LIGHTNING_PYTREE)
 def test_lightning_fp16_amp_steps_without_a_closure() -> None:
@@ -291,6 +311,7 @@ def _hf_reference(scope: dict[str, Any], **opt_kwargs: Any) -> torch.nn.Module:
     return ref
 
 
+@pytest.mark.xdist_group("hf")
 @pytest.mark.slow
 def test_hf_trainer_recipes_match_a_plain_loop(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,6 +324,7 @@ def test_hf_trainer_recipes_match_a_plain_loop(tmp_path: Path,
     _assert_same(scope["model"].net, _hf_reference(scope, variant="irprop+"), atol=1e-12)
 
 
+@pytest.mark.xdist_group("hf")
 @pytest.mark.slow
 def test_hf_trainer_warmup_warns_that_lr_seeds_the_step_sizes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
