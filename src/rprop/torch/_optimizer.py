@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections import defaultdict
@@ -607,10 +606,10 @@ def _as_loss(loss: Any) -> Tensor:
     return torch.tensor(loss, dtype=torch.float64)
 
 
-@functools.cache
 def _extras(variant: Variant) -> tuple[str, ...]:
     """The per-parameter state keys a step of ``variant`` reads beyond the
-    ones every state has (torch.optim.Rprop's)."""
+    ones every state has (torch.optim.Rprop's). Once per group and step, not
+    per tensor; not cached, which torch.compile would refuse to trace."""
     needed = (*variant.state_keys, *((LOSS_STATE,) if variant.needs_loss else ()))
     return tuple(k for k in needed if k not in TORCH_STATE)
 
