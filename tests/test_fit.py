@@ -114,14 +114,15 @@ def test_target_loss_stops_before_stepping():
 def test_patience_and_min_improvement():
     data = problem()[:1]
     hist = fit(make_model(), scripted([5.0] * 10), data, max_epochs=10, patience=3,
-               progress=False)
+               step_floor=False, progress=False)
     assert hist.stop_reason == "patience" and hist.epochs == 4
     # 10% better, then 0.1% and 0.06% better: not enough for min_improvement=1%.
     values = [10.0, 9.0, 8.99, 8.985, 8.0]
     hist = fit(make_model(), scripted(values), data, max_epochs=10, patience=2,
-               min_improvement=0.01, progress=False)
+               min_improvement=0.01, step_floor=False, progress=False)
     assert hist.stop_reason == "patience" and hist.loss == values[:4]
-    hist = fit(make_model(), scripted(values), data, max_epochs=5, patience=2, progress=False)
+    hist = fit(make_model(), scripted(values), data, max_epochs=5, patience=2, step_floor=False,
+               progress=False)
     assert hist.stop_reason == "max_epochs"
 
 
@@ -135,7 +136,7 @@ def test_nonfinite_loss_stops():
         before = params(info.model)
 
     hist = fit(model, scripted([3.0, 2.0, math.nan, 1.0]), data, max_epochs=10,
-               callbacks=[record], progress=False)
+               callbacks=[record], step_floor=False, progress=False)
     assert hist.stop_reason == "nonfinite" and hist.epochs == 3
     assert all(torch.equal(a, b) for a, b in zip(before, params(model)))
 

@@ -203,7 +203,8 @@ def test_patience_decisions_match_a_rescan_of_the_whole_history():
         patience = rng.randint(1, 12)
         min_improvement = rng.choice([0.0, 0.0, 0.02, 0.05, 0.3])
         hist = fit(make_model(), scripted(values), [problem()[0]], max_epochs=25,
-                   patience=patience, min_improvement=min_improvement, progress=False)
+                   patience=patience, min_improvement=min_improvement, step_floor=False,
+                   progress=False)
         stops = [k for k in range(1, hist.epochs + 1)
                  if old_rule_stops(hist.loss[:k], patience, min_improvement)]
         if hist.stop_reason == "patience":
@@ -217,12 +218,12 @@ def test_patience_decisions_match_a_rescan_of_the_whole_history():
 def test_a_resumed_run_keeps_counting_patience_from_its_history(tmp_path):
     values = [5.0, 4.0, 3.0, 3.0, 3.0, 3.0, 3.0, 2.0, 1.0, 1.0]
     whole = fit(make_model(), scripted(values), [problem()[0]], max_epochs=10, patience=4,
-                progress=False)
+                step_floor=False, progress=False)
     path = tmp_path / "run.pt"
     fit(make_model(), scripted(values), [problem()[0]], max_epochs=4, patience=4,
-        checkpoint=path, progress=False)
+        checkpoint=path, step_floor=False, progress=False)
     resumed = fit(make_model(), scripted(values[4:]), [problem()[0]], max_epochs=10, patience=4,
-                  checkpoint=path, progress=False)
+                  checkpoint=path, step_floor=False, progress=False)
     assert whole.stop_reason == resumed.stop_reason == "patience"
     assert resumed.loss == whole.loss and whole.epochs == 7
 
@@ -253,7 +254,7 @@ def test_patience_costs_o1_per_epoch_not_a_rescan_of_the_history(monkeypatch):
     epochs = 300
     values = [1.0 / (k + 1) for k in range(epochs)]  # always improving: never stops
     hist = fit(make_model(), scripted(values), [problem()[0]], max_epochs=epochs, patience=3,
-               progress=False)
+               step_floor=False, progress=False)
     assert isinstance(hist.loss, ReadCountingList) and hist.epochs == epochs
     # A rescan per epoch reads ~epochs**2 / 2 = 45000 elements.
     assert ReadCountingList.reads <= 2 * epochs, ReadCountingList.reads

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from rprop._stopping import gtol_reached, step_floor_reached, tolerance
+from rprop.plotting import plot_training
 from rprop.torch._adaptive import AdaptiveHistory, check_batching, fit_adaptive
 from rprop.torch._compat import local_tensor
 from rprop.torch._fit_checkpoint import (
@@ -28,11 +31,13 @@ from rprop.torch._fit_checkpoint import (
 from rprop.torch._full_batch import LossFn, check_options, full_batch_backward
 from rprop.torch._preemption import DeferredInterrupt
 from rprop.torch._rank_check import check_ranks_agree, describe_params
+from rprop.torch._step_stats import step_size_summary
 
 __all__ = ["EpochInfo", "FitHistory", "atomic_save", "fit"]
 
-STOP_REASONS = ("max_epochs", "target_loss", "patience", "callback", "nonfinite")
-_MEDIAN_SAMPLE = 8192
+STOP_REASONS = ("max_epochs", "target_loss", "gtol", "step_floor", "patience", "callback",
+                "nonfinite")
+Stats = tuple[float, float, float]
 
 
 @dataclass
@@ -44,16 +49,28 @@ class FitHistory:
     training at the end of epoch ``i`` (summed over resumed runs);
     ``step_size[i]`` the (min, median, max) of the step sizes after epoch
     ``i``, or None when there are none yet (see :func:`fit`).
-    ``stop_reason`` is one of ``"max_epochs"``, ``"target_loss"``,
-    ``"patience"``, ``"callback"``, ``"nonfinite"``. ``resumed_from`` is the
-    epoch a checkpoint resumed the run at, else None.
+    ``step_size_groups[i]`` the same per parameter group (None for a group
+    without step sizes), ``step_min`` each group's ``step_min`` (empty for an
+    optimizer without one). ``val_loss[i]`` is the validation metric at the
+    parameters epoch ``i`` started from (empty without validation);
+    ``best_epoch`` the epoch whose parameters were restored at the end (see
+    ``restore_best``), else None.
+    ``stop_reason`` is one of ``"max_epochs"``, ``"target_loss"``, ``"gtol"``,
+    ``"step_floor"``, ``"patience"``, ``"callback"``, ``"nonfinite"``, and
+    ``message`` says why in words. ``resumed_from`` is the epoch a
+    checkpoint resumed the run at, else None.
     """
 
     loss: list[float] = field(default_factory=list)
     time: list[float] = field(default_factory=list)
-    step_size: list[tuple[float, float, float] | None] = field(default_factory=list)
+    step_size: list[Stats | None] = field(default_factory=list)
     stop_reason: str = ""
     resumed_from: int | None = None
+    step_size_groups: list[list[Stats | None]] = field(default_factory=list)
+    step_min: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    message: str = ""
 
     @property
     def epochs(self) -> int:
@@ -68,18 +85,41 @@ class FitHistory:
         return {
             "loss": list(self.loss), "time": list(self.time),
             "step_size": [None if s is None else list(s) for s in self.step_size],
-            "stop_reason": self.stop_reason,
+            "step_size_groups": [[None if s is None else list(s) for s in g]
+                                 for g in self.step_size_groups],
+            "step_min": list(self.step_min), "val_loss": list(self.val_loss),
+            "best_epoch": self.best_epoch, "stop_reason": self.stop_reason,
+            "message": self.message,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], epochs: int) -> FitHistory:
-        """The first ``epochs`` epochs of a saved history."""
+        """The first ``epochs`` epochs of a saved history (the keys beyond
+        loss, time and step_size may be missing: they start empty)."""
         return cls(
             loss=[float(x) for x in state["loss"][:epochs]],
             time=[float(x) for x in state["time"][:epochs]],
-            step_size=[None if s is None else (float(s[0]), float(s[1]), float(s[2]))
-                       for s in state["step_size"][:epochs]],
+            step_size=[_stats(s) for s in state["step_size"][:epochs]],
+            step_size_groups=[[_stats(s) for s in g]
+                              for g in state.get("step_size_groups", [[]] * epochs)[:epochs]],
+            step_min=[float(x) for x in state.get("step_min", [])],
+            val_loss=[float(x) for x in state.get("val_loss", [])[:epochs]],
         )
+
+    def plot(self, path: str | os.PathLike[str] | None = None, *, title: str | None = None
+             ) -> Any:
+        """Draw the loss curve (and the validation one, with the restored
+        epoch) above the step sizes per parameter group (median line,
+        min..max band, ``step_min`` dashed); see :func:`rprop.plotting.plot_training`.
+        Saved to ``path`` when given; returns the matplotlib Figure (needs
+        ``pip install rprop[plot]``)."""
+        return plot_training(self.loss, self.step_size, groups=self.step_size_groups or None,
+                             step_min=self.step_min or None, val_loss=self.val_loss or None,
+                             best=self.best_epoch, title=title, path=path)
+
+
+def _stats(s: Any) -> Stats | None:
+    return None if s is None else (float(s[0]), float(s[1]), float(s[2]))
 
 
 @dataclass(frozen=True)
@@ -107,10 +147,15 @@ def fit(
     *,
     optimizer: Any = None,
     variant: str | None = None,
-    max_epochs: int = 100,
+    max_epochs: int = 1000,
     target_loss: float | None = None,
+    gtol: float | None = None,
+    step_floor: bool = True,
     patience: int | None = None,
     min_improvement: float = 0.0,
+    val_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+    val_metric: Callable[[nn.Module], Any] | None = None,
+    restore_best: bool = True,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -145,12 +190,56 @@ def fit(
             calls re-evaluate the full-batch loss and gradient (one pass over
             ``data`` each). Its parameters must be ``model``'s.
         variant: the variant of the default optimizer (not with ``optimizer``).
-        max_epochs: at most this many epochs (evaluations, each followed by a step).
+        max_epochs: at most this many epochs (evaluations, each followed by
+            a step). The default, 1000, is trainrp's: a budget, not the
+            expected length of a run. The convergence stops (``step_floor``
+            on by default, ``gtol``) end a run that has converged, so a
+            generous budget costs nothing there, and 100 cut typical
+            full-batch runs short (Rprop's step sizes take ~40 epochs just
+            to grow from 1e-3 to 1).
         target_loss: stop, before stepping, once the loss is ``<= target_loss``.
-        patience: stop, before stepping, when the loss has not improved on the
-            best so far by more than ``min_improvement`` (relative:
+        gtol: stop, before stepping, once the largest ``|component|`` of the
+            full-batch gradient (``.grad`` of every trainable parameter: the
+            loss's gradient, without an optimizer's weight decay) is
+            ``<= gtol`` (neuralnet's ``threshold``; :func:`rprop.minimize`'s
+            ``gtol``). In the loss's units, so off (None) by default. Under
+            FSDP2 each rank holds a shard: the maximum is taken over ranks.
+        step_floor: stop, before stepping, once every moving element is at
+            its step-size floor: every element whose gradient (with the
+            optimizer's weight decay) is not 0 has a step size
+            ``<= step_min`` of its group, so the next step moves each of them
+            by ``step_min`` only: Rprop's resolution is reached (a run past
+            it repeats the same losses). Also when no element has a nonzero
+            gradient (no Rprop step moves anything). Read from the optimizer's
+            state (``step_size``) and its groups' ``step_sizes``: it applies
+            to ``rprop.Rprop`` and ``torch.optim.Rprop``; optimizers without
+            step sizes never stop by it. Not before the first step.
+        patience: stop, before stepping, when the loss (the validation
+            metric, with ``val_data`` or ``val_metric``) has not improved on
+            the best so far by more than ``min_improvement`` (relative:
             ``loss < best - min_improvement * |best|``) for ``patience`` epochs.
         min_improvement: see ``patience``.
+        val_data: validation batches, in ``data``'s form. Each epoch, before
+            the training pass and at the same parameters, the validation
+            loss is the mean of ``loss_fn`` over them (computed as the
+            training loss is, by :func:`full_batch_backward`, whose gradient
+            is discarded: it costs a backward pass over ``val_data``), with
+            the model in eval mode (``model.eval()``; each module's mode is
+            restored after). Recorded in ``history.val_loss``; ``patience``
+            then watches it (early stopping).
+        val_metric: instead of ``val_data``: ``val_metric(model)`` returns
+            the validation metric (a number or one-element tensor, lower is
+            better), called under ``torch.no_grad()`` with the model in eval
+            mode. Under ``torch.distributed`` it is called on every rank, and
+            the ranks act on the largest value.
+        restore_best: with validation, at the end of the run (whatever
+            stopped it, but not an exception or a signal), load back the
+            model's ``state_dict`` and the optimizer's state of the epoch with
+            the best validation value (its parameters: before its step), as
+            sklearn's ``early_stopping`` and Keras' ``restore_best_weights``
+            do. A copy of both is kept in memory (and in the checkpoint,
+            which then resumes the restored state); ``history.best_epoch``
+            names the epoch. The random generators are not rewound.
         callbacks: ``callback(info: EpochInfo)`` after each evaluation; a true
             return value stops training (under ``torch.distributed``, any
             rank's stop stops all ranks; ranks may pass different callbacks,
@@ -217,6 +306,8 @@ def fit(
     trainable = _check_fit_args(model, loss_fn, optimizer, variant, max_epochs, target_loss,
                                 patience, min_improvement, callbacks, checkpoint_every,
                                 data if adaptive is None else (), full_batch_kwargs)
+    gtol = _check_stop_args(gtol, step_floor, val_data, val_metric, restore_best, checkpoint,
+                            trainable, optimizer)
     if optimizer is None:
         from rprop.torch._optimizer import Rprop
 
@@ -226,6 +317,9 @@ def fit(
         if target_loss is not None or patience is not None:
             raise ValueError("target_loss and patience need full-data losses; batching="
                              "'adaptive' records mini-batch losses: use batching='full'")
+        if gtol is not None or val_data is not None or val_metric is not None:
+            raise ValueError("gtol, val_data and val_metric are batching='full' options (they "
+                             "read the full-batch gradient and loss)")
         return fit_adaptive(model, loss_fn, data, optimizer, options=adaptive,
                             max_epochs=max_epochs, callbacks=list(callbacks), progress=progress,
                             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
@@ -237,9 +331,18 @@ def fit(
     any_callbacks = bool(callbacks)
     if group is not None:
         any_callbacks, = check_ranks_agree(
-            "fit", _what_fit_does(optimizer, trainable, max_epochs, target_loss, patience,
-                                  min_improvement, checkpoint, checkpoint_every,
-                                  full_batch_kwargs), group, device, any_of=[any_callbacks])
+            "fit", {**_what_fit_does(optimizer, trainable, max_epochs, target_loss, patience,
+                                     min_improvement, checkpoint, checkpoint_every,
+                                     full_batch_kwargs),
+                    "gtol": gtol, "step_floor": bool(step_floor),
+                    "validation": ("val_data" if val_data is not None else "val_metric"
+                                   if val_metric is not None else None),
+                    "restore_best": bool(restore_best)}, group, device, any_of=[any_callbacks])
+    kwargs = dict(full_batch_kwargs or {})
+    validation = None if val_data is None and val_metric is None else _Validation(
+        model, loss_fn, val_data, val_metric, process_group, kwargs)
+    best = _Best(model, optimizer) if validation is not None and restore_best else None
+    convergence = _Convergence(optimizer, trainable, gtol, step_floor)
     history = FitHistory()
     start = 0
     path = None if checkpoint is None else checkpoint_path(checkpoint)
@@ -247,31 +350,49 @@ def fit(
         start, saved = load_checkpoint(path, model, optimizer, group, variant)
         history = FitHistory.from_state_dict(saved, start)
         history.resumed_from = start
+        if best is not None and isinstance(saved.get("best"), dict):
+            best.resume(saved["best"])
+    history.step_min = convergence.step_mins
+    if validation is not None:
+        # A run resumed from a checkpoint written without validation has no
+        # validation values for its first epochs: NaN, never a best.
+        history.val_loss += [math.nan] * (start - len(history.val_loss))
     offset = history.time[-1] if history.time else 0.0
-    plateau = _Plateau(min_improvement, history.loss)
+    plateau = _Plateau(min_improvement, _unless_nan(
+        history.val_loss if validation is not None else history.loss))
     steps_with_loss = _takes_loss(optimizer)
-    kwargs = dict(full_batch_kwargs or {})
     bar = _progress_bar(progress and rank == 0, max_epochs, start)
     began = time.perf_counter()
     completed = start
-    reason = "max_epochs"
+    reason, message = "max_epochs", f"max_epochs = {max_epochs} reached"
     # With a checkpoint to write, SIGINT and SIGTERM finish the epoch and
     # save it before stopping (every rank after the same epoch).
     interrupted = DeferredInterrupt(enabled=path is not None)
     try:
         for epoch in range(start, max_epochs):
+            # Before the training pass, which leaves the gradient the step uses.
+            val = None if validation is None else validation.evaluate()
             batches = data() if callable(data) else data
             loss_t = full_batch_backward(model, loss_fn, batches, process_group=process_group,
                                          **kwargs)
             loss = float(loss_t)
             history.loss.append(loss)
-            plateau.add(loss)
-            stop = _stop_rule(loss, target_loss, patience, plateau)
+            measured = convergence.measure(group, device, val, reduce_val=val_metric is not None)
+            if validation is not None:
+                val = measured.val
+                history.val_loss.append(val)
+                plateau.add(val if math.isfinite(val) else math.inf)
+                if best is not None and plateau.since == 0 and math.isfinite(val):
+                    best.keep(epoch)
+            else:
+                plateau.add(loss)
+            stop = _stop_rule(epoch, loss, target_loss, patience, plateau, measured, gtol,
+                              validation is not None, min_improvement)
             if any_callbacks:  # on every rank if on any: the all-reduce below pairs up
                 info = EpochInfo(epoch, loss, history, model, optimizer)
                 wants = any([bool(cb(info)) for cb in callbacks])
                 if _any_rank(wants, group, device) and stop is None:
-                    stop = "callback"
+                    stop = ("callback", f"a callback asked to stop at epoch {epoch}")
             if stop is None:
                 if steps_with_loss:
                     optimizer.step(loss=loss_t)
@@ -282,24 +403,31 @@ def fit(
                 else:
                     optimizer.step()
                 completed = epoch + 1
-            stats = _step_size_stats(optimizer)
+            stats, per_group = _step_size_stats(optimizer)
             history.time.append(offset + time.perf_counter() - began)
             history.step_size.append(stats)
+            history.step_size_groups.append(per_group)
             if bar is not None:
                 bar.set_postfix_str(_postfix(loss, stats), refresh=False)
                 bar.update(1)
             if stop is not None:
-                reason = stop
+                reason, message = stop
                 break
             stopping = interrupted.agreed(group, device)
             if path is not None and (completed % checkpoint_every == 0 or stopping):
-                save_checkpoint(path, model, optimizer, history.state_dict(), completed, group,
+                save_checkpoint(path, model, optimizer, _saved(history, best), completed, group,
                                 rank)
             if stopping:
                 interrupted.reraise()
-        history.stop_reason = reason
+        history.stop_reason, history.message = reason, message
+        if best is not None and best.epoch is not None:
+            # The checkpoint below then holds the restored state: a resumed
+            # run continues from the best epoch.
+            best.restore()
+            history.best_epoch = completed = best.epoch
+            history.message += f"; restored the parameters of epoch {best.epoch}"
         if path is not None:
-            save_checkpoint(path, model, optimizer, history.state_dict(), completed, group, rank)
+            save_checkpoint(path, model, optimizer, _saved(history, best), completed, group, rank)
         if interrupted.agreed(group, device):  # during the last epoch: saved, still a stop
             interrupted.reraise()
     finally:
@@ -488,16 +616,282 @@ class _Plateau:
         self.epochs += 1
 
 
-def _stop_rule(loss: float, target: float | None, patience: int | None,
-               plateau: _Plateau) -> str | None:
-    """Why to stop before stepping from ``loss`` (already added to ``plateau``), or None."""
+# -- convergence and validation ----------------------------------------------------
+
+
+def _check_stop_args(gtol: Any, step_floor: Any, val_data: Any, val_metric: Any,
+                     restore_best: Any, checkpoint: Any, trainable: list[Tensor],
+                     optimizer: Any) -> float | None:
+    """Check the convergence and validation options; return ``gtol`` as a float."""
+    if gtol is not None:
+        gtol = tolerance("gtol", gtol)
+    for name, flag in (("step_floor", step_floor), ("restore_best", restore_best)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if val_data is not None and val_metric is not None:
+        raise ValueError("pass val_data (validated with loss_fn) or val_metric "
+                         "(val_metric(model) -> number), not both")
+    if val_metric is not None and not callable(val_metric):
+        raise TypeError(f"val_metric must be a function val_metric(model) -> number, got "
+                        f"{type(val_metric).__name__}")
+    if val_data is not None:
+        if isinstance(val_data, Iterator):
+            raise TypeError("val_data is an iterator (e.g. a generator), which the first epoch "
+                            "would exhaust; pass a list or a DataLoader, or a function that "
+                            "returns a fresh iterable")
+        if not (callable(val_data) or isinstance(val_data, Iterable)):
+            raise TypeError(f"val_data must be an iterable of batches or a function returning "
+                            f"one, got {type(val_data).__name__}")
+    validating = val_data is not None or val_metric is not None
+    if validating and restore_best and checkpoint is not None and (
+            is_zero(optimizer) or any(local_tensor(p) is not p for p in trainable)):
+        raise ValueError("restore_best with a checkpoint keeps the best state in the checkpoint, "
+                         "which fit writes for a plain or DDP model only (not FSDP2 or ZeRO "
+                         "shards); pass restore_best=False or checkpoint=None")
+    return gtol
+
+
+class _Validation:
+    """The validation value at the current parameters, once per epoch."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, val_data: Any, val_metric: Any,
+                 process_group: Any, kwargs: dict[str, Any]) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.val_data = val_data
+        self.val_metric = val_metric
+        self.process_group = process_group
+        self.kwargs = kwargs
+
+    def evaluate(self) -> float:
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            if self.val_metric is not None:
+                with torch.no_grad():
+                    return _metric_value(self.val_metric(self.model))
+            data = self.val_data() if callable(self.val_data) else self.val_data
+            return float(full_batch_backward(self.model, self.loss_fn, data,
+                                             process_group=self.process_group, **self.kwargs))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+
+def _metric_value(value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"val_metric must return a real number or a one-element tensor, "
+                            f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        return float(value.detach().reshape(()))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"val_metric must return a real number or a one-element tensor, got "
+                        f"{type(value).__name__}")
+    return float(value)
+
+
+class _Best:
+    """Copies of the model's ``state_dict`` and the optimizer's state at the
+    epoch with the best validation value (taken before that epoch's step)."""
+
+    def __init__(self, model: nn.Module, optimizer: Any) -> None:
+        self.model = model
+        # A ZeroRedundancyOptimizer's own state_dict needs a collective; its
+        # local optimizer holds this rank's state.
+        self.optimizer = optimizer.optim if is_zero(optimizer) else optimizer
+        self.epoch: int | None = None
+        self.model_state: dict[str, Any] = {}
+        self.optimizer_state: dict[str, Any] = {}
+
+    def keep(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.model_state = _cloned(self.model.state_dict())
+        self.optimizer_state = _cloned(self.optimizer.state_dict())
+
+    def restore(self) -> None:
+        self.optimizer.load_state_dict(self.optimizer_state)
+        self.model.load_state_dict(self.model_state)
+
+    def saved(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "model": self.model_state,
+                "optimizer": self.optimizer_state}
+
+    def resume(self, saved: dict[str, Any]) -> None:
+        """From a checkpoint (checked against the model and optimizer when it loaded)."""
+        self.epoch = int(saved["epoch"])
+        self.model_state = saved["model"]
+        self.optimizer_state = saved["optimizer"]
+
+
+def _cloned(obj: Any) -> Any:
+    """``obj`` with every tensor in it copied (a state_dict holds the live ones)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cloned(v) for v in obj)
+    return obj
+
+
+def _saved(history: FitHistory, best: _Best | None) -> dict[str, Any]:
+    """The history a checkpoint holds, with the best state when there is one."""
+    state = history.state_dict()
+    if best is not None and best.epoch is not None:
+        state["best"] = best.saved()
+    return state
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What the convergence stops read at an epoch (the same on every rank)."""
+
+    gmax: float  # the largest |gradient component| (nan when not measured)
+    at_floor: bool  # every moving element's step size <= its group's step_min
+    moving_step: float | None  # the largest step size of a moving element
+    floor: float  # the largest step_min, as the step sizes' dtype holds it
+    val: float  # the validation value (nan without validation)
+
+
+class _Convergence:
+    """The largest gradient component and whether every moving step size is
+    at its floor, from ``.grad`` and the optimizer's state: per-tensor
+    reductions on the device, one host synchronisation (and, under
+    ``torch.distributed``, one small all-reduce that also carries a
+    ``val_metric`` value) per epoch."""
+
+    def __init__(self, optimizer: Any, trainable: list[Tensor], gtol: float | None,
+                 step_floor: bool) -> None:
+        self.inner = optimizer.optim if is_zero(optimizer) else optimizer
+        self.trainable = trainable
+        self.gtol = gtol
+        groups = self.inner.param_groups
+        self.has_floor = all("step_sizes" in g for g in groups)
+        self.step_mins = [float(g["step_sizes"][0]) for g in groups] if self.has_floor else []
+        self.floor_rule = step_floor and self.has_floor
+        self._held: dict[tuple[float, torch.dtype], float] = {}
+
+    def measure(self, group: Any, device: torch.device, val: float | None,
+                reduce_val: bool = False) -> _Measured:
+        """What the rules read at the current parameters; ``reduce_val``: the
+        ranks' validation values may differ (a ``val_metric``), take the largest."""
+        if val is None:
+            val = math.nan
+        if self.gtol is None and not self.floor_rule and not (group is not None and reduce_val):
+            return _Measured(math.nan, False, None, math.nan, val)
+        floor = -math.inf
+        with torch.no_grad():
+            rows = [self._gmax(device)]
+            if self.floor_rule:
+                above, moving, step, floor = self._floor(device)
+                rows += [above, moving, step]
+            else:
+                rows += [torch.ones((), dtype=torch.float64, device=device)] * 3
+            rows.append(torch.tensor(val, dtype=torch.float64, device=device))
+            t = torch.stack(rows)
+            if group is not None:
+                # NaN (a NaN gradient, a non-finite validation value) as +inf:
+                # the same on every rank after MAX, and never a stop or a best.
+                t = torch.where(torch.isnan(t), math.inf, t)
+                t = torch.cat([t, torch.tensor([floor], dtype=torch.float64, device=device)])
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+                values = t.tolist()
+                floor = values.pop()
+            else:
+                values = t.tolist()
+        gmax, above_v, moving_v, step_v, v = values
+        return _Measured(gmax=gmax, at_floor=self.floor_rule and above_v <= 0,
+                         moving_step=step_v if moving_v > 0 else None, floor=floor, val=v)
+
+    def _gmax(self, device: torch.device) -> Tensor:
+        if self.gtol is None and not self.floor_rule:  # the floor's message reports it
+            return torch.tensor(math.nan, dtype=torch.float64, device=device)
+        found = [_real(local_tensor(p.grad)).abs().amax().to(device, torch.float64)
+                 for p in self.trainable if p.grad is not None and p.grad.numel()]
+        if not found:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack(found).amax()
+
+    def _floor(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Whether any moving element is above its floor, whether any element
+        moves, the largest moving step size (device scalars, this rank's
+        elements), and the largest floor as the step sizes' dtype holds it."""
+        above, moving, step = [], [], []
+        floor_held = -math.inf
+        for g in self.inner.param_groups:
+            floor, decay = g["step_sizes"][0], g.get("weight_decay", 0) or 0
+            for p in g["params"]:
+                if p.grad is None:
+                    continue  # a zero gradient: the element does not move
+                grad = _real(local_tensor(p.grad))
+                if decay:
+                    grad = grad + decay * _real(local_tensor(p.detach()))
+                move = grad != 0
+                moving.append(move.any())
+                state = self.inner.state.get(p)
+                s = state.get("step_size") if isinstance(state, dict) else None
+                if not isinstance(s, Tensor):  # no step yet: not at the floor
+                    above.append(move.any())
+                    continue
+                s = _real(local_tensor(s))
+                # Compared in the step sizes' dtype, where the clamp to step_min happened.
+                above.append((move & (s > floor)).any())
+                step.append(torch.where(move, s, -math.inf).amax())
+                held = self._held.get((floor, s.dtype))
+                if held is None:
+                    held = self._held[(floor, s.dtype)] = float(torch.tensor(floor, dtype=s.dtype))
+                floor_held = max(floor_held, held)
+        return (_any(above, device), _any(moving, device), _largest(step, device), floor_held)
+
+
+def _any(flags: list[Tensor], device: torch.device) -> Tensor:
+    if not flags:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack([f.to(device) for f in flags]).any().to(torch.float64)
+
+
+def _largest(values: list[Tensor], device: torch.device) -> Tensor:
+    if not values:
+        return torch.tensor(-math.inf, dtype=torch.float64, device=device)
+    return torch.stack([v.to(device, torch.float64) for v in values]).amax()
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _stop_rule(epoch: int, loss: float, target: float | None, patience: int | None,
+               plateau: _Plateau, measured: _Measured, gtol: float | None, validating: bool,
+               min_improvement: float) -> tuple[str, str] | None:
+    """Why to stop before stepping from ``loss`` (the watched value already
+    added to ``plateau``), as ``(rule, message)``, or None."""
     if not math.isfinite(loss):
-        return "nonfinite"
+        return "nonfinite", f"the loss is {loss} at epoch {epoch}"
     if target is not None and loss <= target:
-        return "target_loss"
+        return "target_loss", f"the loss, {loss:.6g}, is <= target_loss = {target:g}"
+    if gtol is not None:
+        detail = gtol_reached(measured.gmax, gtol, what="gradient")
+        if detail is not None:
+            return "gtol", detail
+    if measured.at_floor:
+        if measured.moving_step is None:
+            return "step_floor", "no element has a nonzero gradient: no Rprop step moves any"
+        detail = step_floor_reached(measured.moving_step, measured.floor, measured.gmax,
+                                    gtol=gtol, floor_name="step_min", what="gradient",
+                                    element="element")
+        if detail is not None:
+            return "step_floor", detail
     if patience is not None and plateau.epochs > patience and plateau.since >= patience:
-        return "patience"
+        watched = "validation metric" if validating else "loss"
+        return "patience", (f"the {watched} has not improved on its best, {plateau.best:.6g}, "
+                            f"by more than min_improvement = {min_improvement:g} (relative) "
+                            f"for {patience} epochs")
     return None
+
+
+def _unless_nan(values: Iterable[float]) -> list[float]:
+    """``values`` with NaN as inf: never an improvement (NaN would stick as the best)."""
+    return [math.inf if math.isnan(v) else v for v in values]
 
 
 def _takes_loss(optimizer: Any) -> bool:
@@ -525,28 +919,37 @@ def _postfix(loss: float, stats: tuple[float, float, float] | None) -> str:
     return text
 
 
-def _step_size_stats(optimizer: Any) -> tuple[float, float, float] | None:
-    """(min, median, max) of this rank's step sizes; the median over an evenly
-    strided sample of at most ~8k of them. One host synchronisation."""
+def _step_size_stats(optimizer: Any) -> tuple[Stats | None, list[Stats | None]]:
+    """(min, median, max) of this rank's step sizes, overall and per
+    parameter group (see :func:`step_size_summary`). One host
+    synchronisation."""
     inner = optimizer.optim if is_zero(optimizer) else optimizer
-    tensors = []
-    for state in inner.state.values():
+    overall = step_size_summary(_step_sizes(inner.state.values()))
+    groups = inner.param_groups
+    if len(groups) == 1:
+        per_group = [overall]
+    else:
+        per_group = [step_size_summary(_step_sizes(inner.state.get(p) for p in g["params"]))
+                     for g in groups]
+    present = [t for t in [overall, *per_group] if t is not None]
+    if not present:
+        return None, [None] * len(per_group)
+    home = present[0].device
+    values = iter(torch.stack([t.to(home) for t in present]).tolist())
+    out: list[Stats | None] = []
+    for t in [overall, *per_group]:
+        v = None if t is None else next(values)
+        out.append(None if v is None else (v[0], v[1], v[2]))
+    return out[0], out[1:]
+
+
+def _step_sizes(states: Iterable[Any]) -> list[Tensor]:
+    found = []
+    for state in states:
         s = state.get("step_size") if isinstance(state, dict) else None
         if isinstance(s, Tensor):
-            s = local_tensor(s)
-            s = torch.view_as_real(s) if s.is_complex() else s
-            if s.numel():
-                tensors.append(s.detach())
-    if not tensors:
-        return None
-    home = tensors[0].device
-    total = sum(t.numel() for t in tensors)
-    stride = max(1, total // _MEDIAN_SAMPLE)
-    sample = torch.cat([t.reshape(-1)[::stride].to(home, torch.float64) for t in tensors])
-    lo = torch.stack([t.min().to(home, torch.float64) for t in tensors]).min()
-    hi = torch.stack([t.max().to(home, torch.float64) for t in tensors]).max()
-    values = torch.stack([lo, sample.median(), hi]).tolist()
-    return (values[0], values[1], values[2])
+            found.append(s)
+    return found
 
 
 # -- torch.distributed ---------------------------------------------------------------

@@ -39,7 +39,7 @@ from rprop.torch._step_stats import step_size_summary
 __all__ = ["MinimizeResult", "minimize"]
 
 
-class MinimizeResult(OptimizeResult):  # type: ignore[misc]
+class MinimizeResult(OptimizeResult):
     """SciPy's ``OptimizeResult`` (a dict with attribute access) that draws itself."""
 
     def plot(self, path: Any = None, *, title: str | None = None) -> Any:
@@ -161,7 +161,8 @@ def minimize(
         f, g = evaluate()
         pg, grad_finite, gmax, moving = _look(g, x, lo, hi, boxed, hyper, step_size)
         # Kept on the device and read once at the end: no host sync per step.
-        fun_history, step_history = [f], []
+        fun_history: list[float] = [f]
+        step_history: list[Tensor] = []
         prev_f = math.inf
         best = (f, x, g) if math.isfinite(f) and grad_finite else None
         monitor = Monitor(rules, fun_name="the closure")
@@ -203,7 +204,9 @@ def minimize(
             f, g = evaluate()
             pg, grad_finite, gmax, moving = _look(g, x, lo, hi, boxed, hyper, step_size)
             fun_history.append(f)
-            step_history.append(step_size_summary(step_size))
+            summary = step_size_summary(step_size)
+            if summary is not None:  # always: params are not empty
+                step_history.append(summary)
             monitor.stepped(prev_f, sign * f, moved)
             if math.isfinite(f) and grad_finite and (best is None or sign * f < sign * best[0]):
                 best = (f, x, g)
