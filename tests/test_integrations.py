@@ -302,6 +302,50 @@ def test_lightning_fp16_amp_steps_without_a_closure() -> None:
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.xdist_group("lightning")
+@pytest.mark.slow
+@pytest.mark.filterwarnings(LIGHTNING_PYTREE)
+def test_lightning_accumulation_hands_the_last_batch_loss() -> None:
+    """With accumulate_grad_batches=2 the step gets the gradient of both
+    batches but, from its closure, the second batch's loss halved: not E(t)."""
+    L = import_or_skip("lightning")
+    scope = run("lightning")
+    seen: list[torch.Tensor] = []
+
+    class Seeing(rprop.Rprop):
+        def step(self, closure: Any = None, *, loss: Any = None) -> Any:
+            out = super().step(closure, loss=loss)
+            seen.append(out.detach().clone())
+            return out
+
+    class Model(scope["Regression"]):  # type: ignore[misc,name-defined]
+        def configure_optimizers(self) -> Any:
+            return Seeing(self.parameters(), lr=0.01, variant="irprop+")
+
+    class Each:
+        def __init__(self, items: list[Any]) -> None:
+            self.items = items
+
+        def __iter__(self) -> Any:
+            return iter(self.items)
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+    x, y = scope["x"], scope["y"]
+    model = Model()
+    with torch.no_grad():
+        whole = torch.nn.functional.mse_loss(model.net(x), y)
+        last_half = torch.nn.functional.mse_loss(model.net(x[32:]), y[32:])
+    L.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(
+        model, train_dataloaders=Each(list(zip(x.split(32), y.split(32)))))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], last_half / 2)
+    assert abs(float(seen[0]) - float(whole)) > 0.1 * float(whole)
+
+
 # -- Hugging Face Trainer -----------------------------------------------------
 
 
@@ -320,6 +364,7 @@ def test_hf_trainer_recipes_match_a_plain_loop(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     scope = run("hf")
     _assert_same(scope["model"].net, _hf_reference(scope), atol=1e-12)
+    assert not any((tmp_path / "hf-rprop").iterdir())  # the recipe's comment
     exec(recipe("hf-irprop+"), scope)
     _assert_same(scope["model"].net, _hf_reference(scope, variant="irprop+"), atol=1e-12)
 
