@@ -35,5 +35,5 @@ compare: setup-dev
 # On a machine with a GPU whose python3 already holds a CUDA torch and Triton
 # (nothing installed, no venv): the CUDA tests, then the GPU benchmark.
 gpu-check:
-	PYTHONPATH=src $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_compile.py -rs
+	PYTHONPATH=src $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_kernel.py tests/test_parity_paths.py tests/test_compile.py -rs
 	PYTHONPATH=src $(PYTHON) benchmarks/step_speed.py --device cuda

@@ -7,7 +7,8 @@ tables instead of defining its own list of paths or hyperparameters, so adding
 a path, a front or a scenario is one row here, and every parity and property
 test then covers it.
 
-* ``PATHS``: rprop.Rprop's torch paths, as keyword arguments.
+* ``PATHS``: rprop.Rprop's torch paths, as keyword arguments (``STEP_PATHS``:
+  the same paths as functions, driven by ``run_path``).
 * ``SCENARIOS``: hyperparameter sets (torch's argument names; the other fronts
   translate them), with named subsets for the tests that use them.
 * ``DTYPES``: the torch parameter dtypes a path must step bitwise.
@@ -36,8 +37,9 @@ import torch
 import rprop
 import rprop.numpy
 from _helpers import flippy_grads, torch_grad_like
+from reference import VARIANT_NAMES as REFERENCE_VARIANT_NAMES
 from reference import ReferenceRprop
-from rprop.torch import _fused
+from rprop.torch import _fused, _paths
 
 # -- torch paths ------------------------------------------------------------------------
 
@@ -45,19 +47,50 @@ HAS_KERNEL = _fused.available([torch.zeros(1)])
 needs_kernel = pytest.mark.skipif(
     not HAS_KERNEL, reason=f"no fused CPU kernel here: {_fused.kernel_info().get('error')}")
 
-PATHS: dict[str, dict[str, Any]] = {
+# Every path by name; PATHS: those that run on CPU here (fused needs a C compiler).
+ALL_PATHS: dict[str, dict[str, Any]] = {
     "for-loop": {"foreach": False, "fused": False},
     "foreach": {"foreach": True},
     "default": {},  # rprop picks (the fused kernel on CPU when it is available)
+    "fused": {"fused": True},
 }
-if HAS_KERNEL:
-    PATHS["fused"] = {"fused": True}
+PATHS = {name: kw for name, kw in ALL_PATHS.items() if name != "fused" or HAS_KERNEL}
 # The paths a user asks for by name ("default" is one of them, chosen for the user).
 NAMED_PATHS = {name: kw for name, kw in PATHS.items() if name != "default"}
 
 # torch.optim.Rprop's own two implementations: the oracle for the default variant.
 TORCH_PATHS: dict[str, dict[str, Any]] = {"for-loop": {"foreach": False},
                                           "foreach": {"foreach": True}}
+
+# The same paths called directly, as the optimizer calls them on a bucket.
+STEP_PATHS = {"for-loop": _paths.single_tensor, "foreach": _paths.multi_tensor,
+              "fused": _fused.fused_step}
+
+# -- variants ------------------------------------------------------------------------------
+
+# Every variant the library declares: the paths must agree on each of them.
+VARIANT_NAMES = tuple(rprop.VARIANTS)
+# Those tests/reference.py transcribes: the fronts must match it on each of them.
+REFERENCE_VARIANTS = REFERENCE_VARIANT_NAMES
+
+
+
+@functools.cache
+def paths_for(variant: str) -> dict[str, dict[str, Any]]:
+    """The PATHS rprop.Rprop accepts for ``variant``: a path that cannot run a
+    variant's features refuses it with a ValueError when the optimizer is
+    built (GRprop's whole-step adjustment runs on the reference path only).
+    test_parity_paths.py checks that the classic variants refuse none."""
+    accepted = {}
+    for name, kw in PATHS.items():
+        try:
+            rprop.Rprop([torch.zeros(1, requires_grad=True)], variant=variant, **kw)
+        except ValueError as err:
+            assert variant in str(err), err  # a refusal names the variant
+        else:
+            accepted[name] = kw
+    return accepted
+
 
 # -- dtypes ------------------------------------------------------------------------------
 
@@ -84,8 +117,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 # Every front against the reference, over the gradient sequence of _helpers.py.
 REFERENCE_SCENARIOS = ("plain", "maximize", "weight-decay", "tight-bounds", "lr-above-max",
                        "lr-below-min")
-# The torch paths against each other, called directly (rprop.Hyper objects).
+# The torch paths against each other, called directly (rprop.Hyper objects);
+# half precision leaves out odd-etas (its lr=1e-7 is below float16's normal range).
 PATH_SCENARIOS = ("defaults", "maximize+wd", "lr-outside-bounds", "odd-etas")
+HALF_PATH_SCENARIOS = ("defaults", "maximize+wd", "lr-outside-bounds")
 # Reference runs: 150 steps for the plain scenario, 80 for the others.
 STEPS = {name: 150 if name == "plain" else 80 for name in REFERENCE_SCENARIOS}
 
@@ -298,11 +333,13 @@ def fresh(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 
 
-def groups_for(params: list[torch.Tensor], *, tensor_lr: bool = False,
-               weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def groups_for(params: list[torch.Tensor], *, variant: str | None = None,
+               tensor_lr: bool = False, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Four param groups with different hyperparameters (one maximizes, one
     starts below step_min, one steps past step_max); with ``weight_decay``,
-    the last group has ten times the optimizer's."""
+    the last group has ten times the optimizer's. A variant with a whole-step
+    adjustment (GRprop chooses one step size among all parameters) gets the
+    same step_sizes in every group, as it requires."""
     lr = torch.tensor(0.03, dtype=torch.float64) if tensor_lr else 0.03
     groups: list[dict[str, Any]] = [
         {"params": params[:2], "lr": lr},
@@ -310,13 +347,16 @@ def groups_for(params: list[torch.Tensor], *, tensor_lr: bool = False,
         {"params": params[4:6], "lr": 1e-7, "step_sizes": (1e-3, 2.0), "maximize": True},
         {"params": params[6:]},
     ]
+    if variant is not None and rprop.VARIANTS[variant].adjust is not None:
+        for g in groups:
+            g.pop("step_sizes", None)
     if weight_decay:
         groups[3]["weight_decay"] = 10 * weight_decay
     return groups
 
 
-# groups_for's third group starts below its step_min: rprop.Rprop says so once.
 def groups_warning() -> contextlib.AbstractContextManager[Any]:
+    """groups_for's third group starts below its step_min: rprop.Rprop says so once."""
     return pytest.warns(rprop.LrSeedWarning, match="below step_min")
 
 
@@ -374,3 +414,41 @@ def assert_same(params_a: list[torch.Tensor], params_b: list[torch.Tensor], opt_
             assert sa.keys() <= sb.keys(), f"param {i}: state keys {sa.keys()} vs {sb.keys()}"
         for key in sa:
             assert_bitwise([sa[key]], [sb[key]], f"state {key!r} of param {i}")
+
+
+# -- the torch paths called directly -------------------------------------------------------
+
+PATH_SHAPES = [(3,), (0,), (257,), (5, 7), (1,)]
+BIG_SHAPES = [(20_000,), (13,), (0,), (20_001,)]  # over the kernel's threading threshold
+
+
+def run_path(path: Callable[..., None], variant: rprop.Variant, hyper: rprop.Hyper,
+             shapes: list[tuple[int, ...]], steps: int, *, dtype: torch.dtype,
+             state_dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None,
+             seed: int = 0, specials: bool = True) -> list[torch.Tensor]:
+    """Step fresh tensors ``steps`` times with ``path`` (one of STEP_PATHS or
+    anything with their signature); return every tensor.
+
+    Gradients span 11 orders of magnitude (the sign test underflows in half
+    precision), are exactly 0 in ~10% of elements, and once hold NaN and inf.
+    """
+    sdt, gdt = state_dtype or dtype, grad_dtype or dtype
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    prevs = [torch.zeros_like(p, dtype=sdt) for p in params]
+    step_sizes = [torch.full_like(p, hyper.lr, dtype=sdt) for p in params]
+    prev_updates = [torch.zeros_like(p, dtype=sdt) for p in params] if variant.backtracks else None
+    counters = [torch.zeros(()) for _ in params]
+    for t in range(steps):
+        scale = 10.0 ** torch.randint(-8, 3, (), generator=gen).item()
+        grads = []
+        for s in shapes:
+            g = torch.randn(s, generator=gen, dtype=torch.float64) * scale
+            g = g * (torch.rand(s, generator=gen) > 0.1)
+            grads.append(g.to(gdt))
+        if specials and t == 3:
+            grads[0].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+        worse = torch.tensor(t % 3 == 1) if variant.needs_loss else None
+        path(params, grads, prevs, step_sizes, prev_updates, steps=counters, hyper=hyper,
+             variant=variant, worse=worse)
+    return params + prevs + step_sizes + (prev_updates or []) + counters
