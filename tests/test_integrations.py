@@ -121,6 +121,26 @@ def test_recorded_loss_not_needed_by_irprop_minus() -> None:
     assert torch.equal(w.detach(), torch.full((3,), 0.1))
 
 
+def test_load_state_dict_forgets_the_recorded_loss_and_the_last_move() -> None:
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = RecordedLossRprop([w], lr=1.0, variant="irprop+", clamped=True)
+    saved = None
+    for _ in range(2):
+        _quadratic_step(opt, w, record=True)
+        if saved is None:
+            opt.step()
+            saved = opt.state_dict()
+            w.data = w.clamp(max=0.5)
+    opt.load_state_dict(saved)  # the state after the first step, before the clamp
+    with pytest.raises(ValueError, match="no loss was recorded"):
+        opt.step()
+    _quadratic_step(opt, w, record=True)
+    # Where the loaded state's last step left the parameters is not in the
+    # state_dict: the undo is the full step, as a plain rprop.Rprop's.
+    opt.step()
+    assert w.item() == -0.5
+
+
 @pytest.mark.parametrize("variant", ["irprop+", "rprop+"])
 def test_undo_after_a_clamp_returns_to_where_the_step_started(variant: str) -> None:
     """The loop of BoTorch's torch_minimize: loss, step(), clamp into bounds.

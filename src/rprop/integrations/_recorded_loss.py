@@ -77,6 +77,13 @@ class RecordedLossRprop(Rprop):
             self._moves = {p: (x, p.detach().clone()) for p, x in before.items()}
         return out
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :class:`rprop.Rprop`'s, and forget the recorded loss and where the
+        last step left the parameters: both describe the run before the load."""
+        super().load_state_dict(state_dict)
+        self._recorded = None
+        self._moves = {}
+
     def _needs_loss(self) -> bool:
         return any(get_variant(g["variant"]).needs_loss for g in self.param_groups)
 
