@@ -367,3 +367,12 @@ def test_compare_minibatch_quick_prints_every_method(capsys):
     for name in ("adaptive (defaults)", "adam-128 (lr=", "torch-rprop-128", "irprop+-full",
                  "lbfgs-full"):
         assert out.count(name) == 2, name  # at 1 and at 3 epochs
+
+
+def test_progress_bar_shows_the_batch_size(capsys):
+    x, y = regression(n=100)
+    fit(make_model(), loss_fn, (x, y), max_epochs=2, batching="adaptive",
+        batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 1.0})
+    err = capsys.readouterr().err
+    # tqdm redraws at most every 0.1 s: the last state is always drawn.
+    assert "B=100 reliable=1.00" in err and "2.00/2" in err

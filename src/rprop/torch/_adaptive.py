@@ -578,7 +578,7 @@ def fit_adaptive(
             if bar is not None:
                 bar.set_postfix_str(f"B={batch} reliable={fraction:.2f} loss={loss:.4g}",
                                     refresh=False)
-                bar.update(batch / n)
+                bar.update(min(examples / n, max_epochs) - bar.n)  # the last step overshoots
             if not full and fraction < options["rho"]:
                 # A mini-batch is at most half the data: past that, the exact
                 # full-data pass costs at most twice as much and has no noise.
