@@ -806,8 +806,9 @@ class _Convergence:
     def _gmax(self, device: torch.device) -> Tensor:
         if self.gtol is None and not self.floor_rule:  # the floor's message reports it
             return torch.tensor(math.nan, dtype=torch.float64, device=device)
-        found = [_real(local_tensor(p.grad)).abs().amax().to(device, torch.float64)
-                 for p in self.trainable if p.grad is not None and p.grad.numel()]
+        # This rank's shards (an FSDP2 shard may be empty).
+        grads = [local_tensor(p.grad) for p in self.trainable if p.grad is not None]
+        found = [_real(g).abs().amax().to(device, torch.float64) for g in grads if g.numel()]
         if not found:
             return torch.zeros((), dtype=torch.float64, device=device)
         return torch.stack(found).amax()
@@ -824,6 +825,8 @@ class _Convergence:
                 if p.grad is None:
                     continue  # a zero gradient: the element does not move
                 grad = _real(local_tensor(p.grad))
+                if not grad.numel():
+                    continue  # an empty FSDP2 shard
                 if decay:
                     grad = grad + decay * _real(local_tensor(p.detach()))
                 move = grad != 0
