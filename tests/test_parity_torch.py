@@ -107,7 +107,8 @@ def test_state_dict_layout_matches_torch():
     assert sr["param_groups"][0].keys() <= so["param_groups"][0].keys()
     extra = so["param_groups"][0].keys() - sr["param_groups"][0].keys()
     assert extra == {
-        "variant", "weight_decay", "fused", "nonfinite", "state_dtype", "skipped_steps"
+        "variant", "weight_decay", "fused", "nonfinite", "state_dtype", "skipped_steps",
+        "grprop_delta",
     }
 
 

@@ -295,7 +295,8 @@ def run(
                 row["ms"] = _median_ms(step, device, repeats, budget)
                 if memory:
                     row["peak_extra_mb"] = peak_step_memory(step, device) / 2**20
-            except RuntimeError as err:  # e.g. fused=True without a C compiler
+            # fused=True without a C compiler; a variant fused=True refuses (GRprop)
+            except (RuntimeError, ValueError) as err:
                 row["error"] = str(err).splitlines()[0]
             finally:
                 opt = None
