@@ -428,3 +428,22 @@ def test_param_groups_that_disagree_are_refused_and_the_optimizer_is_unchanged()
     with pytest.raises(ValueError, match="every param group must have the same"):
         opt.step()
     assert torch.equal(a, torch.zeros(2)) and not opt.state
+
+
+@pytest.mark.parametrize("adjust", ADJUSTS)
+def test_a_nan_gradient_is_never_chosen_and_a_nan_sum_adjusts_nothing(adjust):
+    """The documented difference from neuralnet, which would store the NaN:
+    the NaN coordinate neither moves nor adapts (torch's rule for NaN), and
+    the NaN it puts into the sum leaves every step size as it was."""
+    grad = np.array([np.nan, 1.0, -2.0])
+    x = np.zeros(3)
+    opt = rprop.numpy.Rprop([x], variant=f"grprop-{adjust}", **NN)
+    opt.step([grad])
+    np.testing.assert_array_equal(opt.state[0]["step_size"], [0.1, 0.1, 0.1])
+    np.testing.assert_array_equal(x, [0.0, -0.1, 0.1])
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    topt = rprop.Rprop([p], variant=f"grprop-{adjust}", **NN)
+    p.grad = torch.tensor(grad)
+    topt.step()
+    np.testing.assert_array_equal(topt.state[p]["step_size"].numpy(), [0.1, 0.1, 0.1])
+    np.testing.assert_array_equal(p.detach().numpy(), x)
