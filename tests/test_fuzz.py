@@ -13,12 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rprop
+from _table import NAMED_PATHS
 from reference import VARIANT_NAMES
-from rprop.torch import _fused
 
-PATHS = [{"foreach": False, "fused": False}, {"foreach": True}]
-if _fused.available([torch.zeros(1)]):
-    PATHS.append({"fused": True})
+PATHS = list(NAMED_PATHS.values())
 
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.bfloat16, torch.float16]
 # Past float16's largest number (65504), past float32's (3.4e38), float64's largest.

@@ -62,7 +62,7 @@ _get_dtype = attrgetter("dtype")
 
 
 # Whether fused=None uses the Triton kernel on CUDA. Off until the CUDA tests
-# of tests/test_fused.py have passed on a GPU: the kernel is verified bitwise
+# (tests/test_cuda.py) have passed on a GPU: the kernel is verified bitwise
 # in Triton's interpreter only; `make gpu-check` runs them on a GPU machine.
 CUDA_BY_DEFAULT = False
 
