@@ -25,6 +25,7 @@ from rprop import _compare_minibatch as cm
 SENSITIVITY = [
     {}, {"z": 0.6}, {"z": 2.0}, {"rho": 0.25}, {"rho": 0.75}, {"micro_batches": 4},
     {"micro_batches": 16, "batch_size": 64}, {"batch_size": 32}, {"batch_size": 128},
+    {"grow": "gain"},
 ]
 
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-n", type=int, default=100_000)
     ap.add_argument("--sensitivity", metavar="DATASET",
                     help="instead: the adaptive mode alone under each option change")
+    ap.add_argument("--options", type=json.loads, metavar="JSON",
+                    help="with --sensitivity: a JSON list of option dicts instead of the "
+                         "built-in list, e.g. '[{}, {\"grow\": \"gain\"}]'")
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds))
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| option | " + " | ".join(f"objective @{b} median [IQR]" for b in args.budgets)
               + " | full batch at (epochs) |")
         print("|---|" + "---:|" * (len(args.budgets) + 1))
-        for opts in SENSITIVITY:
+        for opts in args.options or SENSITIVITY:
             res, chosen = cm.run([args.sensitivity], ["adaptive"], seeds, [], args.budgets,
                                  args.synthetic_n, options=opts)
             cells = []

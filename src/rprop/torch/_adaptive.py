@@ -86,9 +86,13 @@ STOP_REASONS = ("max_epochs", "callback", "nonfinite")
 #   z: the threshold; None derives it from each group's etas (above).
 #   seed: the sampler's generator seed.
 #   eval_batch_size: the size of the batches of a full-data pass (B = N).
+#   grow: "fraction" (the rule above, with rho) or "gain" (experimental): double
+#     when the coordinates that would pass at 2B (|t| > z / sqrt 2) carry at
+#     least twice the predicted decrease sum(|g| step) of those that pass now,
+#     i.e. when doubling would not lower the decrease per example; rho unused.
 DEFAULTS: dict[str, Any] = {
     "batch_size": 64, "micro_batches": 8, "rho": 0.5, "z": None, "seed": 0,
-    "eval_batch_size": 1024,
+    "eval_batch_size": 1024, "grow": "fraction",
 }
 _CHECKPOINT_KEY = "adaptive"
 
@@ -316,6 +320,9 @@ def check_batching(batching: Any, batching_kwargs: Any) -> dict[str, Any] | None
         raise ValueError(f"batching_kwargs['batch_size'] ({opts['batch_size']}) must be a "
                          f"multiple of micro_batches ({opts['micro_batches']}): the "
                          "micro-batches are equal")
+    if opts["grow"] not in ("fraction", "gain"):
+        raise ValueError(f"batching_kwargs['grow'] must be 'fraction' or 'gain', got "
+                         f"{opts['grow']!r}")
     rho = opts["rho"]
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 <= float(rho) <= 1:
         raise ValueError(f"batching_kwargs['rho'] must be a number in [0, 1], got {rho!r}")
@@ -393,13 +400,16 @@ def _batch_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     return torch.stack(losses).sum() / k
 
 
-def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | None
-           ) -> tuple[dict[int, Tensor], Tensor, Tensor]:
+def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | None,
+           gain: bool = False) -> tuple[dict[int, Tensor], list[Tensor]]:
     """Per parameter (by id) its reliable mask; and the counts of reliable and
-    of informative coordinates (0-dim tensors)."""
+    of informative coordinates (0-dim tensors), with ``gain`` also the
+    predicted first-order decrease sum(|g| * step) over the reliable
+    coordinates and over those that would pass at twice the batch
+    (``|t| > z / sqrt(2)``)."""
     where = {id(p): i for i, p in enumerate(stats.params)}
     masks: dict[int, Tensor] = {}
-    reliable, informative = [], []
+    reliable, informative, now, doubled = [], [], [], []
     for group in optimizer.param_groups:
         z = reliability_threshold(group["etas"]) if z_override is None else z_override
         decay, sign = group["weight_decay"], (-1.0 if group["maximize"] else 1.0)
@@ -412,7 +422,19 @@ def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | Non
             masks[id(p)] = ok
             reliable.append((ok & info).sum())
             informative.append(info.sum())
-    return masks, torch.stack(reliable).sum(), torch.stack(informative).sum()
+            if gain:
+                st = optimizer.state.get(p)
+                size = _real(st["step_size"]) if st and "step_size" in st else float(group["lr"])
+                mean = stats.sums[i] / k if shift is None else stats.sums[i] / k + shift
+                weight = (mean.abs() * size).to(torch.float64)
+                near, _ = reliable_mask(stats.sums[i], stats.squares[i], k, z / math.sqrt(2),
+                                        shift)
+                now.append(torch.where(ok & info, weight, 0).sum())
+                doubled.append(torch.where(near & info, weight, 0).sum())
+    sums = [torch.stack(reliable).sum(), torch.stack(informative).sum()]
+    if gain:
+        sums += [torch.stack(now).sum(), torch.stack(doubled).sum()]
+    return masks, sums
 
 
 _KEPT = ("prev", "step_size", "prev_update")
@@ -550,11 +572,17 @@ def fit_adaptive(
                 idx = sampler.draw(batch)
                 micro = [source.take(part) for part in idx.chunk(k)]
                 loss_t = _batch_gradient(model, loss_fn, micro, stats)
-                masks, hits, info = _masks(optimizer, stats, k, z)
-                values = torch.stack([loss_t, hits.to(torch.float64),
-                                      info.to(torch.float64)]).tolist()
+                masks, sums = _masks(optimizer, stats, k, z, options["grow"] == "gain")
+                values = torch.stack([loss_t, *(t.to(torch.float64) for t in sums)]).tolist()
                 loss = values[0]
                 fraction = values[1] / values[2] if values[2] else 0.0
+                if options["grow"] == "gain":
+                    # Doubling costs twice the examples per step: worth it when
+                    # the coordinates it would add at least double the step's
+                    # predicted decrease (or when nothing moves at all).
+                    wants_more = values[1] == 0 or values[4] >= 2 * values[3]
+                else:
+                    wants_more = fraction < options["rho"]
             stop = None if math.isfinite(loss) else "nonfinite"
             if callbacks:
                 info_ = StepInfo(steps, loss, batch, fraction, history, model, optimizer)
@@ -579,7 +607,7 @@ def fit_adaptive(
                 bar.set_postfix_str(f"B={batch} reliable={fraction:.2f} loss={loss:.4g}",
                                     refresh=False)
                 bar.update(min(examples / n, max_epochs) - bar.n)  # the last step overshoots
-            if not full and fraction < options["rho"]:
+            if not full and wants_more:
                 # A mini-batch is at most half the data: past that, the exact
                 # full-data pass costs at most twice as much and has no noise.
                 batch = n if 4 * batch > n else 2 * batch
