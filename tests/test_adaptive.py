@@ -288,7 +288,7 @@ BAD = [
     ("rho", (X, Y), {"rho": 1.5}, ValueError, "rho"),
     ("z", (X, Y), {"z": -1.0}, ValueError, "'z'"),
     ("unknown option", (X, Y), {"batchsize": 8}, TypeError, "unknown keys"),
-    ("grow rule", (X, Y), {"grow": "faster"}, ValueError, "'grow' must be"),
+    ("grow rule", (X, Y), {"grow": "faster"}, ValueError, r"\['grow'\] must be"),
 ]
 
 
