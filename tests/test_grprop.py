@@ -447,3 +447,30 @@ def test_a_nan_gradient_is_never_chosen_and_a_nan_sum_adjusts_nothing(adjust):
     topt.step()
     np.testing.assert_array_equal(topt.state[p]["step_size"].numpy(), [0.1, 0.1, 0.1])
     np.testing.assert_array_equal(p.detach().numpy(), x)
+
+
+@pytest.mark.parametrize("adjust", ADJUSTS)
+def test_optax_state_through_numpy_and_back_resumes_bitwise(adjust):
+    """optax's state is the checkpoint: saved as NumPy arrays mid-run and
+    restored, the run goes on as if never stopped."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import rprop.optax as ro
+
+    full = _optax_run(adjust)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        opt = ro.rprop(0.1, min_step_size=1e-10, max_step_size=0.1, variant=f"grprop-{adjust}")
+        params = [jax.numpy.asarray(p) for p in _start()]
+        state = opt.init(params)
+        for t in range(STEPS):
+            if t == 11:
+                saved = jax.tree.map(np.asarray, (params, state))
+                params, state = jax.tree.map(jax.numpy.asarray, saved)
+            grads = [jax.numpy.asarray(g) for g in _grad([np.asarray(p) for p in params], t)]
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        for p, expected in zip(params, full[-1][0], strict=True):
+            np.testing.assert_array_equal(np.asarray(p), expected)
+    finally:
+        jax.config.update("jax_enable_x64", False)
