@@ -80,7 +80,7 @@ STOP_REASONS = ("max_epochs", "callback", "nonfinite")
 #     from k means has k-1 degrees of freedom.
 #   rho: grow B when fewer than this fraction of coordinates are reliable.
 #     Under pure noise (mu = 0) a coordinate passes |t_{k-1}| > z with
-#     probability 2 P(T_7 > 1.18) = 0.28 for k = 8: rho must sit well above
+#     probability 2 P(T_7 > 1.18) = 0.27 for k = 8: rho must sit well above
 #     that (else a batch that is all noise never grows); 0.5 is "most
 #     coordinates are noise".
 #   z: the threshold; None derives it from each group's etas (above).
