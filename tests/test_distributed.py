@@ -188,6 +188,25 @@ def test_fit_matches_and_resumes_bitwise(run, setup):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("setup", ["plain", "fsdp", "zero"])
+def test_fit_convergence_stops_agree_with_one_process(run, setup):
+    # Under FSDP2 each rank holds a shard of the gradient and of the step
+    # sizes (rank 1's shard of the linear model is empty), under ZeRO a
+    # shard of the step sizes: the rules must see the whole and agree.
+    x, y = worker.dataset()
+    want = worker.run_stops("single", [(x, y)])
+    assert [want[k]["stop_reason"] for k in want] == ["gtol", "step_floor", "patience"]
+    assert want["val"]["best_epoch"] is not None
+    for rank in range(WORLD):
+        got = run["ranks"][rank]["stops"][setup]
+        for name in want:
+            for key in ("stop_reason", "epochs", "best_epoch"):
+                assert got[name][key] == want[name][key], (rank, name, key)
+            assert got[name]["losses"] == pytest.approx(want[name]["losses"], rel=1e-12)
+            for a, b in zip(got[name]["params"], want[name]["params"], strict=True):
+                assert torch.equal(a, b), (rank, name)
+
+
 def test_progress_bar_on_rank_zero_only(run):
     rank0, rank1 = run["logs"]
     assert "loss=" in rank0 and "step=[" in rank0
