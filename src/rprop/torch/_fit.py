@@ -299,7 +299,9 @@ def fit(
     Returns:
         A :class:`FitHistory`. An epoch that stops training takes no step, so
         the model is left at the parameters of the last loss recorded, except
-        after ``max_epochs`` (the last epoch's step is taken).
+        after ``max_epochs`` (the last epoch's step is taken) and with
+        ``restore_best`` (the best validation epoch's). ``stop_reason`` names
+        the rule, ``message`` says why; ``history.plot()`` draws the run.
     """
     adaptive = check_batching(batching, batching_kwargs)
     # The adaptive mode samples data by index and checks it itself.
