@@ -17,7 +17,7 @@ import torch
 
 import rprop
 from rprop.torch import fit
-from rprop.torch._fit_checkpoint import read_verified
+from rprop.torch._fit_checkpoint import atomic_save, read_verified
 
 
 def problem(n: int = 48, seed: int = 3, noise: float = 0.0):
@@ -292,3 +292,29 @@ def test_argument_errors_leave_everything_as_it_was(kwargs, error, match):
 def test_a_val_metric_that_returns_no_number_is_a_clear_error():
     with pytest.raises(TypeError, match="val_metric must return a real number"):
         fit(make_model(), loss_fn, problem(), val_metric=lambda m: "good", progress=False)
+
+
+def test_a_checkpoint_whose_best_state_does_not_fit_the_model_is_refused_before_any_change(
+        tmp_path):
+    train, val = split()
+    path = tmp_path / "run.pt"
+
+    def crash(info):
+        if info.epoch == 12:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(make_model(hidden=16), loss_fn, train, val_data=val, patience=15, max_epochs=500,
+            checkpoint=path, checkpoint_every=5, callbacks=[crash], progress=False)
+    payload = read_verified(path)
+    assert payload["history"]["best"]["epoch"] < payload["epoch"]
+    # Sealed anew (a valid digest), so only the check of the best state can refuse it.
+    payload["history"]["best"]["model"]["0.weight"] = torch.zeros(3, 3, dtype=torch.float64)
+    atomic_save(payload, path)
+    model = make_model(hidden=16)
+    before, rng = params(model), torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"model entry '0.weight' has shape \(3, 3\)"):
+        fit(model, loss_fn, train, val_data=val, patience=15, max_epochs=500, checkpoint=path,
+            progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(params(model), before, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)
