@@ -377,3 +377,48 @@ def test_progress_bar_shows_the_batch_size(capsys):
     err = capsys.readouterr().err
     # tqdm redraws at most every 0.1 s: the last state is always drawn.
     assert "B=100 reliable=1.00" in err and "2.00/2" in err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_mid_run_and_the_resumed_run_is_bitwise(tmp_path):
+    """A real SIGTERM to a real subprocess in the mini-batch phase: it stops
+    with status 143 after saving; resuming gives the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import _adaptive_worker as worker
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get(
+        "PYTHONPATH", "")])}
+    log = tmp_path / "worker.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(here / "_adaptive_worker.py"),
+                                 str(tmp_path), "4"], env=env, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "marker").exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the worker never reached the marker"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    threads = torch.get_num_threads()
+    try:
+        resumed, got = worker.run(tmp_path, 4, slow=False)
+        straight, want = worker.run(None, 4, slow=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert got.resumed_from is not None and 0 < got.resumed_from < want.steps
+    assert want.batch_size[got.resumed_from - 1] < 400  # stopped in the mini-batch phase
+    assert got.loss == want.loss and got.batch_size == want.batch_size
+    for a, b in zip(weights(straight), weights(resumed), strict=True):
+        assert torch.equal(a, b)
