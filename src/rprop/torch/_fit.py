@@ -286,7 +286,8 @@ def fit(
             (the method and its measurements: docs/benchmarks.md).
         batching_kwargs: the adaptive mode's options: ``batch_size`` (64),
             ``micro_batches`` (8), ``rho`` (0.5), ``z`` (None: derived from
-            the etas), ``seed`` (0, the sampler's), ``eval_batch_size`` (1024).
+            the etas), ``seed`` (0, the sampler's), ``eval_batch_size`` (1024),
+            ``grow`` (``"fraction"``; ``"gain"`` is an experimental growth rule).
 
     Every argument is checked before the first epoch (a TypeError or
     ValueError naming it). Under ``torch.distributed``, one small all-reduce
