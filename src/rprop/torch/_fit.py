@@ -832,17 +832,20 @@ class _Convergence:
                     continue  # an empty FSDP2 shard
                 if decay:
                     grad = grad + decay * _real(local_tensor(p.detach()))
-                move = grad != 0
-                moving.append(move.any())
                 state = self.inner.state.get(p)
                 s = state.get("step_size") if isinstance(state, dict) else None
                 if not isinstance(s, Tensor):  # no step yet: not at the floor
-                    above.append(move.any())
+                    move = (grad != 0).any()
+                    moving.append(move)
+                    above.append(move)
                     continue
                 s = _real(local_tensor(s))
-                # Compared in the step sizes' dtype, where the clamp to step_min happened.
-                above.append((move & (s > floor)).any())
-                step.append(torch.where(move, s, -math.inf).amax())
+                # The largest step size of a moving element (-inf: none), in
+                # the step sizes' dtype, where the clamp to step_min happened.
+                top = torch.where(grad != 0, s, -math.inf).amax()
+                moving.append(top > -math.inf)
+                above.append(top > floor)
+                step.append(top)
                 held = self._held.get((floor, s.dtype))
                 if held is None:
                     held = self._held[(floor, s.dtype)] = float(torch.tensor(floor, dtype=s.dtype))
