@@ -36,6 +36,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from torch import Tensor
 
 from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES
+from rprop._stopping import gtol_reached, step_floor_reached
 from rprop.torch import Rprop
 
 __all__ = ["RpropClassifier", "RpropRegressor"]
@@ -450,10 +451,12 @@ class _BaseRprop(BaseEstimator):
                     f"the training loss or its gradient is not finite at iteration {n_iter} "
                     f"(loss = {value}); the input data may hold large values that need "
                     "scaling (sklearn.preprocessing.StandardScaler)")
-            if gmax <= s.gtol:
+            # The minimizers' and fit's rules: the largest gradient component,
+            # then every moving step size at its floor.
+            if gtol_reached(gmax, s.gtol) is not None:
                 rule = "gtol"
                 break
-            if n_iter > 0 and moving <= step_min:
+            if n_iter > 0 and step_floor_reached(moving, step_min, gmax, gtol=s.gtol) is not None:
                 rule = "step_floor"
                 break
             if no_improvement > s.n_iter_no_change:
