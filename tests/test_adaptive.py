@@ -328,17 +328,82 @@ def test_a_full_batch_checkpoint_is_refused_unchanged(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))
 
 
-def test_torch_distributed_is_refused(tmp_path):
+def test_one_process_group_is_the_plain_run(tmp_path):
+    """A world of one: the all-reduces change nothing, the run is bitwise the
+    plain one (also the full-batch phase, through full_batch_backward's
+    distributed path)."""
     import torch.distributed as dist
 
+    x, y = regression(n=100)
+    opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.6}
+    plain = make_model()
+    want = fit(plain, loss_fn, (x, y), max_epochs=6, progress=False, batching="adaptive",
+               batching_kwargs=opts)
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        with pytest.raises(NotImplementedError, match=r"torch\.distributed"):
-            fit(make_model(), loss_fn, (X, Y), progress=False, batching="adaptive",
-                batching_kwargs={"batch_size": 8})
+        grouped = make_model()
+        got = fit(grouped, loss_fn, (x, y), max_epochs=6, progress=False, batching="adaptive",
+                  batching_kwargs=opts)
+        with pytest.raises(NotImplementedError, match="plain replicated model"):
+            fit(torch.nn.parallel.DistributedDataParallel(make_model()), loss_fn, (x, y),
+                progress=False, batching="adaptive", batching_kwargs=opts)
     finally:
         dist.destroy_process_group()
+    assert 100 in want.batch_size and got.loss == want.loss
+    assert got.batch_size == want.batch_size
+    for a, b in zip(weights(plain), weights(grouped), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_given_the_same_samples(tmp_path):
+    """Two real gloo ranks, each with its own micro-batches, against one
+    process given all of them; and fit(batching="adaptive") on two shards:
+    both ranks end with the same parameters and history."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import _adaptive_dist_worker as worker
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = []
+    for r in range(2):
+        with open(logs[r], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(here / "_adaptive_dist_worker.py"), str(tmp_path)],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=log,
+                stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for variant in worker.VARIANTS:
+        one = worker.stepwise(variant, [0, 1], None)
+        for saved in ranks:
+            # Sums in another order (per rank, then across): equal to rounding,
+            # and the signs, masks and so the steps come out the same.
+            for a, b in zip(saved["stepwise"][variant], one, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    for a, b in zip(ranks[0]["fit"], ranks[1]["fit"], strict=True):
+        assert torch.equal(a, b)
+    h0, h1 = ({k: v for k, v in r["history"].items() if k != "time"} for r in ranks)
+    assert h0 == h1 and 2 * worker.SHARD in h0["batch_size"] and h0["batch_size"][0] == 16
 
 
 # -- rprop compare --minibatch ----------------------------------------------------------------

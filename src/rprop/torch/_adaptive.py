@@ -56,6 +56,7 @@ from rprop._hyper import DEFAULT_ETAS
 from rprop._variants import LOSS_STATE, get_variant
 from rprop.torch._fit_checkpoint import (
     checkpoint_path,
+    exists_everywhere,
     is_zero,
     load_checkpoint,
     read_verified,
@@ -378,10 +379,25 @@ class _Statistics:
         torch._foreach_addcmul_(squares, grads, grads)
 
 
+def _all_reduce(tensors: list[Tensor], group: Any) -> None:
+    """Sum ``tensors`` over the ranks in place: one all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, group=group)
+        torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(
+            flat.split([t.numel() for t in ts]), ts, strict=True)])
+
+
 def _batch_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
-                    stats: _Statistics) -> Tensor:
+                    stats: _Statistics, group: Any = None) -> tuple[Tensor, int]:
     """Leave in ``.grad`` the mean of the micro-batch mean gradients (the
-    batch mean for equal micro-batches); return the mean of their mean losses."""
+    batch mean for equal micro-batches); return the mean of their mean losses
+    and the number of micro-batches. Under ``torch.distributed`` every rank
+    passes its own micro-batches and the sums cover all ranks' (every rank
+    then holds the same gradient and statistics)."""
     stats.reset()
     losses = []
     with torch.enable_grad():
@@ -394,10 +410,16 @@ def _batch_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
             losses.append(mean.detach().to(torch.float64))
             stats.add()
     k = len(batches)
+    loss = torch.stack(losses).sum()
+    if group is not None:
+        loss = loss.reshape(1)
+        _all_reduce([*stats.sums, *stats.squares, loss], group)
+        k *= dist.get_world_size(group)
+        loss = loss.reshape(())
     for p, s in zip(stats.params, stats.sums, strict=True):
         mean = s / k
         p.grad = torch.view_as_complex(mean) if p.is_complex() else mean
-    return torch.stack(losses).sum() / k
+    return loss / k, k
 
 
 def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | None,
@@ -505,36 +527,63 @@ def fit_adaptive(
     model: nn.Module, loss_fn: LossFn, data: Any, optimizer: Rprop, *, options: dict[str, Any],
     max_epochs: int, callbacks: Sequence[Callable[[Any], Any]], progress: bool,
     checkpoint: str | os.PathLike[str] | None, checkpoint_every: int, variant: str | None,
-    full_batch_kwargs: dict[str, Any] | None,
+    full_batch_kwargs: dict[str, Any] | None, process_group: Any = None,
 ) -> AdaptiveHistory:
     """The adaptive loop (module docstring); called by ``fit`` with its
     arguments already checked. ``max_epochs`` counts epoch-equivalents
     (examples / N): steps run while fewer than ``max_epochs * N`` examples
     have been processed. ``checkpoint_every`` counts epoch-equivalents too: a
-    checkpoint is written after the step that crosses each multiple."""
+    checkpoint is written after the step that crosses each multiple.
+
+    Under ``torch.distributed`` (a plain, replicated model) ``data`` is this
+    rank's shard and N the total over the ranks; each step every rank draws
+    ``B / world`` samples from its shard (its own generator, seeded ``seed +
+    rank``) in ``k`` micro-batches, and one all-reduce per dtype sums the
+    statistics of all ``k * world`` micro-batches, so that every rank takes
+    the same masked step. ``batch_size`` must then be a multiple of
+    ``micro_batches * world``."""
+    group = None
     if dist.is_available() and dist.is_initialized():
-        raise NotImplementedError(
-            "batching='adaptive' does not run under torch.distributed yet (each rank would "
-            "need its own sampler shard and all-reduced sums); use batching='full'")
+        group = dist.group.WORLD if process_group is None else process_group
     _check_optimizer(optimizer)
     source = _Data(data)
-    n = source.n
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    device = params[0].device
+    world, rank = (1, 0) if group is None else (dist.get_world_size(group),
+                                                dist.get_rank(group))
+    if group is not None:
+        if isinstance(model, nn.parallel.DistributedDataParallel) or any(
+                type(p) is not nn.Parameter and type(p) is not Tensor for p in params):
+            raise NotImplementedError(
+                "batching='adaptive' under torch.distributed runs a plain replicated model "
+                "(no DDP or FSDP wrapper: it all-reduces the statistics itself)")
+        total = torch.tensor([source.n], dtype=torch.int64, device=device)
+        dist.all_reduce(total, group=group)
+        n = int(total.item())
+    else:
+        n = source.n
     b0, k = options["batch_size"], options["micro_batches"]
     if b0 > n:
         raise ValueError(f"batching_kwargs['batch_size'] ({b0}) is larger than the dataset "
                          f"({n} samples)")
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    sampler = _Sampler(n, options["seed"])
+    if b0 % (k * world):
+        raise ValueError(f"batching_kwargs['batch_size'] ({b0}) must be a multiple of "
+                         f"micro_batches x world size ({k} x {world})")
+    sampler = _Sampler(source.n, options["seed"] + rank)
     history = AdaptiveHistory(dataset_size=n)
     batch = b0 if 2 * b0 <= n else n
     start = 0
     path = None if checkpoint is None else checkpoint_path(checkpoint)
-    if path is not None and path.exists():
-        saved = _checked_resume(path, n, options)
-        start, hist_state = load_checkpoint(path, model, optimizer, None, variant)
+    if path is not None and exists_everywhere(path, group, device):
+        saved = _checked_resume(path, n, options, world)
+        if saved["samplers"][rank]["perm"].shape != (source.n,):
+            raise ValueError(f"checkpoint {path}: rank {rank}'s sampler covers "
+                             f"{len(saved['samplers'][rank]['perm'])} samples; its data has "
+                             f"{source.n}")
+        start, hist_state = load_checkpoint(path, model, optimizer, group, variant)
         history = AdaptiveHistory.from_state_dict(hist_state, start, n)
         history.resumed_from = start
-        sampler.load_state_dict(saved["sampler"])
+        sampler.load_state_dict(saved["samplers"][rank])
         batch = int(saved["batch"])
     stats = _Statistics(params)
     z = options["z"]
@@ -542,7 +591,7 @@ def fit_adaptive(
     examples = history.examples[-1] if history.examples else 0
     offset = history.time[-1] if history.time else 0.0
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_epochs, initial=examples / n, desc="fit", unit="epoch",
@@ -556,9 +605,13 @@ def fit_adaptive(
     def save() -> None:
         assert path is not None
         state = history.state_dict()
-        state[_CHECKPOINT_KEY] = {"sampler": sampler.state_dict(), "batch": batch,
+        samplers: list[Any] = [sampler.state_dict()]
+        if group is not None:
+            samplers = [None] * world
+            dist.all_gather_object(samplers, sampler.state_dict(), group=group)
+        state[_CHECKPOINT_KEY] = {"samplers": samplers, "batch": batch,
                                   "dataset_size": n, "options": dict(options)}
-        save_checkpoint(path, model, optimizer, state, steps, None, 0)
+        save_checkpoint(path, model, optimizer, state, steps, group, rank)
 
     try:
         while examples < limit:
@@ -566,13 +619,14 @@ def fit_adaptive(
             if full:
                 loss_t = full_batch_backward(model, loss_fn,
                                              source.passes(options["eval_batch_size"]),
+                                             process_group=process_group,
                                              **(full_batch_kwargs or {}))
                 loss, fraction = float(loss_t), 1.0
             else:
-                idx = sampler.draw(batch)
+                idx = sampler.draw(batch // world)
                 micro = [source.take(part) for part in idx.chunk(k)]
-                loss_t = _batch_gradient(model, loss_fn, micro, stats)
-                masks, sums = _masks(optimizer, stats, k, z, options["grow"] == "gain")
+                loss_t, k_all = _batch_gradient(model, loss_fn, micro, stats, group)
+                masks, sums = _masks(optimizer, stats, k_all, z, options["grow"] == "gain")
                 values = torch.stack([loss_t, *(t.to(torch.float64) for t in sums)]).tolist()
                 loss = values[0]
                 fraction = values[1] / values[2] if values[2] else 0.0
@@ -586,7 +640,12 @@ def fit_adaptive(
             stop = None if math.isfinite(loss) else "nonfinite"
             if callbacks:
                 info_ = StepInfo(steps, loss, batch, fraction, history, model, optimizer)
-                if any([bool(cb(info_)) for cb in callbacks]) and stop is None:
+                wants = any([bool(cb(info_)) for cb in callbacks])
+                if group is not None:  # any rank's stop stops every rank
+                    flag = torch.tensor([int(wants)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+                    wants = bool(flag.item())
+                if wants and stop is None:
                     stop = "callback"
             if stop is not None:
                 reason = stop
@@ -613,7 +672,7 @@ def fit_adaptive(
                 batch = n if 4 * batch > n else 2 * batch
             crossed = (examples // (checkpoint_every * n)
                        != (examples - history.batch_size[-1]) // (checkpoint_every * n))
-            stopping = interrupted.agreed(None, params[0].device)
+            stopping = interrupted.agreed(group, device)
             if path is not None and (crossed or stopping):
                 save()
             if stopping:
@@ -621,7 +680,7 @@ def fit_adaptive(
         history.stop_reason = reason
         if path is not None:
             save()
-        if interrupted.agreed(None, params[0].device):
+        if interrupted.agreed(group, device):
             interrupted.reraise()
     finally:
         interrupted.restore()
@@ -630,7 +689,7 @@ def fit_adaptive(
     return history
 
 
-def _checked_resume(path: Any, n: int, options: dict[str, Any]) -> dict[str, Any]:
+def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> dict[str, Any]:
     """The adaptive part of a checkpoint, checked before anything is loaded."""
     payload = read_verified(path)
     history = payload.get("history") if isinstance(payload, dict) else None
@@ -644,12 +703,22 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any]) -> dict[str, Any
     if saved.get("options") != options:
         raise ValueError(f"checkpoint {path} was written with batching_kwargs "
                          f"{saved.get('options')}; this call has {options}")
-    sampler = saved.get("sampler")
+    samplers = saved.get("samplers")
+    if not isinstance(samplers, list) or len(samplers) != world:
+        raise ValueError(f"checkpoint {path} holds the samplers of "
+                         f"{len(samplers) if isinstance(samplers, list) else '?'} process(es); "
+                         f"this run has {world}")
+    for sampler in samplers:
+        _check_sampler(path, sampler, saved)
+    return saved
+
+
+def _check_sampler(path: Any, sampler: Any, saved: dict[str, Any]) -> None:
     ok = (isinstance(sampler, dict) and isinstance(sampler.get("generator"), Tensor)
           and isinstance(sampler.get("perm"), Tensor)
-          and sampler["perm"].shape == (n,) and sampler["perm"].dtype == torch.int64
-          and isinstance(sampler.get("pos"), int) and 0 <= sampler["pos"] <= n
-          and isinstance(saved.get("batch"), int) and 1 <= saved["batch"] <= n)
+          and sampler["perm"].ndim == 1 and sampler["perm"].dtype == torch.int64
+          and isinstance(sampler.get("pos"), int) and 0 <= sampler["pos"] <= len(sampler["perm"])
+          and isinstance(saved.get("batch"), int) and 1 <= saved["batch"])
     if ok and isinstance(sampler, dict):
         try:
             torch.Generator().set_state(sampler["generator"])
@@ -657,4 +726,3 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any]) -> dict[str, Any
             ok = False
     if not ok:
         raise ValueError(f"checkpoint {path}: its sampler state is malformed")
-    return saved

@@ -326,7 +326,8 @@ def fit(
         return fit_adaptive(model, loss_fn, data, optimizer, options=adaptive,
                             max_epochs=max_epochs, callbacks=list(callbacks), progress=progress,
                             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                            variant=variant, full_batch_kwargs=full_batch_kwargs)
+                            variant=variant, full_batch_kwargs=full_batch_kwargs,
+                            process_group=process_group)
     callbacks = list(callbacks)
     group = _group(process_group)
     rank = _rank(group)

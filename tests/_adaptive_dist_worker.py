@@ -1,0 +1,83 @@
+"""One rank of tests/test_adaptive.py's 2-rank test (gloo, CPU, float64).
+
+    RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python _adaptive_dist_worker.py OUT
+
+Saves to OUT/rank{r}.pt (1) the parameters after STEPS masked steps in which
+this rank passes its own micro-batches (:func:`micro_batches`), and (2) the
+parameters and history of fit(batching="adaptive") on this rank's shard.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import rprop
+from rprop.torch import fit
+from rprop.torch._adaptive import _batch_gradient, _masks, _Statistics, masked_step
+
+STEPS = 10
+VARIANTS = ("irprop+", "rprop+", "grprop-sag")
+SHARD = 32
+FIT_OPTIONS = {"batch_size": 16, "micro_batches": 4, "rho": 0.5, "seed": 3}
+
+
+def dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2 * SHARD, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.3 * torch.randn(2 * SHARD, 1, generator=g,
+                                                                   dtype=torch.float64)
+    return x, y
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(),
+                               torch.nn.Linear(6, 1)).double()
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(dim=1)
+
+
+def micro_batches(rank: int, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s 4 micro-batches of 4 samples at ``step``, from its shard."""
+    x, y = dataset()
+    rows = rank * SHARD + torch.randperm(SHARD, generator=torch.Generator().manual_seed(
+        100 + step))[:16]
+    return [(x[r], y[r]) for r in rows.chunk(4)]
+
+
+def stepwise(variant: str, ranks: list[int], group) -> list[torch.Tensor]:
+    """STEPS masked steps over the micro-batches of ``ranks`` (all of them in one
+    process, or this rank's own under torch.distributed)."""
+    model = make_model()
+    opt = rprop.Rprop(model.parameters(), variant=variant)
+    stats = _Statistics(list(model.parameters()))
+    for step in range(STEPS):
+        micro = [b for r in ranks for b in micro_batches(r, step)]
+        loss, k = _batch_gradient(model, loss_fn, micro, stats, group)
+        masks, _ = _masks(opt, stats, k, None)
+        masked_step(opt, masks, loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    x, y = dataset()
+    mine = (x[rank * SHARD:(rank + 1) * SHARD], y[rank * SHARD:(rank + 1) * SHARD])
+    model = make_model()
+    hist = fit(model, loss_fn, mine, max_epochs=8, progress=False, batching="adaptive",
+               batching_kwargs=FIT_OPTIONS)
+    torch.save({
+        "stepwise": {v: stepwise(v, [rank], dist.group.WORLD) for v in VARIANTS},
+        "fit": [p.detach().clone() for p in model.parameters()],
+        "history": hist.state_dict(),
+    }, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
