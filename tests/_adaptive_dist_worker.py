@@ -4,7 +4,9 @@
 
 Saves to OUT/rank{r}.pt (1) the parameters after STEPS masked steps in which
 this rank passes its own micro-batches (:func:`micro_batches`), and (2) the
-parameters and history of fit(batching="adaptive") on this rank's shard.
+parameters and history of fit(batching="adaptive") on this rank's shard, and
+(3) those of the same fit stopped after one epoch-equivalent with a
+checkpoint and resumed from it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rprop.torch._adaptive import _batch_gradient, _masks, _Statistics, masked_s
 STEPS = 10
 VARIANTS = ("irprop+", "rprop+", "grprop-sag")
 SHARD = 32
-FIT_OPTIONS = {"batch_size": 16, "micro_batches": 4, "rho": 0.5, "seed": 3}
+FIT_OPTIONS = {"batch_size": 16, "micro_batches": 4, "rho": 0.3, "seed": 3}
 
 
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +77,17 @@ if __name__ == "__main__":
     model = make_model()
     hist = fit(model, loss_fn, mine, max_epochs=8, progress=False, batching="adaptive",
                batching_kwargs=FIT_OPTIONS)
+    # The same run, stopped after one epoch-equivalent with a checkpoint, then resumed.
+    fit(make_model(), loss_fn, mine, max_epochs=1, progress=False, batching="adaptive",
+        batching_kwargs=FIT_OPTIONS, checkpoint=out / "run.pt")
+    resumed = make_model()
+    again = fit(resumed, loss_fn, mine, max_epochs=8, progress=False, batching="adaptive",
+                batching_kwargs=FIT_OPTIONS, checkpoint=out / "run.pt")
     torch.save({
         "stepwise": {v: stepwise(v, [rank], dist.group.WORLD) for v in VARIANTS},
         "fit": [p.detach().clone() for p in model.parameters()],
         "history": hist.state_dict(),
+        "resumed": [p.detach().clone() for p in resumed.parameters()],
+        "resumed_history": again.state_dict(), "resumed_from": again.resumed_from,
     }, out / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -404,6 +404,14 @@ def test_two_ranks_equal_one_process_given_the_same_samples(tmp_path):
         assert torch.equal(a, b)
     h0, h1 = ({k: v for k, v in r["history"].items() if k != "time"} for r in ranks)
     assert h0 == h1 and 2 * worker.SHARD in h0["batch_size"] and h0["batch_size"][0] == 16
+    # Resumed from a checkpoint both ranks wrote together, in the mini-batch
+    # phase (every rank's sampler restored): the uninterrupted run, bitwise.
+    for saved in ranks:
+        start = saved["resumed_from"]
+        assert start is not None and 0 < start and h0["batch_size"][start] < 2 * worker.SHARD
+        assert saved["resumed_history"]["loss"] == h0["loss"]
+        for a, b in zip(saved["resumed"], ranks[0]["fit"], strict=True):
+            assert torch.equal(a, b)
 
 
 # -- rprop compare --minibatch ----------------------------------------------------------------
