@@ -27,7 +27,7 @@ _LAZY = {
 
 # The fronts, as subpackages loaded when first named: `import rprop` then
 # `rprop.torch.fit(...)` works without `import rprop.torch`.
-_SUBMODULES = ("numpy", "optax", "problems", "sklearn", "torch")
+_SUBMODULES = ("integrations", "numpy", "optax", "plotting", "problems", "sklearn", "torch")
 
 __all__ = [
     "VARIANTS",
