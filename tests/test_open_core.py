@@ -271,3 +271,30 @@ def test_a_path_never_runs_a_variant_feature_it_does_not_declare():
     finally:
         _path_registry.unregister("partial")
     assert sorted(set(calls)) == ["irprop-", "rprop-"]
+
+
+def _irprop_plus_with_a_gradless_step(groups):
+    a = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = rprop.Rprop([{"params": [a]}, {"params": [b]}] if groups else [a, b],
+                      variant="irprop+")
+    for loss, ga in [(5.0, 1.0), (6.0, None), (5.5, -1.0)]:  # a has no grad in step 2
+        a.grad = None if ga is None else torch.full((3,), ga, dtype=torch.float64)
+        b.grad = torch.ones(3, dtype=torch.float64)
+        opt.step(loss=loss)
+    return a.detach().numpy(), b.detach().numpy()
+
+
+def test_e_t_minus_1_is_one_number_for_the_optimizer_whatever_the_groups():
+    """A group none of whose parameters had a gradient this step still takes
+    E(t): step 3 compares 5.5 with 6.0 (no undo), as the NumPy front and the
+    paper transcription do, whether a and b share a group or not."""
+    x, y = np.zeros(3), np.zeros(3)
+    ref = NumpyRprop([x, y], variant="irprop+")
+    for loss, ga in [(5.0, 1.0), (6.0, None), (5.5, -1.0)]:
+        ref.step([None if ga is None else np.full(3, ga), np.ones(3)], loss=loss)
+    for groups in (False, True):
+        a, b = _irprop_plus_with_a_gradless_step(groups)
+        np.testing.assert_array_equal(a, x)
+        np.testing.assert_array_equal(b, y)
+

@@ -441,9 +441,17 @@ class Rprop(Optimizer):
             self._warn_if_lr_changed(group)
             for bucket in buckets:
                 ran.append(self._step_bucket(group, hyper, variant, bucket, loss_t))
-            if loss_t is not None and variant.needs_loss:
-                self._remember_loss(group, signed_loss(loss_t, hyper))
         self.last_paths = tuple(ran)
+        if loss is not None:
+            # E(t-1) is one number for the optimizer: every group that keeps
+            # it takes E(t), also a group none of whose parameters had a
+            # gradient this step (its next step compares with this loss).
+            for group in self.param_groups:
+                hyper, variant = self._checked_group(group)
+                if variant.needs_loss:
+                    if loss_t is None:
+                        loss_t = _as_loss(loss)
+                    self._remember_loss(group, signed_loss(loss_t, hyper))
         return loss
 
     def _remember_loss(self, group: dict[str, Any], signed: Tensor) -> None:
