@@ -487,3 +487,26 @@ def test_trains_on_cuda_as_on_the_cpu():
     with pytest.warns(ConvergenceWarning):
         gpu = RpropClassifier(device="cuda", **kw).fit(X, y)
     np.testing.assert_allclose(gpu.predict_proba(X), cpu.predict_proba(X), atol=1e-8)
+
+
+@pytest.mark.parametrize(("first", "then"), [("irprop-", "irprop+"), ("rprop-", "rprop+"),
+                                             ("irprop+", "rprop-")])
+def test_warm_start_may_switch_to_another_variant(first, then):
+    """Switching variant between warm fits continues the step sizes (what the
+    new variant keeps beyond the old one starts fresh) instead of refusing
+    the saved state: the first continued step does not move by lr, as a step
+    from fresh step sizes would."""
+    X = np.random.RandomState(0).randn(50, 3)
+    y = X.sum(1)
+    r = RpropRegressor((5,), variant=first, lr=0.01, max_iter=20, warm_start=True,
+                       random_state=0, tol=0.0, n_iter_no_change=10**6, gtol=0.0)
+    with pytest.warns(ConvergenceWarning):
+        r.fit(X, y)
+    before = [w.copy() for w in r.coefs_ + r.intercepts_]
+    r.set_params(variant=then, max_iter=1)
+    with pytest.warns(ConvergenceWarning):
+        r.fit(X, y)
+    assert r.n_iter_ == 21 and np.isfinite(r.loss_curve_).all()
+    moved = np.concatenate([np.abs(w1 - w0).ravel()
+                            for w1, w0 in zip(r.coefs_ + r.intercepts_, before)])
+    assert not np.all(np.isclose(moved, 0.01, rtol=0, atol=1e-15) | (moved == 0))

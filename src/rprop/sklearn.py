@@ -409,7 +409,12 @@ class _BaseRprop(BaseEstimator):
         opt = Rprop(params, **s.rprop)
         if state is not None:
             # The saved state continues; the hyperparameters are this fit's.
-            groups = opt.state_dict()["param_groups"]
+            # The groups go in without "variant", so state a changed variant
+            # needs beyond the saved one (prev_update, prev_loss) starts
+            # fresh, as from a torch.optim.Rprop state, instead of being
+            # demanded; the loader keeps this optimizer's variant.
+            groups = [{k: v for k, v in g.items() if k != "variant"}
+                      for g in opt.state_dict()["param_groups"]]
             opt.load_state_dict({"state": {
                 i: {k: v.to(params[i].dtype) if k in _SHAPED_STATE else v
                     for k, v in st.items()} for i, st in state.items()},
