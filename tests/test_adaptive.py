@@ -257,6 +257,27 @@ def test_resume_is_bitwise(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_run_stopped_by_a_callback_resumes_bitwise(tmp_path):
+    """The step a callback stops is not taken, so its batch is not used up:
+    the resumed run draws it again, as the uninterrupted run does."""
+    x, y = regression(n=400)
+    opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.3, "seed": 7}
+    straight = make_model()
+    want = fit(straight, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+               batching_kwargs=opts)
+    ckpt = tmp_path / "run.pt"
+    first = make_model()
+    fit(first, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+        batching_kwargs=opts, checkpoint=ckpt, callbacks=[lambda info: info.step == 6])
+    resumed = make_model()
+    got = fit(resumed, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+              batching_kwargs=opts, checkpoint=ckpt)
+    assert got.resumed_from == 6 and want.batch_size[6] < 400  # stopped in the mini-batch phase
+    assert got.loss == want.loss and got.batch_size == want.batch_size
+    for a, b in zip(weights(straight), weights(resumed), strict=True):
+        assert torch.equal(a, b)
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 

@@ -276,6 +276,16 @@ class _Sampler:
             b -= take
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def mark(self) -> tuple[Tensor, Tensor, int]:
+        """Where the next draw starts (the permutation is replaced, never
+        written, so keeping a reference is enough)."""
+        return self.generator.get_state(), self.perm, self.pos
+
+    def rewind(self, mark: tuple[Tensor, Tensor, int]) -> None:
+        """Undo the draws since ``mark``."""
+        state, self.perm, self.pos = mark
+        self.generator.set_state(state)
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "perm": self.perm.clone(),
                 "pos": self.pos}
@@ -623,6 +633,7 @@ def fit_adaptive(
                                              **(full_batch_kwargs or {}))
                 loss, fraction = float(loss_t), 1.0
             else:
+                drawn = sampler.mark()
                 idx = sampler.draw(batch // world)
                 micro = [source.take(part) for part in idx.chunk(k)]
                 loss_t, k_all = _batch_gradient(model, loss_fn, micro, stats, group)
@@ -648,6 +659,10 @@ def fit_adaptive(
                 if wants and stop is None:
                     stop = "callback"
             if stop is not None:
+                if not full:
+                    # The step is not taken: its batch is drawn again by the
+                    # resumed run, as by the uninterrupted one.
+                    sampler.rewind(drawn)
                 reason = stop
                 break
             if full:
