@@ -63,6 +63,7 @@ from rprop.torch._fit_checkpoint import (
     save_checkpoint,
 )
 from rprop.torch._full_batch import LossFn, _sum_and_count, full_batch_backward
+from rprop.torch._history import History
 from rprop.torch._optimizer import Rprop
 from rprop.torch._preemption import DeferredInterrupt
 
@@ -70,7 +71,6 @@ __all__ = ["BATCHING_MODES", "DEFAULTS", "AdaptiveHistory", "StepInfo", "check_b
            "fit_adaptive", "reliability_threshold", "reliable_mask"]
 
 BATCHING_MODES = ("full", "adaptive")
-STOP_REASONS = ("max_epochs", "callback", "nonfinite")
 
 # The options of the adaptive mode (fit's batching_kwargs), with their defaults.
 #   batch_size: B0, the first batch. 64 = 8 micro-batches of 8 samples: the
@@ -133,7 +133,7 @@ def reliable_mask(total: Tensor, squares: Tensor, k: int, z: float,
 
 
 @dataclass
-class AdaptiveHistory:
+class AdaptiveHistory(History):
     """What ``fit(..., batching="adaptive")`` did, one entry per step.
 
     ``loss[i]``: the mean loss of step ``i``'s batch at the parameters it
@@ -147,14 +147,9 @@ class AdaptiveHistory:
     """
 
     dataset_size: int = 0
-    loss: list[float] = field(default_factory=list)
-    time: list[float] = field(default_factory=list)
-    step_size: list[tuple[float, float, float] | None] = field(default_factory=list)
     batch_size: list[int] = field(default_factory=list)
     reliable: list[float] = field(default_factory=list)
     examples: list[int] = field(default_factory=list)
-    stop_reason: str = ""
-    resumed_from: int | None = None
 
     @property
     def steps(self) -> int:
@@ -164,26 +159,18 @@ class AdaptiveHistory:
     def epochs(self) -> float:
         return self.examples[-1] / self.dataset_size if self.examples else 0.0
 
-    @property
-    def best_loss(self) -> float:
-        return min(self.loss) if self.loss else math.nan
-
     def state_dict(self) -> dict[str, Any]:
         return {
-            "loss": list(self.loss), "time": list(self.time),
-            "step_size": [None if s is None else list(s) for s in self.step_size],
+            **super().state_dict(),
             "batch_size": list(self.batch_size), "reliable": list(self.reliable),
-            "examples": list(self.examples), "stop_reason": self.stop_reason,
+            "examples": list(self.examples),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], steps: int, n: int) -> AdaptiveHistory:
         return cls(
+            **History.fields_from_state(state, steps),
             dataset_size=n,
-            loss=[float(x) for x in state["loss"][:steps]],
-            time=[float(x) for x in state["time"][:steps]],
-            step_size=[None if s is None else (float(s[0]), float(s[1]), float(s[2]))
-                       for s in state["step_size"][:steps]],
             batch_size=[int(x) for x in state["batch_size"][:steps]],
             reliable=[float(x) for x in state["reliable"][:steps]],
             examples=[int(x) for x in state["examples"][:steps]],

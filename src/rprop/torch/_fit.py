@@ -29,19 +29,16 @@ from rprop.torch._fit_checkpoint import (
     save_checkpoint,
 )
 from rprop.torch._full_batch import LossFn, check_options, full_batch_backward
+from rprop.torch._history import History, Stats, stats_from_state, stats_to_state
 from rprop.torch._preemption import DeferredInterrupt
 from rprop.torch._rank_check import check_ranks_agree, describe_params
 from rprop.torch._step_stats import step_size_summary
 
 __all__ = ["EpochInfo", "FitHistory", "atomic_save", "fit"]
 
-STOP_REASONS = ("max_epochs", "target_loss", "gtol", "step_floor", "patience", "callback",
-                "nonfinite")
-Stats = tuple[float, float, float]
-
 
 @dataclass
-class FitHistory:
+class FitHistory(History):
     """What :func:`fit` did.
 
     ``loss[i]`` is the full-dataset loss at the parameters epoch ``i``
@@ -61,11 +58,6 @@ class FitHistory:
     checkpoint resumed the run at, else None.
     """
 
-    loss: list[float] = field(default_factory=list)
-    time: list[float] = field(default_factory=list)
-    step_size: list[Stats | None] = field(default_factory=list)
-    stop_reason: str = ""
-    resumed_from: int | None = None
     step_size_groups: list[list[Stats | None]] = field(default_factory=list)
     step_min: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -77,19 +69,12 @@ class FitHistory:
         """Number of epochs (full-dataset evaluations) recorded."""
         return len(self.loss)
 
-    @property
-    def best_loss(self) -> float:
-        return min(self.loss) if self.loss else math.nan
-
     def state_dict(self) -> dict[str, Any]:
         return {
-            "loss": list(self.loss), "time": list(self.time),
-            "step_size": [None if s is None else list(s) for s in self.step_size],
-            "step_size_groups": [[None if s is None else list(s) for s in g]
-                                 for g in self.step_size_groups],
+            **super().state_dict(),
+            "step_size_groups": [[stats_to_state(s) for s in g] for g in self.step_size_groups],
             "step_min": list(self.step_min), "val_loss": list(self.val_loss),
-            "best_epoch": self.best_epoch, "stop_reason": self.stop_reason,
-            "message": self.message,
+            "best_epoch": self.best_epoch, "message": self.message,
         }
 
     @classmethod
@@ -97,10 +82,8 @@ class FitHistory:
         """The first ``epochs`` epochs of a saved history (the keys beyond
         loss, time and step_size may be missing: they start empty)."""
         return cls(
-            loss=[float(x) for x in state["loss"][:epochs]],
-            time=[float(x) for x in state["time"][:epochs]],
-            step_size=[_stats(s) for s in state["step_size"][:epochs]],
-            step_size_groups=[[_stats(s) for s in g]
+            **History.fields_from_state(state, epochs),
+            step_size_groups=[[stats_from_state(s) for s in g]
                               for g in state.get("step_size_groups", [[]] * epochs)[:epochs]],
             step_min=[float(x) for x in state.get("step_min", [])],
             val_loss=[float(x) for x in state.get("val_loss", [])[:epochs]],
@@ -116,10 +99,6 @@ class FitHistory:
         return plot_training(self.loss, self.step_size, groups=self.step_size_groups or None,
                              step_min=self.step_min or None, val_loss=self.val_loss or None,
                              best=self.best_epoch, title=title, path=path)
-
-
-def _stats(s: Any) -> Stats | None:
-    return None if s is None else (float(s[0]), float(s[1]), float(s[2]))
 
 
 @dataclass(frozen=True)
