@@ -63,9 +63,10 @@ from rprop.torch._fit_checkpoint import (
     save_checkpoint,
 )
 from rprop.torch._full_batch import LossFn, _sum_and_count, full_batch_backward
-from rprop.torch._history import History
+from rprop.torch._history import History, Stats
 from rprop.torch._optimizer import Rprop
 from rprop.torch._preemption import DeferredInterrupt
+from rprop.torch._step_stats import step_size_summary
 
 __all__ = ["BATCHING_MODES", "DEFAULTS", "AdaptiveHistory", "StepInfo", "check_batching",
            "fit_adaptive", "reliability_threshold", "reliable_mask"]
@@ -505,15 +506,12 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor) -> Non
             st[LOSS_STATE].fill_(math.inf)
 
 
-def _step_size_stats(optimizer: Rprop) -> tuple[float, float, float] | None:
-    sizes = [_real(s["step_size"]).reshape(-1) for s in optimizer.state.values()
-             if isinstance(s, dict) and isinstance(s.get("step_size"), Tensor)]
-    sizes = [s for s in sizes if s.numel()]
-    if not sizes:
+def _step_size_stats(optimizer: Rprop) -> Stats | None:
+    summary = step_size_summary([s["step_size"] for s in optimizer.state.values()
+                                 if isinstance(s, dict) and isinstance(s.get("step_size"), Tensor)])
+    if summary is None:
         return None
-    flat = torch.cat([s.to(torch.float64) for s in sizes])
-    stride = max(1, flat.numel() // 8192)
-    lo, med, hi = torch.stack([flat.min(), flat[::stride].median(), flat.max()]).tolist()
+    lo, med, hi = summary.tolist()
     return (lo, med, hi)
 
 
