@@ -183,6 +183,32 @@ def test_minimize_matches_reference(adjust):
 
 
 @pytest.mark.parametrize("adjust", ADJUSTS)
+def test_torch_minimize_matches_reference(adjust):
+    """rprop.torch.minimize adjusts over all its tensors at once, as the
+    transcription does over the parameters taken as one vector."""
+    ts = [torch.tensor(p, requires_grad=True) for p in _start()]
+    visited = []
+
+    def closure():
+        xs = [t.detach().numpy().copy() for t in ts]
+        for t, g in zip(ts, _grad(xs, len(visited)), strict=True):
+            t.grad = torch.tensor(g)
+        visited.append(xs)
+        return 0.0  # no stop rule reads the loss here (ftol off)
+
+    res = rprop.torch.minimize(closure, ts, variant=f"grprop-{adjust}", maxiter=STEPS, gtol=0,
+                               xtol=0, **NN)
+    assert res.nit == STEPS
+    ref = ReferenceGRprop(_start(), adjust=adjust)
+    for t in range(STEPS):
+        ref.step(_grad(ref.params, t))
+        for i, (got, want) in enumerate(zip(visited[t + 1], ref.params, strict=True)):
+            np.testing.assert_array_equal(got, want, err_msg=f"step {t}, tensor {i}")
+    for got, want in zip(res.step_size, ref.step_size, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("adjust", ADJUSTS)
 def test_float32_torch_and_numpy_agree_bitwise(adjust):
     """The same additions in the same order on both fronts (one algorithm)."""
     ts = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in _start()]

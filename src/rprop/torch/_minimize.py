@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rprop._core import effective_grad, loss_went_up, rprop_update
-from rprop._hyper import DEFAULT_ETAS, DEFAULT_STEP_SIZES, Hyper
+from rprop._core import effective_grad, grprop_step, loss_went_up, rprop_update
+from rprop._hyper import DEFAULT_ETAS, DEFAULT_GRPROP_DELTA, DEFAULT_STEP_SIZES, Hyper
 from rprop._stopping import (
     DEFAULT_LR,
     Callback,
@@ -60,6 +60,7 @@ def minimize(
     lr: float = DEFAULT_LR,
     etas: tuple[float, float] = DEFAULT_ETAS,
     step_sizes: tuple[float, float] = DEFAULT_STEP_SIZES,
+    grprop_delta: float = DEFAULT_GRPROP_DELTA,
     maximize: bool = False,
     bounds: Any = None,
     maxiter: int = 1000,
@@ -88,11 +89,15 @@ def minimize(
         params: what to optimize, updated in place: a tensor, a list of
             tensors, or ``model.parameters()``; each a leaf, real
             floating-point, ``requires_grad=True``, finite, not empty.
-        variant: ``"irprop+"`` (default), ``"irprop-"``, ``"rprop+"`` or ``"rprop-"``.
+        variant: ``"irprop+"`` (default), ``"irprop-"``, ``"rprop+"``, ``"rprop-"``,
+            or R neuralnet's GRprop, ``"grprop-sag"`` / ``"grprop-slr"``, whose
+            adjustment runs over every tensor at once (in the order of ``params``).
         lr: initial step size Δ0 of every element (default 0.1, as
             :func:`rprop.minimize`).
         etas: ``(eta_minus, eta_plus)``, default ``(0.5, 1.2)``.
         step_sizes: ``(step_min, step_max)``, default ``(1e-6, 50)``.
+        grprop_delta: GRprop's δ (default 1e-6, neuralnet's); only the
+            ``grprop-*`` variants read it.
         maximize: maximize the loss instead (``fun`` is then the largest
             loss seen, ``jac`` its gradient as autograd gives it).
         bounds: ``(lo, hi)`` for every tensor, or a list with one entry per
@@ -132,7 +137,7 @@ def minimize(
             f"closure must be callable (closure() -> loss tensor), got {type(closure).__name__}"
         )
     tensors, single = _check_params(params)
-    hyper = Hyper.from_torch_args(lr, etas, step_sizes, 0.0, maximize)
+    hyper = Hyper.from_torch_args(lr, etas, step_sizes, 0.0, maximize, grprop_delta)
     var = get_variant(variant)
     lo, hi = _check_bounds(bounds, tensors)
     boxed = [bool(torch.isfinite(a).any() | torch.isfinite(b).any())
@@ -176,9 +181,12 @@ def minimize(
                 break
 
             with torch.no_grad():
+                # A whole-step phase (GRprop's adjustment) reads every tensor at once.
+                adjusted = (grprop_step(pg, prev, step_size, hyper=hyper, variant=var,
+                                        xp=torch) if var.adjust is not None else None)
                 x_new = []
                 for i, xi in enumerate(x):
-                    out = rprop_update(
+                    out = adjusted[i] if adjusted is not None else rprop_update(
                         pg[i], prev[i], step_size[i],
                         None if prev_update is None else prev_update[i],
                         hyper=hyper, variant=var, worse=loss_went_up(sign * f, prev_f), xp=torch,
