@@ -29,11 +29,24 @@ sum and the sum of squares of the micro-batch mean gradients. A coordinate
 is *reliable* when ``|g_mean| / se(g_mean) > z`` (``se`` estimated from the
 ``k`` micro-batch means). Only reliable coordinates take part in the sign
 test, the step-size adaptation and the move; every other coordinate keeps
-its value, step size and stored gradient (and stored update). When fewer
-than a fraction ``rho`` of the coordinates that received any gradient are
-reliable, ``B`` doubles for the next step; once ``2B >= N`` the mode runs
-exact full-batch Rprop (:func:`full_batch_backward` and ``step``, nothing
-masked) until the end.
+its value, step size and stored gradient (and stored update).
+
+The evidence is carried (``grow="evidence"``, the default): a coordinate
+that does not pass keeps the sum, sum of squares and count of its
+micro-batch means into the next step, so its test uses every micro-batch
+since it last moved, and a coordinate whose sign needs ``m`` samples to
+resolve moves after about ``m / B`` steps instead of never: each
+coordinate gets the batch its own signal-to-noise ratio needs, while the
+others move every step. Its step gradient is that accumulated mean; once it
+moves its evidence starts again. No sample is spent twice, so a bigger
+batch would not buy a coordinate more evidence per example; ``B`` stays at
+``B0`` until the evidence half of the informative coordinates hold (or
+moved on) covers half the data, and then jumps to ``B = N``: exact
+full-batch Rprop (:func:`full_batch_backward` and ``step``, nothing masked)
+until the end. The per-batch rules ``grow="fraction"`` (double ``B`` while
+fewer than ``rho`` of the coordinates that received any gradient are
+reliable) and ``"gain"`` test each batch alone; they reach full batch once
+``2B >= N``.
 """
 
 from __future__ import annotations
@@ -66,6 +79,7 @@ from rprop.torch._full_batch import LossFn, _sum_and_count, full_batch_backward
 from rprop.torch._history import History, Stats
 from rprop.torch._optimizer import Rprop
 from rprop.torch._preemption import DeferredInterrupt
+from rprop.torch._progress import progress_bar
 from rprop.torch._step_stats import step_size_summary
 
 __all__ = ["BATCHING_MODES", "DEFAULTS", "AdaptiveHistory", "StepInfo", "check_batching",
@@ -88,14 +102,17 @@ BATCHING_MODES = ("full", "adaptive")
 #   z: the threshold; None derives it from each group's etas (above).
 #   seed: the sampler's generator seed.
 #   eval_batch_size: the size of the batches of a full-data pass (B = N).
-#   grow: "fraction" (the rule above, with rho) or "gain" (experimental): double
+#   grow: "evidence" (the carried evidence of the module docstring; rho unused),
+#     "fraction" (double B while fewer than rho of the coordinates pass) or
+#     "gain" (experimental): double
 #     when the coordinates that would pass at 2B (|t| > z / sqrt 2) carry at
 #     least twice the predicted decrease sum(|g| step) of those that pass now,
 #     i.e. when doubling would not lower the decrease per example; rho unused.
 DEFAULTS: dict[str, Any] = {
     "batch_size": 64, "micro_batches": 8, "rho": 0.5, "z": None, "seed": 0,
-    "eval_batch_size": 1024, "grow": "fraction",
+    "eval_batch_size": 1024, "grow": "evidence",
 }
+GROW_RULES = ("evidence", "fraction", "gain")
 _CHECKPOINT_KEY = "adaptive"
 
 
@@ -110,10 +127,11 @@ def reliability_threshold(etas: tuple[float, float] = DEFAULT_ETAS) -> float:
     return statistics.NormalDist().inv_cdf(p_star) if p_star > 0.5 else 0.0
 
 
-def reliable_mask(total: Tensor, squares: Tensor, k: int, z: float,
+def reliable_mask(total: Tensor, squares: Tensor, k: int | Tensor, z: float,
                   shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(reliable, informative) from the sum and the sum of squares of ``k``
-    micro-batch means of one array.
+    micro-batch means of one array (``k`` a number, or per coordinate a
+    tensor of counts >= 2 for carried evidence).
 
     ``mean = total / k``; the sample variance of the means is ``(squares -
     k mean^2) / (k - 1)`` (clamped at 0 against rounding), ``se^2 = var / k``;
@@ -319,8 +337,8 @@ def check_batching(batching: Any, batching_kwargs: Any) -> dict[str, Any] | None
         raise ValueError(f"batching_kwargs['batch_size'] ({opts['batch_size']}) must be a "
                          f"multiple of micro_batches ({opts['micro_batches']}): the "
                          "micro-batches are equal")
-    if opts["grow"] not in ("fraction", "gain"):
-        raise ValueError(f"batching_kwargs['grow'] must be 'fraction' or 'gain', got "
+    if opts["grow"] not in GROW_RULES:
+        raise ValueError(f"batching_kwargs['grow'] must be one of {GROW_RULES}, got "
                          f"{opts['grow']!r}")
     rho = opts["rho"]
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 <= float(rho) <= 1:
@@ -457,6 +475,82 @@ def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | Non
     return masks, sums
 
 
+class _Evidence:
+    """Per parameter, the sum, the sum of squares and the count (int32) of the
+    micro-batch means each coordinate has collected since it last moved
+    (``grow="evidence"``); identical on every rank."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.sums = [torch.zeros_like(_real(p.detach())) for p in params]
+        self.squares = [torch.zeros_like(s) for s in self.sums]
+        self.counts = [torch.zeros_like(s, dtype=torch.int32) for s in self.sums]
+
+    def with_batch(self, stats: _Statistics, k: int) -> tuple[list[Tensor], ...]:
+        """The carried evidence plus this batch's ``k`` micro-batch means (new
+        tensors: nothing is kept until :meth:`keep`)."""
+        return (torch._foreach_add(self.sums, stats.sums),
+                torch._foreach_add(self.squares, stats.squares),
+                [c + k for c in self.counts])
+
+    def keep(self, totals: tuple[list[Tensor], ...], moved: list[Tensor]) -> None:
+        """Carry ``totals`` into the next step, restarted where a coordinate moved."""
+        for carried, now in zip((self.sums, self.squares, self.counts), totals, strict=True):
+            for c, t, m in zip(carried, now, moved, strict=True):
+                c.copy_(t.masked_fill_(m, 0))
+
+    def state_dict(self) -> dict[str, list[Tensor]]:
+        return {"sums": [t.clone() for t in self.sums],
+                "squares": [t.clone() for t in self.squares],
+                "counts": [t.clone() for t in self.counts]}
+
+    def load_state_dict(self, path: Any, state: Any) -> None:
+        """Checked before anything is loaded: a malformed state is a ValueError."""
+        mine = self.state_dict()
+        ok = isinstance(state, dict) and set(state) == set(mine) and all(
+            isinstance(state[key], list) and len(state[key]) == len(mine[key]) and all(
+                isinstance(a, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                for a, b in zip(state[key], mine[key], strict=True)) for key in mine)
+        if not ok:
+            raise ValueError(f"checkpoint {path}: its carried evidence does not fit the "
+                             "model's parameters")
+        for key in mine:
+            torch._foreach_copy_(getattr(self, key), [t.to(d.device) for t, d in
+                                                      zip(state[key], mine[key], strict=True)])
+
+
+def _evidence_masks(optimizer: Rprop, stats: _Statistics, evidence: _Evidence, k: int,
+                    z_override: float | None, batch: int, n: int,
+                    ) -> tuple[dict[int, Tensor], list[Tensor], tuple[list[Tensor], ...]]:
+    """:func:`_masks` on the carried evidence plus this batch's: per parameter
+    its reliable mask, with ``.grad`` set to each coordinate's accumulated
+    mean; the counts of reliable, of informative and of informative
+    coordinates whose evidence covers at least half the data (``count *
+    batch / k >= n / 2``); and the totals for :meth:`_Evidence.keep`."""
+    totals = evidence.with_batch(stats, k)
+    where = {id(p): i for i, p in enumerate(stats.params)}
+    masks: dict[int, Tensor] = {}
+    reliable, informative, old = [], [], []
+    for group in optimizer.param_groups:
+        z = reliability_threshold(group["etas"]) if z_override is None else z_override
+        decay, sign = group["weight_decay"], (-1.0 if group["maximize"] else 1.0)
+        for p in group["params"]:
+            i = where.get(id(p))
+            if i is None:
+                continue
+            total, squares, count = totals[0][i], totals[1][i], totals[2][i]
+            shift = None if decay == 0 else (sign * decay) * _real(p.detach())
+            ok, info = reliable_mask(total, squares, count, z, shift)
+            masks[id(p)] = ok
+            reliable.append((ok & info).sum())
+            informative.append(info.sum())
+            # 2 count batch >= n k in int64: no rounding, no overflow.
+            old.append((info & (2 * batch * count.long() >= n * k)).sum())
+            mean = total / count
+            p.grad = torch.view_as_complex(mean) if p.is_complex() else mean
+    sums = [torch.stack(reliable).sum(), torch.stack(informative).sum(), torch.stack(old).sum()]
+    return masks, sums, totals
+
+
 _KEPT = ("prev", "step_size", "prev_update")
 
 
@@ -567,6 +661,8 @@ def fit_adaptive(
     sampler = _Sampler(source.n, options["seed"] + rank)
     history = AdaptiveHistory(dataset_size=n)
     batch = b0 if 2 * b0 <= n else n
+    carry = options["grow"] == "evidence"
+    evidence = _Evidence(params) if carry and batch < n else None
     start = 0
     path = None if checkpoint is None else checkpoint_path(checkpoint)
     if path is not None and exists_everywhere(path, group, device):
@@ -575,6 +671,10 @@ def fit_adaptive(
             raise ValueError(f"checkpoint {path}: rank {rank}'s sampler covers "
                              f"{len(saved['samplers'][rank]['perm'])} samples; its data has "
                              f"{source.n}")
+        evidence = None
+        if carry and int(saved["batch"]) < n:  # checked before anything is loaded
+            evidence = _Evidence(params)
+            evidence.load_state_dict(path, saved.get("evidence"))
         start, hist_state = load_checkpoint(path, model, optimizer, group, variant)
         history = AdaptiveHistory.from_state_dict(hist_state, start, n)
         history.resumed_from = start
@@ -585,13 +685,7 @@ def fit_adaptive(
     limit = max_epochs * n
     examples = history.examples[-1] if history.examples else 0
     offset = history.time[-1] if history.time else 0.0
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_epochs, initial=examples / n, desc="fit", unit="epoch",
-                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.2f}/{total} "
-                   "[{elapsed}<{remaining}{postfix}]")
+    bar = progress_bar(progress and rank == 0, max_epochs, examples / n, fractional=True)
     began = time.perf_counter()
     reason = "max_epochs"
     steps = start
@@ -606,6 +700,8 @@ def fit_adaptive(
             dist.all_gather_object(samplers, sampler.state_dict(), group=group)
         state[_CHECKPOINT_KEY] = {"samplers": samplers, "batch": batch,
                                   "dataset_size": n, "options": dict(options)}
+        if evidence is not None:
+            state[_CHECKPOINT_KEY]["evidence"] = evidence.state_dict()
         save_checkpoint(path, model, optimizer, state, steps, group, rank)
 
     try:
@@ -622,11 +718,20 @@ def fit_adaptive(
                 idx = sampler.draw(batch // world)
                 micro = [source.take(part) for part in idx.chunk(k)]
                 loss_t, k_all = _batch_gradient(model, loss_fn, micro, stats, group)
-                masks, sums = _masks(optimizer, stats, k_all, z, options["grow"] == "gain")
+                if evidence is not None:
+                    masks, sums, totals = _evidence_masks(optimizer, stats, evidence, k_all, z,
+                                                          batch, n)
+                else:
+                    masks, sums = _masks(optimizer, stats, k_all, z, options["grow"] == "gain")
                 values = torch.stack([loss_t, *(t.to(torch.float64) for t in sums)]).tolist()
                 loss = values[0]
                 fraction = values[1] / values[2] if values[2] else 0.0
-                if options["grow"] == "gain":
+                if evidence is not None:
+                    # Half the informative coordinates hold (or moved on)
+                    # evidence from half the data: the exact pass costs no
+                    # more per decision and has no noise.
+                    wants_more = 2 * values[3] >= values[2]
+                elif options["grow"] == "gain":
                     # Doubling costs twice the examples per step: worth it when
                     # the coordinates it would add at least double the step's
                     # predicted decrease (or when nothing moves at all).
@@ -654,6 +759,8 @@ def fit_adaptive(
                 optimizer.step(loss=loss_t)
             else:
                 masked_step(optimizer, masks, loss_t)
+                if evidence is not None:
+                    evidence.keep(totals, [masks[id(p)] for p in params])
             examples += batch
             steps += 1
             history.loss.append(loss)
@@ -666,7 +773,9 @@ def fit_adaptive(
                 bar.set_postfix_str(f"B={batch} reliable={fraction:.2f} loss={loss:.4g}",
                                     refresh=False)
                 bar.update(min(examples / n, max_epochs) - bar.n)  # the last step overshoots
-            if not full and wants_more:
+            if not full and wants_more and evidence is not None:
+                batch, evidence = n, None
+            elif not full and wants_more:
                 # A mini-batch is at most half the data: past that, the exact
                 # full-data pass costs at most twice as much and has no noise.
                 batch = n if 4 * batch > n else 2 * batch
@@ -678,10 +787,7 @@ def fit_adaptive(
             if stopping:
                 interrupted.reraise()
         history.stop_reason = reason
-        if path is not None:
-            save()
-        if interrupted.agreed(group, device):
-            interrupted.reraise()
+        interrupted.end_run(None if path is None else save, group, device)
     finally:
         interrupted.restore()
         if bar is not None:

@@ -31,6 +31,7 @@ from rprop.torch._fit_checkpoint import (
 from rprop.torch._full_batch import LossFn, check_options, full_batch_backward
 from rprop.torch._history import History, Stats, stats_from_state, stats_to_state
 from rprop.torch._preemption import DeferredInterrupt
+from rprop.torch._progress import progress_bar
 from rprop.torch._rank_check import check_ranks_agree, describe_params
 from rprop.torch._step_stats import step_size_summary
 
@@ -344,13 +345,18 @@ def fit(
     plateau = _Plateau(min_improvement, _unless_nan(
         history.val_loss if validation is not None else history.loss))
     steps_with_loss = _takes_loss(optimizer)
-    bar = _progress_bar(progress and rank == 0, max_epochs, start)
+    bar = progress_bar(progress and rank == 0, max_epochs, start)
     began = time.perf_counter()
     completed = start
     reason, message = "max_epochs", f"max_epochs = {max_epochs} reached"
     # With a checkpoint to write, SIGINT and SIGTERM finish the epoch and
     # save it before stopping (every rank after the same epoch).
     interrupted = DeferredInterrupt(enabled=path is not None)
+
+    def save() -> None:
+        assert path is not None
+        save_checkpoint(path, model, optimizer, _saved(history, best), completed, group, rank)
+
     try:
         for epoch in range(start, max_epochs):
             # Before the training pass, which leaves the gradient the step uses.
@@ -398,8 +404,7 @@ def fit(
                 break
             stopping = interrupted.agreed(group, device)
             if path is not None and (completed % checkpoint_every == 0 or stopping):
-                save_checkpoint(path, model, optimizer, _saved(history, best), completed, group,
-                                rank)
+                save()
             if stopping:
                 interrupted.reraise()
         history.stop_reason, history.message = reason, message
@@ -409,10 +414,7 @@ def fit(
             best.restore()
             history.best_epoch = completed = best.epoch
             history.message += f"; restored the parameters of epoch {best.epoch}"
-        if path is not None:
-            save_checkpoint(path, model, optimizer, _saved(history, best), completed, group, rank)
-        if interrupted.agreed(group, device):  # during the last epoch: saved, still a stop
-            interrupted.reraise()
+        interrupted.end_run(None if path is None else save, group, device)
     finally:
         interrupted.restore()
         if bar is not None:
@@ -891,14 +893,6 @@ def _takes_loss(optimizer: Any) -> bool:
 
 
 # -- progress ----------------------------------------------------------------------
-
-
-def _progress_bar(show: bool, total: int, initial: int) -> Any:
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="fit", unit="epoch", dynamic_ncols=True)
 
 
 def _postfix(loss: float, stats: tuple[float, float, float] | None) -> str:

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,6 +77,17 @@ class DeferredInterrupt:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             self.stop_with = int(t.item())
         return self.stop_with != 0
+
+    def end_run(self, save: Callable[[], object] | None, group: Any,
+                device: torch.device) -> None:
+        """After a run's last step: ``save`` the final checkpoint (None
+        without one), then stop as a signal received during that step asks
+        (:meth:`agreed`, reached by every rank at this same point): the step
+        is saved, and it is still a stop."""
+        if save is not None:
+            save()
+        if self.agreed(group, device):
+            self.reraise()
 
     def reraise(self) -> None:
         """Stop as the agreed signal would have, now that the epoch is saved:
