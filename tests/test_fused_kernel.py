@@ -1,6 +1,6 @@
 """The fused CPU kernel (rprop.torch._fused) beyond plain parity: its thread
 split, memory layouts it walks flat or hands back, parameters that share
-memory, its layout cache, autograd's version counters, its memory use, and
+memory, autograd's version counters, its memory use, and
 what it refuses. Bitwise parity of every path over the table's scenarios is
 in test_parity_paths.py; the kernel cache in test_kernel_cache.py.
 """
@@ -195,21 +195,6 @@ def test_layout_cache_sees_a_new_tensor_at_an_old_address(change):
         runs.append(params + [t for s in states for t in s] + counters)
     assert runs[1][-2].dtype == (torch.float64 if change == "counter-dtype" else torch.float32)
     assert_bitwise(runs[0], runs[1], "fused vs for-loop")
-
-
-@needs_kernel
-def test_forget_layouts():
-    p = torch.zeros(5, requires_grad=True)
-    p.grad = torch.ones(5)
-    opt = rprop.Rprop([p], fused=True)
-    opt.step()
-    assert _fused._checked
-    _fused.forget_layouts()
-    assert not _fused._checked
-    opt.step()
-    assert len(_fused._checked) == 1
-    del opt  # its state tensors are freed: the entry that checked them goes too
-    assert not _fused._checked
 
 
 @needs_kernel

@@ -26,7 +26,6 @@ See docs/fused.md.
 from __future__ import annotations
 
 import functools
-import weakref
 from array import array
 from operator import attrgetter
 from typing import Any
@@ -36,13 +35,13 @@ from torch import Tensor
 
 from rprop._hyper import Hyper
 from rprop._variants import Variant
-from rprop.torch._compat import PLAIN_TYPES, local_tensor, view_base
+from rprop.torch._compat import PLAIN_TYPES, local_tensor
 from rprop.torch._kernel_cache import CODES, REAL_OF, kernel_info, load_library
 from rprop.torch._path_registry import Path, register, run_declined
 from rprop.torch._paths import increment_steps
 from rprop.torch._tensors import mark_written
 
-__all__ = ["available", "forget_layouts", "fused_step", "kernel_info", "require"]
+__all__ = ["Prepared", "available", "fused_step", "kernel_info", "prepare", "require"]
 
 # prev_update handling (PU_* in the C source).
 PU_NONE, PU_UNDO, PU_KEEP = 0, 1, 2
@@ -147,40 +146,63 @@ def require(params: list[Tensor]) -> None:
 
 # -- the step -------------------------------------------------------------------
 
-# Validated layouts: key (kernel code, data pointers of params/state/counters,
-# param sizes) -> (counter kind, all params contiguous, params overlap,
-# watchers). Counter kind: 0 float32, 1 float64, -1 increment them in Python.
-# A parameter or state tensor replaced by a new one at another address changes
-# the key. One at the same address (the allocator reuses freed memory) may
-# differ in strides or dtype, so each entry holds weak references to the
-# tensors it validated and is dropped as soon as any of them is freed: a hit
-# means the very tensors that were checked, at no cost per step.
-# forget_layouts() drops them all.
-_Entry = tuple[int, bool, bool, list[Any]]
-_checked: dict[tuple[int, bytes, bytes], _Entry] = {}
-_CHECKED_MAX = 64
+
+class Prepared:
+    """A CPU bucket the kernel can walk, ready for later steps: the pointer
+    table of its parameters, state and step counters, built once. Each
+    step only appends the gradients' pointers, after checking they are
+    contiguous (as the parameters are). The optimizer's
+    :class:`rprop.torch._plan.GroupPlan` re-checks, before every step, that
+    the parameters and state tensors are still those this was built from.
+
+    It holds the state's storages, so that the memory it points to stays
+    allocated even if a state tensor's ``.data`` were reassigned."""
+
+    __slots__ = ("backtracks", "code", "head", "kind", "lib", "n", "numels", "storages")
+
+    def __init__(self, lib: Any, code: int, params: list[Tensor], states: list[list[Tensor]],
+                 steps: list[Tensor]) -> None:
+        self.lib, self.code, self.n = lib, code, len(params)
+        self.backtracks = len(states) == 3
+        self.head = array("q", map(_data_ptr, params))
+        for ts in states:
+            self.head.extend(map(_data_ptr, ts))
+        self.head.extend(map(_data_ptr, steps))
+        self.numels = array("q", map(_numel, params))
+        self.kind = _counter_kind(steps)
+        self.storages = [t.untyped_storage() for ts in (*states, steps) for t in ts]
+
+    def __call__(self, params: list[Tensor], grads: list[Tensor], *, steps: list[Tensor],
+                 hyper: Hyper, variant: Variant, worse: Any) -> bool:
+        """Step, if this step's gradients line up (else False: nothing done)."""
+        if not all(map(_is_contiguous, grads)):
+            return False
+        ptrs = array("q", self.head)
+        ptrs.extend(map(_data_ptr, grads))
+        _call(self.lib, self.code, self.n, ptrs, self.numels, self.kind, self.backtracks,
+              threads=torch.get_num_threads(), steps=steps, hyper=hyper, variant=variant,
+              worse=worse)
+        mark_written(params)
+        return True
 
 
-def forget_layouts() -> None:
-    """Forget every validated layout, so the next fused step checks its
-    tensors again (``Rprop.load_state_dict`` calls this: the loaded state is
-    new tensors, possibly laid out or typed unlike the old)."""
-    _checked.clear()
-
-
-def _watch(key: tuple[int, bytes, bytes], tensors: list[Tensor]) -> list[Any]:
-    """Weak references to ``tensors`` that drop the entry ``key`` when one of
-    them is freed. A real view of a complex tensor (made afresh every step by
-    the optimizer) is represented by that tensor: the view's layout follows
-    from it."""
-    def forget(_ref: Any, key: tuple[int, bytes, bytes] = key, pop: Any = _checked.pop) -> None:
-        pop(key, None)
-
-    refs = []
-    for t in tensors:
-        base = view_base(t)
-        refs.append(weakref.ref(base if base is not None and base.is_complex() else t, forget))
-    return refs
+def prepare(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
+            step_sizes: list[Tensor], prev_updates: list[Tensor] | None,
+            steps: list[Tensor]) -> Prepared | None:
+    """A :class:`Prepared` step for a bucket of contiguous CPU tensors that
+    share no memory, or None (then every step goes through
+    :func:`fused_step`, which checks everything each time)."""
+    states = [prevs, step_sizes] if prev_updates is None else [prevs, step_sizes, prev_updates]
+    pdt, sdt = params[0].dtype, prevs[0].dtype
+    code = CODES.get((pdt, grads[0].dtype, sdt))
+    if (code is None or not params[0].is_cpu or not all(map(_is_contiguous, params))
+            or not all(_walkable(p, pdt, [ts[i] for ts in states], sdt)
+                       for i, p in enumerate(params))):
+        return None
+    ptrs = array("q", map(_data_ptr, params))
+    if _overlap(ptrs, array("q", map(_numel, params)), params[0].element_size()):
+        return None
+    return Prepared(load_library(code), code, params, states, steps)
 
 
 def _overlap(ptrs: array, numels: array, itemsize: int) -> bool:
@@ -308,28 +330,15 @@ def fused_step(
     else:
         raise RuntimeError(f"the fused kernel steps CPU and CUDA tensors, got {params[0].device}")
 
-    ptrs = array("q", map(_data_ptr, params))
-    for ts in states:
-        ptrs.extend(map(_data_ptr, ts))
-    ptrs.extend(map(_data_ptr, steps))
-    numels = array("q", map(_numel, params))
-    key = (code, ptrs.tobytes(), numels.tobytes())
-    entry = _checked.get(key)
-    if entry is None and all(
-        _walkable(p, pdt, [ts[i] for ts in states], sdt) for i, p in enumerate(params)
-    ):
-        if len(_checked) >= _CHECKED_MAX:
-            _checked.clear()
-        watched = [*params, *(t for ts in states for t in ts), *steps]
-        entry = _checked[key] = (
-            _counter_kind(steps), all(map(_is_contiguous, params)),
-            _overlap(ptrs, numels, params[0].element_size()), _watch(key, watched),
-        )
-    if entry is not None and (
-        (entry[1] and all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
-        or all(_same_layout(p, g, gdt) for p, g in zip(params, grads, strict=True))
-    ):
-        if cuda and entry[2]:
+    if all(_walkable(p, pdt, [ts[i] for ts in states], sdt) and _same_layout(p, grads[i], gdt)
+           for i, p in enumerate(params)):
+        ptrs = array("q", map(_data_ptr, params))
+        for ts in states:
+            ptrs.extend(map(_data_ptr, ts))
+        ptrs.extend(map(_data_ptr, steps))
+        numels = array("q", map(_numel, params))
+        overlap = _overlap(ptrs, numels, params[0].element_size())
+        if cuda and overlap:
             # Overlapping parameters on CUDA: in order, one after the other.
             run_declined("fused", True, params, grads, prevs, step_sizes, prev_updates, **kw)
             return
@@ -339,8 +348,8 @@ def fused_step(
                         variant=variant, worse=worse)
         else:
             ptrs.extend(map(_data_ptr, grads))
-            _call(kernel, code, n, ptrs, numels, entry[0], len(states) == 3,
-                  threads=1 if entry[2] else torch.get_num_threads(), **kw)
+            _call(kernel, code, n, ptrs, numels, _counter_kind(steps), len(states) == 3,
+                  threads=1 if overlap else torch.get_num_threads(), **kw)
         mark_written(params)
         return
     if _extents_overlap(params):
@@ -423,4 +432,4 @@ def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
 # The kernel's pointer tables are copied from the host each step, which a CUDA
 # graph cannot capture (the capture records foreach instead).
 register(Path("fused", fused_step, preference=2, capturable=False,
-              unsupported=_unsupported_here))
+              unsupported=_unsupported_here, prepare=prepare))

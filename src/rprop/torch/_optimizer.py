@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,7 +29,6 @@ from rprop.torch._compat import (
     use_grad_for_differentiable,
     version,
 )
-from rprop.torch._fused import forget_layouts
 from rprop.torch._group import (
     check_fits_dtype,
     check_group,
@@ -40,6 +38,7 @@ from rprop.torch._group import (
 )
 from rprop.torch._nonfinite import first_nonfinite
 from rprop.torch._path_registry import choose
+from rprop.torch._plan import Bucket, GroupPlan, TrackedState
 from rprop.torch._tensors import mark_written, real_views
 
 __all__ = ["LrChangeWarning", "LrSeedWarning", "Rprop"]
@@ -48,28 +47,6 @@ __all__ = ["LrChangeWarning", "LrSeedWarning", "Rprop"]
 # arrays every variant keeps.
 TORCH_STATE = ("step", *BASE_STATE)
 
-
-
-class _Bucket:
-    """One (device, dtype, grad dtype) slice of a param group, as the paths take it."""
-
-    __slots__ = ("grads", "params", "plain", "prev_losses", "prev_updates", "prevs",
-                 "step_sizes", "steps")
-
-    def __init__(self, params: list[Tensor], grads: list[Tensor],
-                 states: list[dict[str, Any]], variant: Variant) -> None:
-        self.params = params
-        self.grads = grads
-        self.prevs: list[Tensor] = [s["prev"] for s in states]
-        self.step_sizes: list[Tensor] = [s["step_size"] for s in states]
-        self.steps: list[Tensor] = [s["step"] for s in states]
-        self.prev_updates: list[Tensor] = (
-            [s["prev_update"] for s in states] if variant.backtracks else [])
-        self.prev_losses: list[Tensor] = (
-            [s["prev_loss"] for s in states] if variant.needs_loss else [])
-        # No complex parameter, no DTensor: the tensors are stepped as they are.
-        self.plain = (not params[0].dtype.is_complex
-                      and {type(p) for p in params} <= PLAIN_TYPES)
 
 
 class LrChangeWarning(UserWarning):
@@ -202,7 +179,10 @@ class Rprop(Optimizer):
         # the last step: a diagnostic, e.g. ("fused",).
         self.last_paths: tuple[str, ...] = ()
         self._fits: set[tuple[Hyper, torch.dtype]] = set()
+        # What each group's step gathered, by id(group), re-checked each step.
+        self._plans: dict[int, GroupPlan] = {}
         super().__init__(params, defaults)
+        self.state = TrackedState(dict, self.state)
 
     # -- groups and state ---------------------------------------------------
 
@@ -242,6 +222,9 @@ class Rprop(Optimizer):
         self.__dict__.setdefault("_checked", {})
         self.__dict__.setdefault("last_paths", ())
         self.__dict__.setdefault("_fits", set())
+        self.__dict__["_plans"] = {}
+        if not isinstance(self.state, TrackedState):  # pickled by an older rprop or by torch
+            self.state = TrackedState(dict, self.state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -276,18 +259,26 @@ class Rprop(Optimizer):
             self.__dict__.pop("_pending_state", None)
 
     def _install_checked_state(self, pending: dict[Any, dict[str, Any]]) -> None:
-        self.state = defaultdict(dict, pending)
-        forget_layouts()  # new state tensors: the kernel checks their layout anew
+        self.state = TrackedState(dict, pending)
+        self._plans.clear()
         self._seen_lr.clear()
 
-    def _init_group(self, group: dict[str, Any], variant: Variant) -> list[_Bucket]:
+    def _init_group(self, group: dict[str, Any], variant: Variant) -> list[Bucket]:
         """The group's parameters that have gradients, with their state
         (created on first use), split into buckets of one (device, dtype,
         grad dtype). At a thousand small tensors this bookkeeping, not the
-        arithmetic, is what a step costs, so each attribute is read for all
-        tensors at once, in comprehensions (which torch.compile traces, unlike
-        operator.attrgetter), and the common case, every parameter on the CPU
-        in one dtype, needs nothing more."""
+        arithmetic, is what a step costs, so it is done once and kept in a
+        :class:`GroupPlan` that later steps re-check in bulk. Under
+        torch.compile it runs every time (traced once), in comprehensions,
+        which torch.compile traces (unlike operator.attrgetter)."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            plan = self._plans.get(id(group))
+            if plan is not None:
+                planned = plan.buckets_now(group, variant, self.state)
+                if planned is not None:
+                    return planned
+                del self._plans[id(group)]
         params = group["params"]
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
@@ -308,14 +299,21 @@ class Rprop(Optimizer):
         extras = _extras(variant)
         if not (all(states) and (not extras or all(k in s for s in states for k in extras))):
             self._complete_states(group, variant, params, grads, states)
+        indices: list[list[int]] | None = None
         if (len({p.dtype for p in params}) == 1 and len({g.dtype for g in grads}) == 1
                 and all(p.is_cpu for p in params)):
-            return [_Bucket(params, grads, states, variant)]
-        split: dict[tuple[Any, ...], list[int]] = {}
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            split.setdefault((p.device, p.dtype, g.dtype), []).append(i)
-        return [_Bucket([params[i] for i in idx], [grads[i] for i in idx],
-                        [states[i] for i in idx], variant) for idx in split.values()]
+            buckets = [Bucket(params, grads, states, variant)]
+        else:
+            split: dict[tuple[Any, ...], list[int]] = {}
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                split.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+            indices = list(split.values())
+            buckets = [Bucket([params[i] for i in idx], [grads[i] for i in idx],
+                              [states[i] for i in idx], variant) for idx in indices]
+        if not compiling:
+            self._plans[id(group)] = GroupPlan(group, variant, all_states, params, grads,
+                                               states, buckets, indices)
+        return buckets
 
     def _complete_states(self, group: dict[str, Any], variant: Variant, params: list[Tensor],
                          grads: list[Tensor], states: list[dict[str, Any]]) -> None:
@@ -493,7 +491,7 @@ class Rprop(Optimizer):
             return result
 
     def _step_bucket(
-        self, group: dict[str, Any], hyper: Hyper, variant: Variant, b: _Bucket, loss: Any
+        self, group: dict[str, Any], hyper: Hyper, variant: Variant, b: Bucket, loss: Any
     ) -> str:
         # A plain bucket shares device, dtypes and tensor type: its first
         # tensors speak for all of them when choosing the path.
@@ -517,15 +515,22 @@ class Rprop(Optimizer):
             tensors = real_views(*tensors)
             prev_updates = None if prev_updates is None else real_views(prev_updates)[0]
         params, grads, prevs, step_sizes = tensors
-        path(
-            params, grads, prevs, step_sizes,
-            prev_updates,
-            steps=b.steps,
-            hyper=hyper,
-            variant=variant,
-            worse=worse,
-            differentiable=group["differentiable"],
-        )
+        prepared = b.prepared.get(chosen.name, _UNPREPARED)
+        if prepared is _UNPREPARED:
+            prepared = b.prepared[chosen.name] = (
+                None if chosen.prepare is None or not b.plain or torch.compiler.is_compiling()
+                else chosen.prepare(params, grads, prevs, step_sizes, prev_updates, b.steps))
+        if prepared is None or not prepared(params, grads, steps=b.steps, hyper=hyper,
+                                            variant=variant, worse=worse):
+            path(
+                params, grads, prevs, step_sizes,
+                prev_updates,
+                steps=b.steps,
+                hyper=hyper,
+                variant=variant,
+                worse=worse,
+                differentiable=group["differentiable"],
+            )
         if not b.plain and not {type(p) for p in b.params} <= PLAIN_TYPES:
             mark_written(b.params)  # the paths wrote the DTensors' local shards
         return chosen.name
@@ -587,6 +592,10 @@ class Rprop(Optimizer):
                 if step_size is not None:
                     view = torch.view_as_real(step_size) if step_size.is_complex() else step_size
                     view.mul_(factor).clamp_(lo, hi)
+
+
+# A bucket no path has been asked to prepare yet (None: asked, nothing to reuse).
+_UNPREPARED = object()
 
 
 def _check_before_load(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

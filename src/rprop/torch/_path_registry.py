@@ -55,6 +55,14 @@ class Path:
     device, dtypes and tensor type). Paths are tried in decreasing
     ``preference``; the reference path (``preference=0``) must declare every
     feature, and runs whatever the others cannot.
+
+    ``prepare(params, grads, prevs, step_sizes, prev_updates, steps)``, if
+    given, returns what later steps of the same bucket can reuse (or None):
+    a callable ``(params, grads, *, steps, hyper, variant, worse) -> bool``
+    that steps the bucket with this step's gradients, or returns False
+    without doing anything when they do not fit (the path's ``step`` then
+    runs). The optimizer keeps it only while the bucket's parameters and
+    state are unchanged (:mod:`rprop.torch._plan`).
     """
 
     name: str
@@ -67,6 +75,7 @@ class Path:
     capturable: bool = True
     compiling: bool = True
     unsupported: Unsupported | None = None
+    prepare: Callable[..., Any] | None = None
 
 
 _PATHS: dict[str, Path] = {}  # by name, most preferred first

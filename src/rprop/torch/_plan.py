@@ -1,0 +1,184 @@
+"""What a param group's step reads, gathered once and re-checked each step.
+
+With a thousand small tensors, gathering a group's tensors (which ones have
+a gradient, their state, how they split by device and dtype) and checking
+their layouts costs more than the arithmetic. :class:`GroupPlan` keeps the
+result of one gathering and, at each later step, checks in bulk what could
+have changed since:
+
+* the group holds the same parameter objects, and the same ones have a
+  gradient;
+* each parameter keeps its storage and size (``p.data = ...``, as
+  ``model.double()`` does, moves the data pointer);
+* ``optimizer.state`` is the same mapping, each parameter has the same
+  state dict in it, and each state dict holds the same tensors (a state
+  replaced by ``load_state_dict``, Lightning's move to a device or by hand
+  is seen);
+* each bucket's gradients have the dtype the bucket was split by.
+
+If anything differs the plan is dropped and gathered anew, so a step sees
+the same tensors with or without it. What a plan cannot see is a state
+tensor whose ``.data`` is reassigned in place of replacing the tensor: the
+kernel would keep stepping the old memory (held alive by the plan, never
+freed under it). Replace state tensors instead: ``opt.state[p][key] = t``.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import defaultdict
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not
+from typing import Any
+
+from torch import Tensor
+
+from rprop._variants import Variant
+from rprop.torch._compat import PLAIN_TYPES
+
+__all__ = ["Bucket", "GroupPlan", "TrackedState"]
+
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_get_dtype = attrgetter("dtype")
+
+
+def _counted(name: str) -> Any:
+    """defaultdict's method ``name``, counting one change per call."""
+    method = getattr(defaultdict, name)
+
+    def counted(self: TrackedState, *args: Any, **kwargs: Any) -> Any:
+        self.version += 1
+        return method(self, *args, **kwargs)
+
+    counted.__name__ = name
+    return counted
+
+
+class TrackedState(defaultdict[Any, Any]):
+    """``optimizer.state``: torch's ``defaultdict(dict)``, with a count of
+    the changes made to it (a parameter's state dict added, replaced or
+    removed), so that a plan sees them without looking every parameter up.
+    Changes inside a state dict are checked by the plan itself."""
+
+    version: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.version = 0
+        super().__init__(*args, **kwargs)
+
+    __setitem__ = _counted("__setitem__")
+    __delitem__ = _counted("__delitem__")
+    __ior__ = _counted("__ior__")
+    clear = _counted("clear")
+    pop = _counted("pop")
+    popitem = _counted("popitem")
+    setdefault = _counted("setdefault")
+    update = _counted("update")
+
+
+class Bucket:
+    """One (device, dtype, grad dtype) slice of a param group, as the paths
+    take it. ``prepared`` holds what a path made of the bucket for later
+    steps (:attr:`rprop.torch._path_registry.Path.prepare`), by path name."""
+
+    __slots__ = ("grad_dtype", "grads", "params", "plain", "prepared", "prev_losses",
+                 "prev_updates", "prevs", "step_sizes", "steps")
+
+    def __init__(self, params: list[Tensor], grads: list[Tensor],
+                 states: list[dict[str, Any]], variant: Variant) -> None:
+        self.params = params
+        self.grads = grads
+        self.grad_dtype = grads[0].dtype
+        self.prevs: list[Tensor] = [s["prev"] for s in states]
+        self.step_sizes: list[Tensor] = [s["step_size"] for s in states]
+        self.steps: list[Tensor] = [s["step"] for s in states]
+        self.prev_updates: list[Tensor] = (
+            [s["prev_update"] for s in states] if variant.backtracks else [])
+        self.prev_losses: list[Tensor] = (
+            [s["prev_loss"] for s in states] if variant.needs_loss else [])
+        # No complex parameter, no DTensor: the tensors are stepped as they are.
+        self.plain = (not params[0].dtype.is_complex
+                      and {type(p) for p in params} <= PLAIN_TYPES)
+        self.prepared: dict[str, Any] = {}
+
+    def state_lists(self) -> list[list[Tensor]]:
+        return [self.prevs, self.step_sizes, self.steps, self.prev_updates, self.prev_losses]
+
+
+class GroupPlan:
+    """One gathering of a group's tensors (see the module docstring)."""
+
+    __slots__ = ("all_params", "buckets", "group", "has_grad", "indices", "numels", "params",
+                 "ptrs", "state_map", "state_version", "states", "variant")
+
+    def __init__(self, group: dict[str, Any], variant: Variant, state_map: Any,
+                 params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                 buckets: list[Bucket], indices: list[list[int]] | None) -> None:
+        self.group = group
+        self.variant = variant
+        self.state_map = state_map
+        # A TrackedState says whether any state dict changed; another
+        # mapping (set by hand) is looked up at every step.
+        self.state_version = state_map.version if isinstance(state_map, TrackedState) else None
+        self.all_params = list(group["params"])
+        self.has_grad = bytes(g is not None for g in (p.grad for p in self.all_params))
+        self.params = params
+        self.ptrs = array("q", map(_data_ptr, params))
+        self.numels = array("q", map(_numel, params))
+        self.states = states
+        self.buckets = buckets
+        # Which of ``params`` each bucket holds; None: one bucket holds all.
+        self.indices = indices
+
+    def buckets_now(self, group: dict[str, Any], variant: Variant,
+                    state_map: Any) -> list[Bucket] | None:
+        """The buckets for this step, with this step's gradients, or None
+        when something they were gathered from has changed."""
+        if (group is not self.group or variant is not self.variant
+                or state_map is not self.state_map):
+            return None
+        all_params = group["params"]
+        if (len(all_params) != len(self.all_params)
+                or not all(map(is_, all_params, self.all_params))):
+            return None
+        grads = [p.grad for p in all_params]
+        if bytes(map(is_not, grads, repeat(None))) != self.has_grad:
+            return None
+        params = self.params
+        if len(grads) != len(params):
+            grads = list(compress(grads, self.has_grad))
+        if (array("q", map(_data_ptr, params)) != self.ptrs
+                or array("q", map(_numel, params)) != self.numels):
+            return None
+        if self.state_version is None or state_map.version != self.state_version:
+            states = [state_map[p] for p in params]
+            if not all(map(is_, states, self.states)):
+                return None
+            if self.state_version is not None:
+                self.state_version = state_map.version
+        else:
+            states = self.states
+        for i, b in enumerate(self.buckets):
+            b_grads = grads if self.indices is None else [grads[j] for j in self.indices[i]]
+            b_states = states if self.indices is None else [states[j] for j in self.indices[i]]
+            if len(set(map(_get_dtype, b_grads))) != 1 or b_grads[0].dtype != b.grad_dtype:
+                return None
+            if not _same_state(b, b_states):
+                return None
+            b.grads = b_grads
+        return self.buckets
+
+
+def _same_state(b: Bucket, states: list[dict[str, Any]]) -> bool:
+    """Whether ``states`` hold the very tensors the bucket was built from."""
+    try:
+        for key, held in zip(_STATE_KEYS, b.state_lists(), strict=True):
+            if held and not all(map(is_, [s[key] for s in states], held)):
+                return False
+    except KeyError:  # a key deleted by hand: gathered anew, and completed
+        return False
+    return True
+
+
+_STATE_KEYS = ("prev", "step_size", "step", "prev_update", "prev_loss")
