@@ -201,19 +201,31 @@ def grprop_value(others: Array, g_i: Array, hyper: Hyper, xp: Any) -> Array:
 
 def sum_parts(x: Array, xp: Any) -> tuple[Array, Array]:
     """:func:`accurate_sum` before its final rounding: ``(hi, lo)``, the sum
-    and its carried error (0-dim), for sums combined across processes."""
-    hi = x
-    lo = xp.zeros_like(x)
+    and its carried error (0-dim), for sums combined across processes.
+
+    Each level adds the second half of the terms to the first, element by
+    element (``x[i] + x[i + h]``, ``h = m // 2``), with error-free sums; an
+    odd level carries its last term (and its error) to the next. Halves, not
+    neighbours, so that every level reads and writes contiguous memory."""
+    n = x.shape[0]
+    if n < 2:  # nothing to add: the sum is the one term (or 0), exactly
+        return (x[0], xp.zeros_like(x)[0]) if n else (xp.sum(x), xp.sum(x))
+    h = n // 2
+    # The first level's carried errors start at 0: (0 + 0) + err is err (an
+    # error-free sum's error is never -0), so that level needs no adds.
+    hi, lo = two_sum(x[:h], x[h:2 * h])
+    if n % 2:
+        hi = xp.concatenate([hi, x[2 * h:]])
+        lo = xp.concatenate([lo, xp.zeros_like(x[2 * h:])])
     while hi.shape[0] > 1:
-        if hi.shape[0] % 2:
-            hi = xp.concatenate([hi, xp.zeros_like(hi[:1])])
-            lo = xp.concatenate([lo, xp.zeros_like(lo[:1])])
-        a, b = hi[0::2], hi[1::2]
-        s, err = two_sum(a, b)
-        lo = (lo[0::2] + lo[1::2]) + err
-        hi = s
-    if hi.shape[0] == 0:
-        return xp.sum(x), xp.sum(x)
+        m = hi.shape[0]
+        h = m // 2
+        s, err = two_sum(hi[:h], hi[h:2 * h])
+        carried = (lo[:h] + lo[h:2 * h]) + err
+        if m % 2:
+            s = xp.concatenate([s, hi[2 * h:]])
+            carried = xp.concatenate([carried, lo[2 * h:]])
+        hi, lo = s, carried
     return hi[0], lo[0]
 
 
@@ -232,13 +244,14 @@ def finish_sum(hi: Array, lo: Array, xp: Any) -> Array:
 def accurate_sum(x: Array, xp: Any) -> Array:
     """The sum of a 1-D array in about twice its precision, rounded once.
 
-    A pairwise tree whose every addition is an error-free two-sum (Knuth):
-    the rounding errors are carried, and summed, beside the sums. Every
-    front and path runs the same additions in the same order, so the result
-    has the same bits in NumPy, torch and JAX, and it is within an ulp of the
-    exact sum even where the terms cancel, as R's long-double ``sum()`` is
-    (a plain float64 reduction is off by the cancellation times an ulp, and
-    its order differs between libraries). A non-finite sum is the plain one.
+    A pairwise tree (:func:`sum_parts`) whose every addition is an
+    error-free two-sum (Knuth): the rounding errors are carried, and summed,
+    beside the sums. Every front and path runs the same additions in the
+    same order, so the result has the same bits in NumPy, torch and JAX, and
+    it is within an ulp of the exact sum even where the terms cancel, as R's
+    long-double ``sum()`` is (a plain float64 reduction is off by the
+    cancellation times an ulp, and its order differs between libraries). A
+    non-finite sum is the plain one.
     """
     return finish_sum(*sum_parts(x, xp), xp)
 

@@ -19,6 +19,8 @@ path (and refuses ``fused=True``, as the group check does first).
 
 from __future__ import annotations
 
+import bisect
+import math
 from typing import Any
 
 import torch
@@ -28,8 +30,8 @@ from torch import Tensor
 from rprop._core import (
     effective_grad,
     finish_sum,
+    grprop_adjust,
     grprop_pick,
-    grprop_step,
     grprop_value,
     sum_parts,
     two_sum,
@@ -38,7 +40,7 @@ from rprop._hyper import Hyper
 from rprop._variants import Variant, get_variant
 from rprop.torch._compat import PLAIN_TYPES, local_tensor
 from rprop.torch._path_registry import choose
-from rprop.torch._paths import increment_steps
+from rprop.torch._paths import adapt_step_sizes_, increment_steps
 from rprop.torch._tensors import mark_written, real_views
 
 __all__ = ["check_groups", "step"]
@@ -79,8 +81,8 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]]) -> tuple[
     grads: list[Tensor] = []
     prevs: list[Tensor] = []
     step_sizes: list[Tensor] = []
-    hypers: list[Hyper] = []
     steps: list[Tensor] = []
+    segments: list[tuple[Hyper, slice]] = []  # each bucket's tensors and its group's etas
     devices: set[torch.device] = set()
     sharded: list[Tensor] = []
     for group, hyper, variant, buckets in work:
@@ -93,34 +95,134 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]]) -> tuple[
                 g = [t.to(b.prevs[0].dtype) for t in g]
             ps, gs, pvs, ss = real_views(b.params, g, b.prevs, b.step_sizes)
             steps += b.steps
+            segments.append((hyper, slice(len(params), len(params) + len(ps))))
             params += ps
             grads += [effective_grad(gi, pi, hyper) for gi, pi in zip(gs, ps, strict=True)]
             prevs += pvs
             step_sizes += ss
-            hypers += [hyper] * len(ps)
             devices.update(p.device for p in ps)
     if len(devices) > 1:
         raise ValueError(
             "GRprop's adjustment runs over all parameters at once; they must be on one "
             f"device, got {sorted(map(str, devices))}")
+    hyper, variant = work[0][1], work[0][2]
     adjuster = None
     if sharded:
         whole = [p for _, _, _, buckets in work for b in buckets for p in b.params]
-        adjuster = _ShardedAdjust(whole, work[0][2].name)  # refuses what it cannot lay out
+        adjuster = _ShardedAdjust(whole, variant.name)  # refuses what it cannot lay out
     increment_steps(steps)
     if not params:
         return tuple(ran)
-    outs = grprop_step(grads, prevs, step_sizes, hyper=work[0][1], variant=work[0][2],
-                       xp=torch, hypers=hypers, adjuster=adjuster)
-    for p, prev, size, out in zip(params, prevs, step_sizes, outs, strict=True):
-        # State first: out.prev may be the gradient itself, which may share
-        # memory with the parameter (p.grad = p.detach() for f = |p|^2 / 2).
-        prev.copy_(out.prev)
-        size.copy_(out.step_size)
-        p.add_(out.delta)
+    assert variant.adjust is not None, "the GRprop step runs GRprop variants"
+    # rprop._core.grprop_step, batched: Rprop- adaptation in place (each
+    # group's etas), the adjustment over all tensors, then the move.
+    for h, part in segments:
+        adapt_step_sizes_(grads[part], prevs[part], step_sizes[part], h)
+    if adjuster is not None or not _adjust_in_place(grads, step_sizes, variant.adjust, hyper):
+        adjusted = (adjuster or grprop_adjust)(grads, step_sizes, adjust=variant.adjust,
+                                               hyper=hyper, xp=torch)
+        for size, new in zip(step_sizes, adjusted, strict=True):
+            if new is not size:
+                size.copy_(new)
+    # multi_tensor's Rprop- move. prev first: the gradient may share memory
+    # with the parameter (p.grad = p.detach() for f = |p|^2 / 2).
+    torch._foreach_copy_(prevs, grads)
+    torch._foreach_addcmul_(params, torch._foreach_sign(prevs), step_sizes, value=-1)
     if sharded:
         mark_written(sharded)  # written through the DTensors' local shards
     return tuple(ran)
+
+
+# The integer type of each floating-point width: a non-negative float's bits,
+# read as a signed integer of the same width, order as the float does.
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _adjust_in_place(grads: list[Tensor], step_sizes: list[Tensor], adjust: str,
+                     hyper: Hyper) -> bool:
+    """:func:`rprop._core.grprop_adjust`, writing the one adjusted step size
+    in place, in about one pass over the gradients and step sizes: each
+    tensor writes its products ``step * grad`` and its selection keys into
+    two flat buffers, one integer argmin picks the coordinate and
+    :func:`rprop._core.sum_parts` sums the products (the same additions in
+    the same order, so the same bits as the core on every front).
+
+    The keys are the float keys' bits as integers, which order as the
+    floats do: ``|grad|`` (sag) or the step size (slr), with every
+    coordinate whose gradient is 0 mapped above all of them. False (nothing
+    written) where the smallest key is not a finite candidate's (every
+    candidate's key +inf or NaN, or no candidate), a CUDA graph is being
+    captured or torch.compile traces (the host reads the index): the core's
+    selection then runs, which spells those cases out."""
+    dtype, device = step_sizes[0].dtype, step_sizes[0].device
+    int_type = _BITS.get(dtype.itemsize)
+    if (int_type is None or not dtype.is_floating_point
+            or torch.compiler.is_compiling()
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+            or any(g.dtype != dtype for g in grads)
+            or not all(s.is_contiguous() for s in step_sizes)):
+        return False
+    n = sum(s.numel() for s in step_sizes)
+    if n == 0:
+        return True
+    bits = torch.iinfo(int_type).bits
+    mask = torch.iinfo(int_type).max  # every bit but the sign
+    inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(int_type))
+    products = torch.empty(n, dtype=dtype, device=device)
+    keys = torch.empty(n, dtype=int_type, device=device)
+    start = 0
+    for g, s in zip(grads, step_sizes, strict=True):
+        end = start + s.numel()
+        torch.mul(s, g, out=products[start:end].view(g.shape))
+        torch.bitwise_and(g.view(int_type), mask, out=keys[start:end].view(g.shape))
+        start = end
+    if not math.isfinite(hyper.step_max):
+        # A zero gradient's product is then 0 only if written so (inf * 0 is
+        # NaN); finite step sizes make it +-0, which sums as 0 does.
+        products.masked_fill_(keys == 0, 0)
+    keys.sub_(1)  # |g| = 0 wraps to -1: below every other key
+    if adjust == "sag":
+        keys.bitwise_and_(mask)  # ... and then above: finite |g| > 0 keep their order
+        limit = inf_bits - 1  # the key of |g| = +inf
+    else:
+        keys.bitwise_right_shift_(bits - 1)  # -1 where g = 0, else 0
+        start = 0
+        for s in step_sizes:
+            end = start + s.numel()
+            keys[start:end].view(s.shape).bitwise_or_(s.view(int_type))
+            start = end
+        keys.bitwise_and_(mask)  # step sizes where g != 0, the largest key where g = 0
+        limit = inf_bits  # the key of a step size of +inf
+    index = keys.argmin()
+    where, key = torch.stack([index, keys[index].to(torch.int64)]).tolist()
+    if key >= limit:  # no candidate with a finite key: the core's selection
+        return False
+    products[where] = 0  # the chosen coordinate is left out of the sum
+    others = finish_sum(*sum_parts(products, torch), torch)
+    t = bisect.bisect_right(_offsets(step_sizes), where) - 1
+    local = where - _offsets(step_sizes)[t]
+    size = _element(step_sizes[t], local)
+    value = grprop_value(others, _element(grads[t], local), hyper, torch)
+    size.copy_(torch.where(value == value, value, size))  # a NaN sum adjusts nothing
+    return True
+
+
+def _offsets(tensors: list[Tensor]) -> list[int]:
+    """Where each tensor starts in the concatenation of all of them."""
+    out, start = [], 0
+    for t in tensors:
+        out.append(start)
+        start += t.numel()
+    return out
+
+
+def _element(t: Tensor, j: int) -> Tensor:
+    """The ``j``-th element of ``t`` in C order, as a 0-dim view."""
+    index = []
+    for d in reversed(t.shape):
+        j, r = divmod(j, d)
+        index.append(r)
+    return t[tuple(reversed(index))]
 
 
 _SHARD: Any = None

@@ -89,6 +89,33 @@ def multi_tensor(
         grads = list(torch._foreach_neg(grads))
     if hyper.weight_decay != 0.0:
         grads = list(torch._foreach_add(grads, torch._foreach_mul(params, hyper.weight_decay)))
+    flips = adapt_step_sizes_(grads, prevs, step_sizes, hyper)
+    # prev takes the gradient, zeroed on flips for forgetting variants.
+    torch._foreach_copy_(prevs, grads)
+    if variant.forget:
+        for prev, flipped in zip(prevs, flips, strict=True):
+            prev.masked_fill_(flipped, 0)
+    if variant.undo == "never":
+        # param + (-1 * sign(g)) * step: the core's param + -(sign(g) * step).
+        torch._foreach_addcmul_(params, torch._foreach_sign(prevs), step_sizes, value=-1)
+        return
+    assert prev_updates is not None, "backtracking variants carry prev_update"
+    moves = torch._foreach_sign(prevs)
+    torch._foreach_mul_(moves, step_sizes)  # sign(g) * step, the update negated
+    back = []
+    for i, flipped in enumerate(flips):
+        undo = flipped if variant.undo == "always" else flipped & worse
+        back.append(torch.where(undo, prev_updates[i], moves[i]))
+    torch._foreach_sub_(params, back)  # param - x is param + (-x), bit for bit
+    torch._foreach_neg_(moves)
+    torch._foreach_copy_(prev_updates, moves)
+
+
+def adapt_step_sizes_(grads: list[Tensor], prevs: list[Tensor], step_sizes: list[Tensor],
+                      hyper: Hyper) -> list[Tensor]:
+    """The step-size adaptation of :func:`rprop._core.adapt_step_size`,
+    batched and in place on ``step_sizes``; returns the masks where the sign
+    flipped. ``grads`` are the effective gradients."""
     signs = list(torch._foreach_mul(grads, prevs))
     torch._foreach_sign_(signs)  # torch.sign maps NaN to 0, as rprop._core.sign does
     # Each sign becomes, in place, the step-size factor (eta+, eta- or 1) in
@@ -109,25 +136,7 @@ def multi_tensor(
     del signs
     torch._foreach_clamp_min_(step_sizes, hyper.step_min)
     torch._foreach_clamp_max_(step_sizes, hyper.step_max)
-    # prev takes the gradient, zeroed on flips for forgetting variants.
-    torch._foreach_copy_(prevs, grads)
-    if variant.forget:
-        for prev, flipped in zip(prevs, flips, strict=True):
-            prev.masked_fill_(flipped, 0)
-    if variant.undo == "never":
-        # param + (-1 * sign(g)) * step: the core's param + -(sign(g) * step).
-        torch._foreach_addcmul_(params, torch._foreach_sign(prevs), step_sizes, value=-1)
-        return
-    assert prev_updates is not None, "backtracking variants carry prev_update"
-    moves = torch._foreach_sign(prevs)
-    torch._foreach_mul_(moves, step_sizes)  # sign(g) * step, the update negated
-    back = []
-    for i, flipped in enumerate(flips):
-        undo = flipped if variant.undo == "always" else flipped & worse
-        back.append(torch.where(undo, prev_updates[i], moves[i]))
-    torch._foreach_sub_(params, back)  # param - x is param + (-x), bit for bit
-    torch._foreach_neg_(moves)
-    torch._foreach_copy_(prev_updates, moves)
+    return flips
 
 
 def increment_steps(steps: list[Tensor]) -> None:
