@@ -188,7 +188,7 @@ class AdaptiveHistory(History):
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], steps: int, n: int) -> AdaptiveHistory:
         return cls(
-            **History.fields_from_state(state, steps),
+            **History._fields_from_state(state, steps),
             dataset_size=n,
             batch_size=[int(x) for x in state["batch_size"][:steps]],
             reliable=[float(x) for x in state["reliable"][:steps]],

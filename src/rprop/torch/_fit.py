@@ -83,7 +83,7 @@ class FitHistory(History):
         """The first ``epochs`` epochs of a saved history (the keys beyond
         loss, time and step_size may be missing: they start empty)."""
         return cls(
-            **History.fields_from_state(state, epochs),
+            **History._fields_from_state(state, epochs),
             step_size_groups=[[stats_from_state(s) for s in g]
                               for g in state.get("step_size_groups", [[]] * epochs)[:epochs]],
             step_min=[float(x) for x in state.get("step_min", [])],

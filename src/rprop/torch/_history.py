@@ -55,7 +55,7 @@ class History:
         }
 
     @staticmethod
-    def fields_from_state(state: dict[str, Any], entries: int) -> dict[str, Any]:
+    def _fields_from_state(state: dict[str, Any], entries: int) -> dict[str, Any]:
         """The keyword arguments that rebuild the first ``entries`` entries of
         the fields above from a saved ``history`` (``stop_reason`` starts
         empty: the resumed run sets it)."""
