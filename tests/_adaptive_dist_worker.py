@@ -19,12 +19,20 @@ import torch.distributed as dist
 
 import rprop
 from rprop.torch import fit
-from rprop.torch._adaptive import _batch_gradient, _masks, _Statistics, masked_step
+from rprop.torch._adaptive import (
+    _batch_gradient,
+    _Evidence,
+    _evidence_masks,
+    _masks,
+    _Statistics,
+    masked_step,
+)
 
 STEPS = 10
 VARIANTS = ("irprop+", "rprop+", "grprop-sag")
-SHARD = 32
-FIT_OPTIONS = {"batch_size": 16, "micro_batches": 4, "rho": 0.3, "seed": 3}
+SHARD = 128
+# The default rule (carried evidence); it reaches full batch after ~3 epochs.
+FIT_OPTIONS = {"batch_size": 8, "micro_batches": 4, "seed": 3}
 
 
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,18 +62,28 @@ def micro_batches(rank: int, step: int) -> list[tuple[torch.Tensor, torch.Tensor
     return [(x[r], y[r]) for r in rows.chunk(4)]
 
 
-def stepwise(variant: str, ranks: list[int], group) -> list[torch.Tensor]:
+def stepwise(variant: str, ranks: list[int], group, carry: bool = False) -> list[torch.Tensor]:
     """STEPS masked steps over the micro-batches of ``ranks`` (all of them in one
-    process, or this rank's own under torch.distributed)."""
+    process, or this rank's own under torch.distributed); ``carry``: with the
+    evidence carried from step to step."""
     model = make_model()
-    opt = rprop.Rprop(model.parameters(), variant=variant)
-    stats = _Statistics(list(model.parameters()))
+    params = list(model.parameters())
+    opt = rprop.Rprop(params, variant=variant)
+    stats = _Statistics(params)
+    evidence = _Evidence(params)
     for step in range(STEPS):
         micro = [b for r in ranks for b in micro_batches(r, step)]
         loss, k = _batch_gradient(model, loss_fn, micro, stats, group)
-        masks, _ = _masks(opt, stats, k, None)
+        if carry:
+            # Both ranks' 16 samples make the batch, out of 2 SHARD.
+            masks, _, totals = _evidence_masks(opt, stats, evidence, k, None, 2 * 16,
+                                               2 * SHARD)
+        else:
+            masks, _ = _masks(opt, stats, k, None)
         masked_step(opt, masks, loss)
-    return [p.detach().clone() for p in model.parameters()]
+        if carry:
+            evidence.keep(totals, [masks[id(p)] for p in params])
+    return [p.detach().clone() for p in params]
 
 
 if __name__ == "__main__":
@@ -85,6 +103,7 @@ if __name__ == "__main__":
                 batching_kwargs=FIT_OPTIONS, checkpoint=out / "run.pt")
     torch.save({
         "stepwise": {v: stepwise(v, [rank], dist.group.WORLD) for v in VARIANTS},
+        "carried": {v: stepwise(v, [rank], dist.group.WORLD, carry=True) for v in VARIANTS},
         "fit": [p.detach().clone() for p in model.parameters()],
         "history": hist.state_dict(),
         "resumed": [p.detach().clone() for p in resumed.parameters()],

@@ -19,7 +19,7 @@ from rprop.torch import fit
 
 MARK_AT = 3
 SLOW = 0.1
-OPTIONS = {"batch_size": 8, "micro_batches": 4, "rho": 0.3, "seed": 7}
+OPTIONS = {"batch_size": 8, "micro_batches": 4, "seed": 7}
 
 
 def problem() -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,8 +157,9 @@ def weights(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("grow", ["fraction", "evidence"])
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_full_batch_phase_is_bitwise_full_batch_rprop(variant):
+def test_full_batch_phase_is_bitwise_full_batch_rprop(variant, grow):
     x, y = regression()
     model = make_model()
     snapshot = {}
@@ -169,12 +170,17 @@ def test_full_batch_phase_is_bitwise_full_batch_rprop(variant):
             snapshot["optimizer"] = copy.deepcopy(info.optimizer.state_dict())
             snapshot["step"] = info.step
 
-    # rho=1: the batch doubles after every step (8, 16, then all 48).
+    # fraction with rho=1: the batch doubles after every step (8, 16, then all
+    # 48); evidence: 8 until it jumps to all 48.
     hist = fit(model, loss_fn, (x, y), variant=variant, max_epochs=12, progress=False,
                callbacks=[grab], batching="adaptive",
                batching_kwargs={"batch_size": 8, "micro_batches": 4, "rho": 1.0,
-                                "eval_batch_size": 16})
-    assert hist.batch_size[:3] == [8, 16, 48] and snapshot["step"] == 2
+                                "eval_batch_size": 16, "grow": grow})
+    if grow == "fraction":
+        assert hist.batch_size[:3] == [8, 16, 48] and snapshot["step"] == 2
+    else:
+        jump = snapshot["step"]
+        assert jump > 1 and hist.batch_size == [8] * jump + [48] * (hist.steps - jump)
     assert hist.reliable[0] < 1.0  # the mini-batch steps did mask coordinates
     ref_model = make_model()
     ref_model.load_state_dict(snapshot["model"])
@@ -191,17 +197,83 @@ def test_full_batch_phase_is_bitwise_full_batch_rprop(variant):
         assert torch.equal(a, b)
 
 
-def test_irprop_plus_runs_as_irprop_minus_before_full_batch():
+@pytest.mark.parametrize("grow", ["fraction", "evidence"])
+def test_irprop_plus_runs_as_irprop_minus_before_full_batch(grow):
     x, y = regression(n=200)
     runs = []
     for variant in ("irprop+", "irprop-"):
         model = make_model()
-        fit(model, loss_fn, (x, y), variant=variant, max_epochs=3, progress=False,
-            batching="adaptive", batching_kwargs={"batch_size": 16, "micro_batches": 4,
-                                                  "rho": 0.0})
+        # fraction with rho=0 never grows; evidence stopped before its jump.
+        hist = fit(model, loss_fn, (x, y), variant=variant, max_epochs=3, progress=False,
+                   batching="adaptive", callbacks=[lambda info: info.step == 10],
+                   batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 0.0,
+                                    "grow": grow})
+        assert hist.batch_size == [16] * 10
         runs.append(weights(model))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
+    """grow="evidence" against NumPy and the per-element reference: a loss
+    linear in the weights, so each sample's gradient is its features whatever
+    the weights. The reference keeps, per coordinate, the list of micro-batch
+    means since it last moved, passes it when |mean| > z std / sqrt(count),
+    steps the reference Rprop on the passing coordinates with that mean (the
+    others kept), and jumps to the full data once half the coordinates hold
+    means of at least N/2 samples."""
+    gen = np.random.default_rng(8)
+    n, d, b0, k, seed = 240, 12, 8, 4, 5
+    mu = np.array([0.8, -0.5, 0.3, 0.0, 0.15, -0.1, 0.05, -0.03, 0.0, 0.02, 0.01, -0.01])
+    x = mu + gen.standard_normal((n, d))
+    w0 = gen.normal(size=(1, d))
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(w0))
+    hist = fit(model, lambda m, batch: m(batch[0]).sum(dim=1), (torch.tensor(x),),
+               variant="irprop-", max_epochs=6, progress=False, batching="adaptive",
+               batching_kwargs={"batch_size": b0, "micro_batches": k, "seed": seed})
+
+    z = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
+                                            - 1)) / 2))
+    ref = ReferenceRprop([w0], variant="irprop-")
+    gen_t = torch.Generator().manual_seed(seed)  # the documented sampler: permutations in turn
+    perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
+    means: list[list[float]] = [[] for _ in range(d)]
+    batch, sizes, fractions, examples = b0, [], [], 0
+    while examples < 6 * n:
+        if batch == n:
+            ref.step([x.mean(0)[None, :]])
+            sizes.append(n), fractions.append(1.0)
+            examples += n
+            continue
+        if pos == n:
+            perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
+        rows, pos = perm[pos:pos + b0], pos + b0
+        for j, m in enumerate(x[rows].reshape(k, b0 // k, d).mean(1).T):
+            means[j].extend(m)
+        avg = np.array([np.mean(m) for m in means])
+        spread = np.array([np.std(m, ddof=1) for m in means])
+        count = np.array([len(m) for m in means])
+        moved = np.abs(avg) > z * spread / np.sqrt(count)
+        old = (count * (b0 // k) >= n / 2).sum()
+        before = (ReferenceRprop._reals(ref.params[0]).copy(), ref.step_size[0].copy(),
+                  ref.prev[0].copy(), ref.prev_update[0].copy())
+        ref.step([avg[None, :]])
+        keep = ~moved[None, :]
+        for now, was in zip((ref.params[0], ref.step_size[0], ref.prev[0], ref.prev_update[0]),
+                            before, strict=True):
+            now[keep] = was[keep]
+        for j in np.flatnonzero(moved):
+            means[j] = []
+        sizes.append(b0), fractions.append(moved.mean())
+        examples += b0
+        if 2 * old >= d:
+            batch = n
+    assert n in sizes and sizes.index(n) > 10  # carried for a while, then the jump
+    assert hist.batch_size == sizes
+    np.testing.assert_allclose(hist.reliable, fractions, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(model.weight.detach().numpy(), ref.params[0])
 
 
 def test_history_counts_examples_and_epoch_equivalents():
@@ -232,9 +304,10 @@ def test_a_dataset_and_the_tensors_give_the_same_run():
         assert torch.equal(a, b)
 
 
-def test_resume_is_bitwise(tmp_path):
+@pytest.mark.parametrize("grow", ["fraction", "evidence"])
+def test_resume_is_bitwise(tmp_path, grow):
     x, y = regression(n=400)
-    opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.3, "seed": 7}
+    opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.3, "seed": 7, "grow": grow}
     straight = make_model()
     want = fit(straight, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
                batching_kwargs=opts)
@@ -247,8 +320,8 @@ def test_resume_is_bitwise(tmp_path):
     got = fit(resumed, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
               batching_kwargs=opts, checkpoint=ckpt)
     assert got.resumed_from is not None and 0 < got.resumed_from < want.steps
-    # Resumed in the mini-batch phase (the sampler's state matters), and the
-    # batch grew after it.
+    # Resumed in the mini-batch phase (the sampler's state and, for evidence,
+    # the carried sums matter), and the batch grew after it.
     assert want.batch_size[got.resumed_from] < 400
     assert len(set(want.batch_size[got.resumed_from:])) > 1
     assert got.loss == want.loss and got.batch_size == want.batch_size
@@ -259,9 +332,10 @@ def test_resume_is_bitwise(tmp_path):
 
 def test_a_run_stopped_by_a_callback_resumes_bitwise(tmp_path):
     """The step a callback stops is not taken, so its batch is not used up:
-    the resumed run draws it again, as the uninterrupted run does."""
+    the resumed run draws it again, as the uninterrupted run does (and its
+    evidence is not carried)."""
     x, y = regression(n=400)
-    opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.3, "seed": 7}
+    opts = {"batch_size": 8, "micro_batches": 4, "seed": 7}
     straight = make_model()
     want = fit(straight, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
                batching_kwargs=opts)
@@ -356,7 +430,7 @@ def test_one_process_group_is_the_plain_run(tmp_path):
     import torch.distributed as dist
 
     x, y = regression(n=100)
-    opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.6}
+    opts = {"batch_size": 8, "micro_batches": 4}
     plain = make_model()
     want = fit(plain, loss_fn, (x, y), max_epochs=6, progress=False, batching="adaptive",
                batching_kwargs=opts)
@@ -415,16 +489,18 @@ def test_two_ranks_equal_one_process_given_the_same_samples(tmp_path):
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for variant in worker.VARIANTS:
-        one = worker.stepwise(variant, [0, 1], None)
-        for saved in ranks:
-            # Sums in another order (per rank, then across): equal to rounding,
-            # and the signs, masks and so the steps come out the same.
-            for a, b in zip(saved["stepwise"][variant], one, strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+        for key, carry in (("stepwise", False), ("carried", True)):
+            one = worker.stepwise(variant, [0, 1], None, carry)
+            for saved in ranks:
+                # Sums in another order (per rank, then across): equal to
+                # rounding, and the signs, masks and so the steps come out the same.
+                for a, b in zip(saved[key][variant], one, strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
     for a, b in zip(ranks[0]["fit"], ranks[1]["fit"], strict=True):
         assert torch.equal(a, b)
     h0, h1 = ({k: v for k, v in r["history"].items() if k != "time"} for r in ranks)
-    assert h0 == h1 and 2 * worker.SHARD in h0["batch_size"] and h0["batch_size"][0] == 16
+    assert h0 == h1 and 2 * worker.SHARD in h0["batch_size"]
+    assert h0["batch_size"][0] == worker.FIT_OPTIONS["batch_size"]
     # Resumed from a checkpoint both ranks wrote together, in the mini-batch
     # phase (every rank's sampler restored): the uninterrupted run, bitwise.
     for saved in ranks:
@@ -467,7 +543,8 @@ def test_compare_minibatch_quick_prints_every_method(capsys):
 def test_progress_bar_shows_the_batch_size(capsys):
     x, y = regression(n=100)
     fit(make_model(), loss_fn, (x, y), max_epochs=2, batching="adaptive",
-        batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 1.0})
+        batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 1.0,
+                         "grow": "fraction"})
     err = capsys.readouterr().err
     # tqdm redraws at most every 0.1 s: the last state is always drawn.
     assert "B=100 reliable=1.00" in err and "2.00/2" in err

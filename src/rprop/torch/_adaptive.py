@@ -488,8 +488,8 @@ class _Evidence:
     def with_batch(self, stats: _Statistics, k: int) -> tuple[list[Tensor], ...]:
         """The carried evidence plus this batch's ``k`` micro-batch means (new
         tensors: nothing is kept until :meth:`keep`)."""
-        return (torch._foreach_add(self.sums, stats.sums),
-                torch._foreach_add(self.squares, stats.squares),
+        return (list(torch._foreach_add(self.sums, stats.sums)),
+                list(torch._foreach_add(self.squares, stats.squares)),
                 [c + k for c in self.counts])
 
     def keep(self, totals: tuple[list[Tensor], ...], moved: list[Tensor]) -> None:
