@@ -256,8 +256,8 @@ def fit(
         full_batch_kwargs: more keyword arguments for :func:`full_batch_backward`
             (``bucket_cap_mb``, ``fsdp_sync_each_batch``).
         batching: ``"full"`` (default): the exact full-batch loop above.
-            ``"adaptive"``: Rprop on mini-batches that grow until every
-            step's signs can be trusted, then exact full batch; ``data`` is
+            ``"adaptive"``: Rprop on mini-batches in which a coordinate moves
+            only once its sign can be trusted, then exact full batch; ``data`` is
             then a tuple of tensors (samples along dim 0) or a map-style
             ``Dataset``, ``max_epochs`` and ``checkpoint_every`` count
             epoch-equivalents (examples / N), ``target_loss`` and
@@ -267,7 +267,9 @@ def fit(
         batching_kwargs: the adaptive mode's options: ``batch_size`` (64),
             ``micro_batches`` (8), ``rho`` (0.5), ``z`` (None: derived from
             the etas), ``seed`` (0, the sampler's), ``eval_batch_size`` (1024),
-            ``grow`` (``"fraction"``; ``"gain"`` is an experimental growth rule).
+            ``grow`` (``"evidence"``: evidence carried across steps, one jump
+            to full batch; ``"fraction"``: each batch alone, doubling while
+            fewer than ``rho`` pass; ``"gain"``: experimental).
 
     Every argument is checked before the first epoch (a TypeError or
     ValueError naming it). Under ``torch.distributed``, one small all-reduce
