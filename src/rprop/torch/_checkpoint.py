@@ -91,7 +91,31 @@ def prepare_state_dict(
                              f"got {type(entry).__name__}")
         state[p] = _check_entry(describe_param(index, name), p, group, "variant" in saved,
                                 entry)
+    _share_losses(state, optimizer.param_groups)
     return {"state": {}, "param_groups": groups}, state
+
+
+def _share_losses(state: dict[Any, dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+    """Give each group's parameters one E(t-1) tensor per device, as the
+    optimizer keeps it (``Rprop._loss_slot``). It is one number for the
+    group: a state_dict whose parameters disagree on it is refused."""
+    for gi, group in enumerate(groups):
+        slots: dict[torch.device, Tensor] = {}
+        first: Tensor | None = None
+        for p in group["params"]:
+            entry = state.get(p)
+            if entry is None or LOSS_STATE not in entry:
+                continue
+            value = entry[LOSS_STATE]
+            if first is None:
+                first = value
+            elif not (torch.equal(value.to(first.device), first)
+                      or (bool(value.isnan()) and bool(first.isnan()))):
+                raise ValueError(
+                    f"state 'prev_loss' differs between the parameters of param group {gi} "
+                    f"({first.item()!r} and {value.item()!r}): it is the loss at the last "
+                    "step, one number for the group")
+            entry[LOSS_STATE] = slots.setdefault(value.device, value)
 
 
 def _check_entry(

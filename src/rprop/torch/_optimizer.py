@@ -325,7 +325,6 @@ class Rprop(Optimizer):
                 self._check_fits(hyper, state_dtype_for(p, group))
         if not self._warned_seed and not all(states):
             self._warn_if_seed_below_min(group)
-        fresh_losses: list[Tensor] = []
         for p, grad, state in zip(params, grads, states, strict=True):
             if not state:
                 # torch.optim.Rprop's counter, first, as torch orders the keys.
@@ -338,16 +337,7 @@ class Rprop(Optimizer):
                 fresh = _fresh_state(p, grad, group, variant)
                 state.update((k, fresh[k]) for k in missing)
             if variant.needs_loss and LOSS_STATE not in state:
-                state[LOSS_STATE] = torch.tensor(FIRST_PREV_LOSS, dtype=_loss_dtype(p),
-                                                 device=p.device)
-                fresh_losses.append(state[LOSS_STATE])
-        if fresh_losses:
-            # E(t-1) is one number for the whole optimizer: a parameter joining
-            # later (first gradient, add_param_group) takes the current one.
-            known = self._last_loss(group)
-            if known is not None:
-                for t in fresh_losses:
-                    t.copy_(known)
+                state[LOSS_STATE] = self._loss_slot(group, p.device)
 
     def _warn_if_seed_below_min(self, group: dict[str, Any]) -> None:
         """Warn (once) when fresh step sizes are seeded from an lr of 0 or
@@ -370,13 +360,24 @@ class Rprop(Optimizer):
                 stacklevel=7,
             )
 
-    def _last_loss(self, group: dict[str, Any]) -> Tensor | None:
-        """The E(t-1) a group's parameters hold (they all hold the same)."""
+    def _loss_slot(self, group: dict[str, Any], device: torch.device) -> Tensor:
+        """The tensor holding the group's E(t-1) on ``device``. E(t-1) is one
+        number for the group (signed as its ``maximize`` compares it), so all
+        its parameters' state dicts hold the same tensor per device and one
+        write at the end of a step updates them all. A parameter joining
+        later (its first gradient, add_param_group) shares it; on a new
+        device it starts from the group's current value."""
+        known = None
         for p in group["params"]:
-            st = self.state.get(p)
-            if st and "prev_loss" in st and not bool(torch.isinf(st["prev_loss"])):
-                return st["prev_loss"]
-        return None
+            held = self.state[p].get(LOSS_STATE) if p in self.state else None
+            if held is not None:
+                if held.device == device:
+                    return held
+                known = held
+        slot = torch.tensor(FIRST_PREV_LOSS, dtype=_loss_dtype(device), device=device)
+        if known is not None:
+            slot.copy_(known)
+        return slot
 
     # -- the step -----------------------------------------------------------
 
@@ -441,29 +442,33 @@ class Rprop(Optimizer):
                 ran.append(self._step_bucket(group, hyper, variant, bucket, loss_t))
         self.last_paths = tuple(ran)
         if loss is not None:
-            # E(t-1) is one number for the optimizer: every group that keeps
-            # it takes E(t), also a group none of whose parameters had a
-            # gradient this step (its next step compares with this loss).
+            # Every group that keeps E(t-1) takes E(t), also a group none of
+            # whose parameters had a gradient this step (its next step
+            # compares with this loss).
+            stepped = {id(group): buckets for group, _, _, buckets in work}
             for group in self.param_groups:
                 hyper, variant = self._checked_group(group)
                 if variant.needs_loss:
                     if loss_t is None:
                         loss_t = _as_loss(loss)
-                    self._remember_loss(group, signed_loss(loss_t, hyper))
+                    self._remember_loss(group, signed_loss(loss_t, hyper),
+                                        stepped.get(id(group)))
         return loss
 
-    def _remember_loss(self, group: dict[str, Any], signed: Tensor) -> None:
-        """E(t-1) <- E(t) for *every* parameter of the group that keeps one,
-        also those without a gradient this step, so that all hold the same
-        number and no decision depends on which parameter comes first."""
-        held = [st["prev_loss"] for p in group["params"]
-                if (st := self.state.get(p)) and "prev_loss" in st]
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for t in held:
-            by_device.setdefault(t.device, []).append(t)
-        for device, ts in by_device.items():
-            value = signed.to(device)
-            torch._foreach_copy_(ts, [value] * len(ts))
+    def _remember_loss(self, group: dict[str, Any], signed: Tensor,
+                       buckets: list[Bucket] | None) -> None:
+        """E(t-1) <- E(t) in the group's loss tensors (:meth:`_loss_slot`),
+        found through this step's buckets, or, for a group none of whose
+        parameters had a gradient, through its state (it takes E(t) too, so
+        that no decision depends on how parameters are split into groups)."""
+        if buckets is not None:
+            slots = {id(t): t for b in buckets for t in b.loss_slots}
+        else:
+            slots = {id(t): t for p in group["params"]
+                     if (t := self.state[p].get(LOSS_STATE) if p in self.state else None)
+                     is not None}
+        for t in slots.values():
+            t.copy_(signed)
 
     def _check_fits(self, hyper: Hyper, dtype: torch.dtype) -> None:
         """:func:`check_fits_dtype`, remembered for pairs already checked."""
@@ -607,8 +612,8 @@ def _check_before_load(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict
     return prepared
 
 
-def _loss_dtype(p: Tensor) -> torch.dtype:
-    return torch.float32 if p.device.type == "mps" else torch.float64
+def _loss_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _as_loss(loss: Any) -> Tensor:

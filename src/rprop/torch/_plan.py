@@ -82,8 +82,8 @@ class Bucket:
     take it. ``prepared`` holds what a path made of the bucket for later
     steps (:attr:`rprop.torch._path_registry.Path.prepare`), by path name."""
 
-    __slots__ = ("grad_dtype", "grads", "params", "plain", "prepared", "prev_losses",
-                 "prev_updates", "prevs", "step_sizes", "steps")
+    __slots__ = ("grad_dtype", "grads", "loss_slots", "params", "plain", "prepared",
+                 "prev_losses", "prev_updates", "prevs", "step_sizes", "steps")
 
     def __init__(self, params: list[Tensor], grads: list[Tensor],
                  states: list[dict[str, Any]], variant: Variant) -> None:
@@ -97,6 +97,8 @@ class Bucket:
             [s["prev_update"] for s in states] if variant.backtracks else [])
         self.prev_losses: list[Tensor] = (
             [s["prev_loss"] for s in states] if variant.needs_loss else [])
+        # The distinct E(t-1) tensors among them: one per device, shared.
+        self.loss_slots: list[Tensor] = list({id(t): t for t in self.prev_losses}.values())
         # No complex parameter, no DTensor: the tensors are stepped as they are.
         self.plain = (not params[0].dtype.is_complex
                       and {type(p) for p in params} <= PLAIN_TYPES)
