@@ -172,3 +172,26 @@ def test_state_stays_a_mapping_torch_can_save_and_pickle():
         cparams = [p for g in clone.param_groups for p in g["params"]]
         _step_some(clone, cparams, 2, 2)
         assert_same(params, cparams, opt, clone)
+
+
+def test_a_state_dict_whose_parameters_disagree_on_the_last_loss_is_refused():
+    """iRprop+'s E(t-1) is one number for a group: a hand-made state_dict
+    that gives its parameters different values is refused, nothing changed."""
+    params = _params()
+    opt = rprop.Rprop(params, lr=0.05, variant="irprop+")
+    for t in range(2):
+        for p, g in zip(params, _grads(t), strict=True):
+            p.grad = g.clone()
+        opt.step(loss=float(t))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][2]["prev_loss"] = torch.tensor(7.0, dtype=torch.float64)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="prev_loss' differs between the parameters of param "
+                                         "group 0"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    for k, v in before["state"].items():
+        for key in v:
+            assert torch.equal(v[key], after["state"][k][key])
+    sd["state"][2]["prev_loss"] = sd["state"][1]["prev_loss"].clone()  # equal: loads
+    opt.load_state_dict(sd)
