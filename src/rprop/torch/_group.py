@@ -1,6 +1,6 @@
 """A param group's hyperparameters and state dtype, checked: shared by the
-optimizer and the checkpoint loader (a leaf: it imports no other torch module
-of rprop)."""
+optimizer and the checkpoint loader (it imports only the path registry, for
+what the paths declare)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import Tensor
 from rprop._core import NONFINITE_MODES
 from rprop._hyper import DEFAULT_GRPROP_DELTA, Hyper
 from rprop._variants import Variant, get_variant
+from rprop.torch._path_registry import paths
 
 __all__ = ["check_fits_dtype", "check_group", "check_state_dtype", "describe_param",
            "state_dtype_for"]
@@ -80,15 +81,21 @@ def check_group(group: dict[str, Any]) -> tuple[Hyper, Variant]:
         raise ValueError("fused=True and foreach=True cannot be set together; pick one")
     if group["fused"] and group["differentiable"]:
         raise ValueError("fused=True does not support differentiable=True")
-    if variant.adjust is not None:
-        # GRprop's adjustment reads every parameter of the optimizer at once:
-        # no fused kernel implements it, and its selection is not differentiable.
-        for flag in ("fused", "differentiable"):
-            if group[flag]:
-                raise ValueError(
-                    f"variant={variant.name!r} (GRprop) does not support {flag}=True: its "
-                    "step-size adjustment runs over all parameters at once, on the reference "
-                    f"path; leave {flag} at its default")
+    kind = " (GRprop)" if variant.adjust is not None else ""
+    fused = paths().get("fused")
+    if group["fused"] and fused is not None and variant.features - fused.features:
+        # Refused here, not at the first step: fused=True demands the fused
+        # path, and the registry says it lacks what this variant needs.
+        raise ValueError(
+            f"variant={variant.name!r}{kind} does not support fused=True: the fused path "
+            f"does not implement {', '.join(sorted(variant.features - fused.features))}; "
+            "leave fused at its default (the step runs on a path that does)")
+    if group["differentiable"] and variant.adjust is not None:
+        # The adjustment selects one coordinate: not a differentiable function.
+        raise ValueError(
+            f"variant={variant.name!r}{kind} does not support differentiable=True: its "
+            "step-size adjustment selects one coordinate among all parameters, which "
+            "autograd cannot differentiate; leave differentiable at its default")
     state_dtype = group["state_dtype"]
     if state_dtype is not None and not (
         isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
