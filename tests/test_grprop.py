@@ -424,6 +424,13 @@ BAD = [
      r"builds on Rprop-"),
     (lambda: rprop.Variant("g", undo="never", forget=False, adjust="lsa"), ValueError,
      r"Variant adjust must be None or one of \('sag', 'slr'\), got 'lsa'"),
+    (_torch(variant="irprop-", grprop_partitioned=True), ValueError,
+     r"grprop_partitioned=True combines GRprop's selection across ranks; it applies to the "
+     r"grprop-\* variants only, got variant='irprop-'"),
+    (_torch(variant="grprop-sag", grprop_partitioned=1), TypeError,
+     r"grprop_partitioned must be a bool, got 1"),
+    (_torch(variant="grprop-slr", grprop_partitioned=True, nonfinite="skip"), ValueError,
+     r"grprop_partitioned=True cannot be combined with nonfinite='skip'"),
 ]
 
 
@@ -435,6 +442,27 @@ def test_bad_input_is_refused_clearly(make, exc, match):
         make()
 
 
+def test_partitioned_without_a_process_group_is_refused():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a default process group is initialized in this process")
+    with pytest.raises(ValueError, match=r"grprop_partitioned=True needs an initialized "
+                                         r"default process group \(torch.distributed"):
+        rprop.Rprop([torch.zeros(2, requires_grad=True)], variant="grprop-sag",
+                    grprop_partitioned=True)
+
+
+def test_partitioned_is_saved_and_loaded_with_the_param_groups():
+    """The option travels with the groups; a dict saved without it loads as
+    False (this optimizer's own default), as grprop_delta does."""
+    p = torch.zeros(2, requires_grad=True)
+    opt = rprop.Rprop([p], variant="grprop-sag")
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["grprop_partitioned"] is False
+    del saved["param_groups"][0]["grprop_partitioned"]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["grprop_partitioned"] is False
+
+
 def test_param_groups_that_disagree_are_refused_and_the_optimizer_is_unchanged():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
     opt = rprop.Rprop([a], variant="grprop-sag", **NN)
@@ -444,7 +472,8 @@ def test_param_groups_that_disagree_are_refused_and_the_optimizer_is_unchanged()
                         ({"params": [b], "variant": "grprop-slr"}, "variant"),
                         ({"params": [b], "variant": "irprop-"}, "variant")]:
         with pytest.raises(ValueError, match=r"every param group must have the same variant, "
-                                             r"step_sizes, grprop_delta: param group 0 has"):
+                                             r"step_sizes, grprop_delta, grprop_partitioned: "
+                                             r"param group 0 has"):
             opt.add_param_group(group)
         assert opt.state_dict() == before, what
     # Changed by hand after construction: refused at the step, before anything moves.
@@ -473,6 +502,44 @@ def test_a_nan_gradient_is_never_chosen_and_a_nan_sum_adjusts_nothing(adjust):
     topt.step()
     np.testing.assert_array_equal(topt.state[p]["step_size"].numpy(), [0.1, 0.1, 0.1])
     np.testing.assert_array_equal(p.detach().numpy(), x)
+
+
+@pytest.mark.parametrize("adjust", ADJUSTS)
+@pytest.mark.parametrize("step_max", [0.1, math.inf])
+@pytest.mark.parametrize("grad", [
+    [0.0, math.inf, 0.5, -2.0],        # an infinite gradient beside finite ones
+    [0.0, math.inf, 0.0],              # the one candidate is infinite: step_min
+    [-math.inf, 0.0, math.inf],        # only infinite candidates: a NaN sum, nothing
+    [0.0, -0.0, 0.0],                  # no candidate (signed zeros)
+    [5e-324, -5e-324, 1.0],            # subnormal gradients, a tie in |g|
+    [1.0, 1.0, 1.0, 1.0],              # every key equal
+])
+def test_special_gradients_match_reference(adjust, step_max, grad):
+    """The torch step selects on integer keys and falls back to the core's
+    selection where no finite key exists; both against the transcription,
+    two steps (the second sees the first's step sizes). Where neuralnet
+    stores a NaN step size (a NaN sum), the library keeps the step size it
+    had (the documented difference), so that case stops after one step."""
+    bounds = (1e-10, step_max)
+    ref = ReferenceGRprop([np.zeros(len(grad))], adjust=adjust, step_sizes=bounds)
+    p = torch.zeros(len(grad), dtype=torch.float64, requires_grad=True)
+    opt = rprop.Rprop([p], variant=f"grprop-{adjust}", lr=0.1, step_sizes=bounds)
+    for _ in range(2):
+        before = opt.state[p]["step_size"].numpy().copy() if opt.state else np.full(
+            len(grad), 0.1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref.step([np.array(grad)])
+        p.grad = torch.tensor(grad, dtype=torch.float64)
+        opt.step()
+        want_sizes, want_params = ref.step_size[0], ref.params[0]
+        stored_nan = np.isnan(want_sizes)
+        if stored_nan.any():
+            want_sizes = np.where(stored_nan, before, want_sizes)
+            want_params = -np.sign(grad) * want_sizes
+        np.testing.assert_array_equal(opt.state[p]["step_size"].numpy(), want_sizes)
+        np.testing.assert_array_equal(p.detach().numpy(), want_params)
+        if stored_nan.any():
+            break
 
 
 @pytest.mark.parametrize("adjust", ADJUSTS)

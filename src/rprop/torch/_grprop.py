@@ -46,20 +46,57 @@ from rprop.torch._tensors import mark_written, real_views
 __all__ = ["check_groups", "step"]
 
 # What every group of a GRprop optimizer must share: the adjustment reads one
-# variant, one pair of step bounds (its clip) and one δ for all parameters.
-SHARED = ("variant", "step_sizes", "grprop_delta")
+# variant, one pair of step bounds (its clip) and one δ for all parameters,
+# and runs over this process's parameters or over every rank's part.
+SHARED = ("variant", "step_sizes", "grprop_delta", "grprop_partitioned")
 
 
 def _shared(group: dict[str, Any]) -> tuple[Any, ...]:
     lo, hi = group["step_sizes"]
     return (get_variant(group["variant"]).name, (float(lo), float(hi)),
-            float(group["grprop_delta"]))
+            float(group["grprop_delta"]), group.get("grprop_partitioned", False))
+
+
+def partitioned(groups: list[dict[str, Any]]) -> bool:
+    """Whether the groups' parameters are one rank's part of the optimizer's
+    (``grprop_partitioned=True``)."""
+    return any(g.get("grprop_partitioned", False) is True for g in groups)
+
+
+def _check_partitioned(groups: list[dict[str, Any]]) -> None:
+    for i, group in enumerate(groups):
+        flag = group.get("grprop_partitioned", False)
+        if not isinstance(flag, bool):
+            raise TypeError(f"grprop_partitioned must be a bool, got {flag!r} "
+                            f"(param group {i})")
+        if not flag:
+            continue
+        variant = get_variant(group["variant"])
+        if variant.adjust is None:
+            raise ValueError(
+                "grprop_partitioned=True combines GRprop's selection across ranks; it "
+                f"applies to the grprop-* variants only, got variant={variant.name!r} "
+                f"(param group {i})")
+        if group["nonfinite"] != "propagate":
+            raise ValueError(
+                f"grprop_partitioned=True cannot be combined with nonfinite="
+                f"{group['nonfinite']!r}: each rank would skip or raise on its own part "
+                "while the others wait in the step's all-gather; use "
+                f"nonfinite='propagate' (param group {i})")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "grprop_partitioned=True needs an initialized default process group "
+                "(torch.distributed.init_process_group): the selection and the sum run "
+                "over the parameters of all its ranks")
 
 
 def check_groups(groups: list[dict[str, Any]]) -> None:
     """A ValueError unless the groups agree on :data:`SHARED`, where any of
     them runs a GRprop variant (lr, etas, weight_decay and maximize may
-    differ: they act per element)."""
+    differ: they act per element); a TypeError or ValueError for a
+    ``grprop_partitioned`` that is not a bool, set for another variant or
+    with nothing to combine across."""
+    _check_partitioned(groups)
     if not any(get_variant(g["variant"]).adjust for g in groups):
         return
     first = _shared(groups[0])
@@ -72,10 +109,12 @@ def check_groups(groups: list[dict[str, Any]]) -> None:
                 f"has {first}, param group {i} has {here}")
 
 
-def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]]) -> tuple[str, ...]:
-    """One GRprop step over every bucket of every group; the names of the
-    paths that ran (the reference path, once per bucket)."""
-    check_groups([group for group, _, _, _ in work])
+def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]],
+         groups: list[dict[str, Any]]) -> tuple[str, ...]:
+    """One GRprop step over every bucket of every group in ``work`` (the
+    groups with gradients among the optimizer's ``groups``); the names of
+    the paths that ran (the reference path, once per bucket)."""
+    check_groups(groups)
     ran: list[str] = []
     params: list[Tensor] = []
     grads: list[Tensor] = []
@@ -105,29 +144,42 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]]) -> tuple[
         raise ValueError(
             "GRprop's adjustment runs over all parameters at once; they must be on one "
             f"device, got {sorted(map(str, devices))}")
-    hyper, variant = work[0][1], work[0][2]
-    adjuster = None
-    if sharded:
-        whole = [p for _, _, _, buckets in work for b in buckets for p in b.params]
+    variant = get_variant(groups[0]["variant"])
+    shared = work[0][1] if work else None  # the step bounds and δ all groups share
+    adjuster: _AcrossRanks | None = None
+    whole = [p for _, _, _, buckets in work for b in buckets for p in b.params]
+    if partitioned(groups):
+        if sharded:
+            raise ValueError(
+                "grprop_partitioned=True is for an optimizer that holds a part of plain "
+                "parameters (ZeroRedundancyOptimizer); sharded DTensor parameters are "
+                "combined across their mesh without it")
+        adjuster = _PartitionedAdjust(whole, variant.name)
+    elif sharded:
         adjuster = _ShardedAdjust(whole, variant.name)  # refuses what it cannot lay out
-    increment_steps(steps)
-    if not params:
+    if steps:
+        increment_steps(steps)
+    if not params and adjuster is None:
         return tuple(ran)
     assert variant.adjust is not None, "the GRprop step runs GRprop variants"
     # rprop._core.grprop_step, batched: Rprop- adaptation in place (each
     # group's etas), the adjustment over all tensors, then the move.
     for h, part in segments:
         adapt_step_sizes_(grads[part], prevs[part], step_sizes[part], h)
-    if adjuster is not None or not _adjust_in_place(grads, step_sizes, variant.adjust, hyper):
-        adjusted = (adjuster or grprop_adjust)(grads, step_sizes, adjust=variant.adjust,
-                                               hyper=hyper, xp=torch)
-        for size, new in zip(step_sizes, adjusted, strict=True):
-            if new is not size:
-                size.copy_(new)
+    adjusted = None
+    if adjuster is not None:
+        adjusted = adjuster(grads, step_sizes, adjust=variant.adjust, hyper=shared, xp=torch)
+    elif shared is not None and not _adjust_in_place(grads, step_sizes, variant.adjust, shared):
+        adjusted = grprop_adjust(grads, step_sizes, adjust=variant.adjust, hyper=shared,
+                                 xp=torch)
+    for size, new in zip(step_sizes, adjusted or step_sizes, strict=True):
+        if new is not size:
+            size.copy_(new)
     # multi_tensor's Rprop- move. prev first: the gradient may share memory
     # with the parameter (p.grad = p.detach() for f = |p|^2 / 2).
-    torch._foreach_copy_(prevs, grads)
-    torch._foreach_addcmul_(params, torch._foreach_sign(prevs), step_sizes, value=-1)
+    if params:
+        torch._foreach_copy_(prevs, grads)
+        torch._foreach_addcmul_(params, torch._foreach_sign(prevs), step_sizes, value=-1)
     if sharded:
         mark_written(sharded)  # written through the DTensors' local shards
     return tuple(ran)
@@ -240,22 +292,98 @@ def _shard0() -> Any:
     return _SHARD
 
 
-class _ShardedAdjust:
-    """GRprop's adjustment over DTensor parameters sharded on dim 0 of one 1-D
-    mesh (FSDP2's layout), exact up to the sum's last rounding.
+class _AcrossRanks:
+    """GRprop's adjustment over a vector whose coordinates are spread over
+    the ranks of ``group``, exact up to the sum's last rounding.
 
-    The vector is the full parameters in the optimizer's order, each in C
-    order; a rank's shard of a parameter is a run of consecutive positions
-    (rows ``[r*c, (r+1)*c)``, ``c = ceil(rows / world)``, torch.chunk's split,
-    as ``Shard(0)`` documents). Each rank picks its first smallest key, and
-    sends it with its global position, whether it has a candidate, the
-    double-double sum of all its candidates' ``step * grad`` and the product
-    at its pick: one all-gather of six numbers per rank. Every rank then takes
-    the lexicographic minimum (key, position), which is the single-process
-    choice, sums the ranks' parts in rank order with error-free additions and
-    takes the chosen product away, and the rank that owns the coordinate
-    writes it.
+    ``runs`` place this rank's tensors in the vector: ``(position of the
+    first element, element count)`` per tensor, the positions ordering the
+    coordinates as one process orders them. Each rank picks its first
+    smallest key, and sends it with its position, whether it has a
+    candidate, the double-double sum of all its candidates' ``step * grad``
+    and the product at its pick: one all-gather of six numbers per rank.
+    Every rank then takes the lexicographic minimum (key, position), which
+    is the single-process choice, sums the ranks' parts in rank order with
+    error-free additions and takes the chosen product away, and the rank
+    that owns the coordinate writes it.
     """
+
+    group: Any
+    world: int
+    rank: int
+    runs: list[tuple[int, int]]
+    device: torch.device
+
+    def __call__(self, grads: list[Tensor], step_sizes: list[Tensor], *, adjust: str,
+                 hyper: Hyper | None, xp: Any) -> list[Tensor]:
+        inf = float("inf")
+        index = None
+        if step_sizes and sum(s.numel() for s in step_sizes):
+            lr = torch.cat([s.reshape(-1) for s in step_sizes])
+            g = torch.cat([t.reshape(-1) for t in grads]).to(lr.dtype)
+            dtype, device = lr.dtype, lr.device
+            candidate, key, index = grprop_pick(g, lr, adjust, torch)
+            has = candidate[index]
+            prod = lr * g
+            hi, lo = sum_parts(torch.where(candidate, prod, 0), torch)
+            at = int(index)
+            t = bisect.bisect_right([start for start, _ in self._flat_runs()], at) - 1
+            position = float(self.runs[t][0] + at - self._flat_runs()[t][0])
+            mine = [torch.where(has, key[index], inf), torch.where(has, position, inf),
+                    has, hi, lo, torch.where(has, prod[index], 0)]
+        else:  # nothing here (an empty part): no candidate, nothing to add
+            dtype = step_sizes[0].dtype if step_sizes else torch.float64
+            device = self.device
+            zero = torch.zeros((), dtype=dtype, device=device)
+            mine = [zero + inf, zero + inf, zero, zero, zero, zero]
+        sent = torch.stack([torch.as_tensor(t, device=device).to(torch.float64)
+                            for t in mine])
+        table = [torch.empty_like(sent) for _ in range(self.world)]
+        dist.all_gather(table, sent, group=self.group)
+        rows = [t.tolist() for t in table]
+        owners = [r for r in range(self.world) if rows[r][2]]
+        if not owners:  # no non-zero gradient on any rank: nothing to adjust
+            return list(step_sizes)
+        owner = min(owners, key=lambda r: (rows[r][0], rows[r][1]))
+        if owner != self.rank or index is None or hyper is None:
+            return list(step_sizes)
+        # Σ over ranks of hi + lo, in rank order, with error-free additions, in
+        # the step sizes' dtype (as the single-process sum), then minus the
+        # chosen coordinate's own product.
+        part = [torch.tensor(rows[r][3:6], dtype=dtype, device=device)
+                for r in range(self.world)]
+        total, carried = part[0][0], part[0][1]
+        for r in range(1, self.world):
+            total, err = two_sum(total, part[r][0])
+            carried = carried + (part[r][1] + err)
+        total, err = two_sum(total, -part[owner][2])
+        others = finish_sum(total, carried + err, torch)
+        value = grprop_value(others, g[index], hyper, torch)
+        if not bool(value == value):
+            return list(step_sizes)
+        flat = lr.clone()
+        flat[index] = value
+        out, start = [], 0
+        for s in step_sizes:
+            out.append(flat[start:start + s.numel()].reshape(s.shape))
+            start += s.numel()
+        return out
+
+    def _flat_runs(self) -> list[tuple[int, int]]:
+        """Where each tensor starts in this rank's concatenation."""
+        out, start = [], 0
+        for _, n in self.runs:
+            out.append((start, n))
+            start += n
+        return out
+
+
+class _ShardedAdjust(_AcrossRanks):
+    """Parameters sharded as FSDP2 shards them: DTensors sharded on dim 0 of
+    one 1-D mesh. The vector is the full parameters in the optimizer's
+    order, each in C order; a rank's shard of a parameter is a run of
+    consecutive positions (rows ``[r*c, (r+1)*c)``, ``c = ceil(rows /
+    world)``, torch.chunk's split, as ``Shard(0)`` documents)."""
 
     def __init__(self, params: list[Tensor], variant: str) -> None:
         mesh = getattr(params[0], "device_mesh", None)
@@ -271,6 +399,7 @@ class _ShardedAdjust:
         self.group = mesh.get_group()
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
+        self.device = local_tensor(params[0]).device
         runs, base = [], 0
         for p in params:
             rows = p.shape[0] if p.dim() else 1
@@ -288,51 +417,44 @@ class _ShardedAdjust:
             base += p.numel()
         self.runs = runs
 
-    def __call__(self, grads: list[Tensor], step_sizes: list[Tensor], *, adjust: str,
-                 hyper: Hyper, xp: Any) -> list[Tensor]:
-        lr = torch.cat([s.reshape(-1) for s in step_sizes])
-        g = torch.cat([t.reshape(-1) for t in grads]).to(lr.dtype)
-        dtype, inf = lr.dtype, float("inf")
-        position = torch.cat([torch.arange(n, dtype=torch.float64, device=lr.device) + start
-                              for start, n in self.runs])
-        if lr.numel():
-            candidate, key, index = grprop_pick(g, lr, adjust, torch)
-            has = candidate[index]
-            prod = lr * g
-            hi, lo = sum_parts(torch.where(candidate, prod, 0), torch)
-            mine = [torch.where(has, key[index], inf), torch.where(has, position[index], inf),
-                    has, hi, lo, torch.where(has, prod[index], 0)]
+
+# Positions of a partitioned optimizer's coordinates: rank r's part starts at
+# r * _PART, so every rank's positions lie above the ranks before it (exact
+# in the float64 the ranks exchange, for up to 2**13 ranks).
+_PART = 2 ** 40
+
+
+class _PartitionedAdjust(_AcrossRanks):
+    """``grprop_partitioned=True``: each rank of the default process group
+    holds whole parameters, a part of the optimizer's
+    (ZeroRedundancyOptimizer hands each rank's optimizer its partition). The
+    vector is rank 0's parameters, then rank 1's, ..., each part in its
+    optimizer's order: a rank sees only its own part, so this is the order
+    every rank can agree on (ZeroRedundancyOptimizer deals the parameters to
+    the ranks largest first, so it is not the unpartitioned optimizer's)."""
+
+    def __init__(self, params: list[Tensor], variant: str) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "grprop_partitioned=True needs an initialized default process group "
+                "(torch.distributed.init_process_group)")
+        self.group = None  # the default process group
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        if params:
+            self.device = params[0].device
+        elif dist.get_backend() == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
         else:
-            index, zero = None, torch.zeros((), dtype=dtype, device=lr.device)
-            mine = [zero + inf, zero + inf, zero, zero, zero, zero]
-        sent = torch.stack([torch.as_tensor(t, device=lr.device).to(torch.float64)
-                            for t in mine])
-        table = [torch.empty_like(sent) for _ in range(self.world)]
-        dist.all_gather(table, sent, group=self.group)
-        rows = [t.tolist() for t in table]
-        owners = [r for r in range(self.world) if rows[r][2]]
-        if not owners:  # no non-zero gradient on any rank: nothing to adjust
-            return list(step_sizes)
-        owner = min(owners, key=lambda r: (rows[r][0], rows[r][1]))
-        # Σ over ranks of hi + lo, in rank order, with error-free additions, in
-        # the step sizes' dtype (as the single-process sum), then minus the
-        # chosen coordinate's own product.
-        part = [torch.tensor(rows[r][3:6], dtype=dtype, device=lr.device)
-                for r in range(self.world)]
-        total, carried = part[0][0], part[0][1]
-        for r in range(1, self.world):
-            total, err = two_sum(total, part[r][0])
-            carried = carried + (part[r][1] + err)
-        total, err = two_sum(total, -part[owner][2])
-        others = finish_sum(total, carried + err, torch)
-        flat = lr
-        if owner == self.rank and index is not None:
-            value = grprop_value(others, g[index], hyper, torch)
-            if bool(value == value):
-                flat = lr.clone()
-                flat[index] = value
-        out, start = [], 0
-        for s in step_sizes:
-            out.append(flat[start:start + s.numel()].reshape(s.shape))
-            start += s.numel()
-        return out
+            self.device = torch.device("cpu")
+        runs, start = [], self.rank * _PART
+        for p in params:
+            n = p.numel() * (2 if p.is_complex() else 1)
+            runs.append((start, n))
+            start += n
+        if start - self.rank * _PART >= _PART or self.world > 2 ** 13:
+            raise ValueError(
+                f"variant={variant!r} (GRprop) with grprop_partitioned=True supports up to "
+                f"2**13 ranks of up to 2**40 elements each; got {self.world} ranks, "
+                f"{start - self.rank * _PART} elements on rank {self.rank}")
+        self.runs = runs

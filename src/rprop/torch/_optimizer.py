@@ -121,6 +121,12 @@ class Rprop(Optimizer):
             parameters keep their own dtype.
         grprop_delta: GRprop's δ (default 1e-6, R neuralnet's); only the
             ``grprop-*`` variants read it. Saved in the param groups.
+        grprop_partitioned: ``True`` says that this optimizer holds one
+            rank's part of the parameters and the other ranks of the default
+            process group hold the rest (``ZeroRedundancyOptimizer`` with
+            ``optimizer_class=rprop.Rprop``): GRprop's selection and sum then
+            run over all ranks' parts (one all-gather per step). Only for
+            ``grprop-*`` variants; saved in the param groups.
 
     Example:
         >>> import torch, rprop
@@ -153,6 +159,7 @@ class Rprop(Optimizer):
         nonfinite: str = "propagate",
         state_dtype: torch.dtype | None = None,
         grprop_delta: float = DEFAULT_GRPROP_DELTA,
+        grprop_partitioned: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -168,6 +175,7 @@ class Rprop(Optimizer):
             "nonfinite": nonfinite,
             "state_dtype": state_dtype,
             "grprop_delta": grprop_delta,
+            "grprop_partitioned": grprop_partitioned,
         }
         check_group(defaults)
         defaults["variant"] = get_variant(variant).name
@@ -430,10 +438,13 @@ class Rprop(Optimizer):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             return loss
-        if any(variant.adjust for _, _, variant, _ in work):
+        # A partitioned GRprop step joins the other ranks' collective also
+        # when none of this rank's parameters has a gradient.
+        if any(variant.adjust for _, _, variant, _ in work) or _grprop.partitioned(
+                self.param_groups):
             for group, _, _, _ in work:
                 self._warn_if_lr_changed(group)
-            self.last_paths = _grprop.step(work)
+            self.last_paths = _grprop.step(work, self.param_groups)
             return loss
         ran = []
         for group, hyper, variant, buckets in work:
