@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rprop._stopping import gtol_reached, step_floor_reached, tolerance
+from rprop._variants import get_variant
 from rprop.plotting import plot_training
 from rprop.torch._adaptive import AdaptiveHistory, check_batching, fit_adaptive
 from rprop.torch._compat import local_tensor
@@ -30,6 +31,7 @@ from rprop.torch._fit_checkpoint import (
 )
 from rprop.torch._full_batch import LossFn, check_options, full_batch_backward
 from rprop.torch._history import History, Stats, stats_from_state, stats_to_state
+from rprop.torch._optimizer import Rprop
 from rprop.torch._preemption import DeferredInterrupt
 from rprop.torch._progress import progress_bar
 from rprop.torch._rank_check import check_ranks_agree, describe_params
@@ -294,8 +296,6 @@ def fit(
     gtol = _check_stop_args(gtol, step_floor, val_data, val_metric, restore_best, checkpoint,
                             trainable, optimizer)
     if optimizer is None:
-        from rprop.torch._optimizer import Rprop
-
         optimizer = Rprop(trainable, variant=variant or "irprop+")
     closure_step = _check_optimizer(optimizer, model)
     if adaptive is not None:
@@ -472,8 +472,6 @@ def _check_fit_args(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. rprop.Rprop) or None, "
                         f"got {type(optimizer).__name__}")
     if variant is not None:
-        from rprop import get_variant
-
         get_variant(variant)
     for name, value, low in (("max_epochs", max_epochs, 0), ("checkpoint_every",
                                                             checkpoint_every, 1)):
@@ -888,8 +886,6 @@ def _unless_nan(values: Iterable[float]) -> list[float]:
 
 
 def _takes_loss(optimizer: Any) -> bool:
-    from rprop.torch._optimizer import Rprop
-
     inner = getattr(optimizer, "optim", None) if is_zero(optimizer) else optimizer
     return isinstance(inner, Rprop)
 
@@ -941,24 +937,18 @@ def _step_sizes(states: Iterable[Any]) -> list[Tensor]:
 
 
 def _group(process_group: Any) -> Any:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD if process_group is None else process_group
     return None
 
 
 def _rank(group: Any) -> int:
-    import torch.distributed as dist
-
     return 0 if group is None else dist.get_rank(group)
 
 
 def _any_rank(flag: bool, group: Any, device: torch.device) -> bool:
     if group is None:
         return flag
-    import torch.distributed as dist
-
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rprop.torch._compat import fsdp_param_groups, local_tensor
 from rprop.torch._rank_check import check_ranks_agree, describe_params
@@ -378,8 +379,6 @@ def _replicated_passes(
     params: list[Tensor], cap_bytes: int, totals: _Totals,
 ) -> Tensor:
     """Plain model or DDP: accumulate locally, then one bucketed all-reduce."""
-    from torch.nn.parallel import DistributedDataParallel
-
     context: Any
     if isinstance(model, DistributedDataParallel):
         # The wrapped module runs the forward: no reducer hooks, no per-forward
