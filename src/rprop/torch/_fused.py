@@ -150,15 +150,21 @@ def require(params: list[Tensor]) -> None:
 class Prepared:
     """A CPU bucket the kernel can walk, ready for later steps: the pointer
     table of its parameters, state and step counters, built once. Each
-    step only appends the gradients' pointers, after checking they are
-    contiguous (as the parameters are). The optimizer's
+    step only appends the gradients' pointers, after checking that the
+    gradients and the parameters are contiguous and that the state still
+    lives where the table says. The optimizer's
     :class:`rprop.torch._plan.GroupPlan` re-checks, before every step, that
-    the parameters and state tensors are still those this was built from.
+    the parameters and state tensors are still those this was built from;
+    a state tensor can still move under the same object (``.data``
+    reassigned, ``share_memory_()``, which frees the old memory), and a
+    parameter's view can change at the same address (``p.data = p.data.t()``).
 
-    It holds the state's storages, so that the memory it points to stays
-    allocated even if a state tensor's ``.data`` were reassigned."""
+    It holds the state's storages, so that no other tensor can be allocated
+    where the table points while it is alive: an equal pointer is the memory
+    it was built for."""
 
-    __slots__ = ("backtracks", "code", "head", "kind", "lib", "n", "numels", "storages")
+    __slots__ = ("backtracks", "code", "head", "held", "kind", "lib", "n", "numels",
+                 "storages")
 
     def __init__(self, lib: Any, code: int, params: list[Tensor], states: list[list[Tensor]],
                  steps: list[Tensor]) -> None:
@@ -170,12 +176,14 @@ class Prepared:
         self.head.extend(map(_data_ptr, steps))
         self.numels = array("q", map(_numel, params))
         self.kind = _counter_kind(steps)
-        self.storages = [t.untyped_storage() for ts in (*states, steps) for t in ts]
+        self.held = [t for ts in (*states, steps) for t in ts]
+        self.storages = [t.untyped_storage() for t in self.held]
 
     def __call__(self, params: list[Tensor], grads: list[Tensor], *, steps: list[Tensor],
                  hyper: Hyper, variant: Variant, worse: Any) -> bool:
         """Step, if this step's gradients line up (else False: nothing done)."""
-        if not all(map(_is_contiguous, grads)):
+        if not (all(map(_is_contiguous, grads)) and all(map(_is_contiguous, params))
+                and array("q", map(_data_ptr, self.held)) == self.head[self.n:]):
             return False
         ptrs = array("q", self.head)
         ptrs.extend(map(_data_ptr, grads))

@@ -469,10 +469,12 @@ class Rprop(Optimizer):
     def _remember_loss(self, group: dict[str, Any], signed: Tensor,
                        buckets: list[Bucket] | None) -> None:
         """E(t-1) <- E(t) in the group's loss tensors (:meth:`_loss_slot`),
-        found through this step's buckets, or, for a group none of whose
-        parameters had a gradient, through its state (it takes E(t) too, so
-        that no decision depends on how parameters are split into groups)."""
-        if buckets is not None:
+        found through this step's buckets when they hold every parameter of
+        the group, else through its state: the parameters without a gradient
+        take E(t) too, also where they do not share the tensor (a state dict
+        copied, a second device), so that all hold the same number and no
+        decision depends on how parameters are split into groups."""
+        if buckets is not None and sum(len(b.params) for b in buckets) == len(group["params"]):
             slots = {id(t): t for b in buckets for t in b.loss_slots}
         else:
             slots = {id(t): t for p in group["params"]

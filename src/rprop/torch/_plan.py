@@ -14,13 +14,16 @@ have changed since:
   state dict in it, and each state dict holds the same tensors (a state
   replaced by ``load_state_dict``, Lightning's move to a device or by hand
   is seen);
-* each bucket's gradients have the dtype the bucket was split by.
+* each bucket's gradients have the dtype the bucket was split by, and are
+  dense (a sparse gradient is refused by the gathering, before anything
+  is stepped).
 
 If anything differs the plan is dropped and gathered anew, so a step sees
-the same tensors with or without it. What a plan cannot see is a state
-tensor whose ``.data`` is reassigned in place of replacing the tensor: the
-kernel would keep stepping the old memory (held alive by the plan, never
-freed under it). Replace state tensors instead: ``opt.state[p][key] = t``.
+the same tensors with or without it. A state tensor whose memory moves
+under the same object (``.data`` reassigned, ``share_memory_()``) is not a
+change to the plan: the foreach and for-loop paths step the tensor objects,
+and the fused CPU step (:class:`rprop.torch._fused.Prepared`) compares the
+state's data pointers with its table before each step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from itertools import compress, repeat
 from operator import attrgetter, is_, is_not
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rprop._variants import Variant
@@ -40,7 +44,7 @@ __all__ = ["Bucket", "GroupPlan", "TrackedState"]
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
-_get_dtype = attrgetter("dtype")
+_get_kind = attrgetter("dtype", "layout")
 
 
 def _counted(name: str) -> Any:
@@ -164,7 +168,8 @@ class GroupPlan:
         for i, b in enumerate(self.buckets):
             b_grads = grads if self.indices is None else [grads[j] for j in self.indices[i]]
             b_states = states if self.indices is None else [states[j] for j in self.indices[i]]
-            if len(set(map(_get_dtype, b_grads))) != 1 or b_grads[0].dtype != b.grad_dtype:
+            kinds = set(map(_get_kind, b_grads))
+            if len(kinds) != 1 or kinds.pop() != (b.grad_dtype, torch.strided):
                 return None
             if not _same_state(b, b_states):
                 return None
