@@ -94,7 +94,8 @@ BATCHING_MODES = ("full", "adaptive")
 #   micro_batches: k. Each step costs k forward/backward calls (the same
 #     samples, so no extra examples, only per-call overhead); the t statistic
 #     from k means has k-1 degrees of freedom.
-#   rho: grow B when fewer than this fraction of coordinates are reliable.
+#   rho (grow="fraction" only): grow B when fewer than this fraction of
+#     coordinates are reliable.
 #     Under pure noise (mu = 0) a coordinate passes |t_{k-1}| > z with
 #     probability 2 P(T_7 > 1.18) = 0.27 for k = 8: rho must sit well above
 #     that (else a batch that is all noise never grows); 0.5 is "most
