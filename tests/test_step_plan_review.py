@@ -9,6 +9,8 @@ without the change."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -129,3 +131,24 @@ def test_irprop_plus_state_dicts_copied_then_a_parameter_without_gradient(path):
     assert_same(op, rp, oopt, ropt)
     fresh = rprop.Rprop(_params(), lr=0.05, variant="irprop+", **PATHS[path])
     fresh.load_state_dict(ropt.state_dict())
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_removed_group_and_its_state_are_freed(path):
+    """A param group removed by hand, its state deleted: nothing the step
+    keeps holds its tensors after the next step (torch keeps none)."""
+    params = _params()
+    opt = rprop.Rprop([{"params": params[:2]}, {"params": params[2:]}], lr=0.05,
+                      **PATHS[path])
+    for t in range(2):
+        for p, g in zip(params, _grads(t), strict=True):
+            p.grad = g.clone()
+        opt.step()
+    held = weakref.ref(opt.state[params[3]]["step_size"])
+    removed = opt.param_groups.pop()
+    for p in removed["params"]:
+        del opt.state[p]
+    del removed
+    opt.step()
+    gc.collect()
+    assert held() is None

@@ -416,6 +416,11 @@ class Rprop(Optimizer):
         # GRprop reads all groups at once; groups changed by hand since they
         # were added are refused here, before any state is made.
         _grprop.check_groups(self.param_groups)
+        if len(self._plans) > len(self.param_groups):
+            # A group removed or replaced by hand: its plan would keep its
+            # parameters and state alive.
+            live = {id(group) for group in self.param_groups}
+            self._plans = {k: plan for k, plan in self._plans.items() if k in live}
         work = []
         for group in self.param_groups:
             hyper, variant = self._checked_group(group)
