@@ -352,6 +352,26 @@ def test_a_run_stopped_by_a_callback_resumes_bitwise(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_checkpoint_whose_evidence_does_not_fit_is_refused_unchanged(tmp_path):
+    """The carried evidence is checked against the model before anything is
+    loaded: another model's checkpoint leaves model and RNG as they were."""
+    x, y = regression(n=400)
+    opts = {"batch_size": 8, "micro_batches": 4, "seed": 7}
+    ckpt = tmp_path / "run.pt"
+    hist = fit(make_model(), loss_fn, (x, y), max_epochs=1, progress=False,
+               batching="adaptive", batching_kwargs=opts, checkpoint=ckpt)
+    assert hist.batch_size[-1] < 400  # saved in the mini-batch phase, with evidence
+    torch.manual_seed(1)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 1)).double()
+    before, rng = weights(other), torch.get_rng_state()
+    with pytest.raises(ValueError, match="carried evidence does not fit"):
+        fit(other, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+            batching_kwargs=opts, checkpoint=ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(other), strict=True))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
