@@ -4,13 +4,18 @@ GRprop's adjustment picks one step size among *all* parameters of the
 optimizer and recomputes it from all the others, so it cannot run bucket by
 bucket as the paths do: every tensor adapts its step sizes, then the one
 selection and sum run over all of them, then every tensor moves. The math is
-:func:`rprop._core.grprop_step`; this module gathers the tensors, checks that
-the param groups agree on what the adjustment reads, and writes the results.
+:func:`rprop._core.grprop_step`; this module batches it (the adaptation and
+the move with ``torch._foreach_*``, the adjustment in about one pass over
+the gradients, :func:`_adjust_in_place`), checks that the param groups agree
+on what the adjustment reads, and writes the results.
 
-Sharded parameters (FSDP2: DTensors on dim 0 of one 1-D mesh) take part
-as the full vector they are shards of: :class:`_ShardedAdjust` combines the
-ranks' selections and sums in one all-gather. DDP needs nothing: every rank
-has the same gradients and computes the same step.
+Across processes: sharded parameters (FSDP2: DTensors on dim 0 of one 1-D
+mesh) take part as the full vector they are shards of
+(:class:`_ShardedAdjust`), and an optimizer that holds one rank's partition
+of the parameters (``grprop_partitioned=True``, ZeroRedundancyOptimizer)
+takes part with the other ranks' partitions (:class:`_PartitionedAdjust`):
+both combine the ranks' selections and sums in one all-gather. DDP needs
+nothing: every rank has the same gradients and computes the same step.
 
 The path registry still has the last word: no fast path declares the
 ``adjust=...`` features, so :func:`choose` gives every bucket the reference
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -193,9 +199,9 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _adjust_in_place(grads: list[Tensor], step_sizes: list[Tensor], adjust: str,
                      hyper: Hyper) -> bool:
     """:func:`rprop._core.grprop_adjust`, writing the one adjusted step size
-    in place, in about one pass over the gradients and step sizes: each
-    tensor writes its products ``step * grad`` and its selection keys into
-    two flat buffers, one integer argmin picks the coordinate and
+    in place, in a few passes over the gradients and step sizes: the
+    products ``step * grad`` and the selection keys are written into two
+    flat buffers, one integer argmin picks the coordinate and
     :func:`rprop._core.sum_parts` sums the products (the same additions in
     the same order, so the same bits as the core on every front).
 
@@ -211,23 +217,20 @@ def _adjust_in_place(grads: list[Tensor], step_sizes: list[Tensor], adjust: str,
     if (int_type is None or not dtype.is_floating_point
             or torch.compiler.is_compiling()
             or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-            or any(g.dtype != dtype for g in grads)
-            or not all(s.is_contiguous() for s in step_sizes)):
+            or any(g.dtype != dtype for g in grads)):
         return False
     n = sum(s.numel() for s in step_sizes)
     if n == 0:
         return True
-    bits = torch.iinfo(int_type).bits
+    width = torch.iinfo(int_type).bits
     mask = torch.iinfo(int_type).max  # every bit but the sign
     inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(int_type))
-    products = torch.empty(n, dtype=dtype, device=device)
-    keys = torch.empty(n, dtype=int_type, device=device)
-    start = 0
-    for g, s in zip(grads, step_sizes, strict=True):
-        end = start + s.numel()
-        torch.mul(s, g, out=products[start:end].view(g.shape))
-        torch.bitwise_and(g.view(int_type), mask, out=keys[start:end].view(g.shape))
-        start = end
+    # Few calls, whatever the number of tensors: the per-tensor work is
+    # batched, and only a list of several tensors is copied into one.
+    products = _flat(torch._foreach_mul(step_sizes, grads))
+    bits = [g.view(int_type).reshape(-1) for g in grads]  # a view for a contiguous g
+    keys = (torch.bitwise_and(bits[0], mask) if len(bits) == 1
+            else torch.cat(bits).bitwise_and_(mask))  # |g|'s bits; g itself is never written
     if not math.isfinite(hyper.step_max):
         # A zero gradient's product is then 0 only if written so (inf * 0 is
         # NaN); finite step sizes make it +-0, which sums as 0 does.
@@ -237,12 +240,8 @@ def _adjust_in_place(grads: list[Tensor], step_sizes: list[Tensor], adjust: str,
         keys.bitwise_and_(mask)  # ... and then above: finite |g| > 0 keep their order
         limit = inf_bits - 1  # the key of |g| = +inf
     else:
-        keys.bitwise_right_shift_(bits - 1)  # -1 where g = 0, else 0
-        start = 0
-        for s in step_sizes:
-            end = start + s.numel()
-            keys[start:end].view(s.shape).bitwise_or_(s.view(int_type))
-            start = end
+        keys.bitwise_right_shift_(width - 1)  # -1 where g = 0, else 0
+        keys.bitwise_or_(_flat([s.view(int_type) for s in step_sizes]))
         keys.bitwise_and_(mask)  # step sizes where g != 0, the largest key where g = 0
         limit = inf_bits  # the key of a step size of +inf
     index = keys.argmin()
@@ -251,12 +250,21 @@ def _adjust_in_place(grads: list[Tensor], step_sizes: list[Tensor], adjust: str,
         return False
     products[where] = 0  # the chosen coordinate is left out of the sum
     others = finish_sum(*sum_parts(products, torch), torch)
-    t = bisect.bisect_right(_offsets(step_sizes), where) - 1
-    local = where - _offsets(step_sizes)[t]
+    starts = _offsets(step_sizes)
+    t = bisect.bisect_right(starts, where) - 1
+    local = where - starts[t]
     size = _element(step_sizes[t], local)
     value = grprop_value(others, _element(grads[t], local), hyper, torch)
     size.copy_(torch.where(value == value, value, size))  # a NaN sum adjusts nothing
     return True
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors in C order, one after the other, as one 1-D tensor (a view
+    of a single contiguous tensor)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1)
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _offsets(tensors: list[Tensor]) -> list[int]:
