@@ -195,3 +195,30 @@ def test_a_state_dict_whose_parameters_disagree_on_the_last_loss_is_refused():
             assert torch.equal(v[key], after["state"][k][key])
     sd["state"][2]["prev_loss"] = sd["state"][1]["prev_loss"].clone()  # equal: loads
     opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_parameter_moved_between_irprop_plus_groups_takes_its_new_groups_loss(path):
+    """iRprop+ groups that maximize and minimize keep E(t-1) signed their own
+    way. A parameter moved from one to the other by hand must not carry its
+    old group's loss tensor along: the run equals one whose state dicts are
+    copied before every step (no tensor shared between parameters at all)."""
+    runs = []
+    for copy_states in (True, False):
+        params = _params()
+        opt = rprop.Rprop([{"params": params[:2]},
+                           {"params": params[2:], "maximize": True}],
+                          lr=0.05, variant="irprop+", **PATHS[path])
+        for t in range(8):
+            if t == 3:
+                opt.param_groups[1]["params"].append(opt.param_groups[0]["params"].pop(1))
+            if copy_states:
+                for p in params:
+                    if p in opt.state:
+                        opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+            for i, (p, g) in enumerate(zip(params, _grads(t), strict=True)):
+                p.grad = None if i == 0 and t % 2 else g.clone()
+            opt.step(loss=float((-1) ** t * t))
+        runs.append((params, opt))
+    (ap, aopt), (bp, bopt) = runs
+    assert_same(ap, bp, aopt, bopt)

@@ -307,6 +307,8 @@ class Rprop(Optimizer):
         extras = _extras(variant)
         if not (all(states) and (not extras or all(k in s for s in states for k in extras))):
             self._complete_states(group, variant, params, grads, states)
+        if variant.needs_loss and not compiling:
+            self._own_losses(group)
         indices: list[list[int]] | None = None
         if (len({p.dtype for p in params}) == 1 and len({g.dtype for g in grads}) == 1
                 and all(p.is_cpu for p in params)):
@@ -470,6 +472,28 @@ class Rprop(Optimizer):
                     self._remember_loss(group, signed_loss(loss_t, hyper),
                                         stepped.get(id(group)))
         return loss
+
+    def _own_losses(self, group: dict[str, Any]) -> None:
+        """Make the group's parameters hold the group's own E(t-1) tensors.
+        A parameter moved into this group by hand still holds its old
+        group's tensor, which that group keeps writing (signed by its own
+        ``maximize``): it takes this group's instead, as a parameter joining
+        the group would (:meth:`_loss_slot`)."""
+        elsewhere = {id(self.state[p][LOSS_STATE]) for g in self.param_groups
+                     if g is not group for p in g["params"]
+                     if p in self.state and LOSS_STATE in self.state[p]}
+        held = [self.state[p] for p in group["params"]
+                if p in self.state and LOSS_STATE in self.state[p]]
+        if not any(id(st[LOSS_STATE]) in elsewhere for st in held):
+            return
+        own = {st[LOSS_STATE].device: st[LOSS_STATE] for st in reversed(held)
+               if id(st[LOSS_STATE]) not in elsewhere}
+        for st in held:
+            if id(st[LOSS_STATE]) in elsewhere:
+                device = st[LOSS_STATE].device
+                if device not in own:  # every one of them came from another group
+                    own[device] = st[LOSS_STATE].clone()
+                st[LOSS_STATE] = own[device]
 
     def _remember_loss(self, group: dict[str, Any], signed: Tensor,
                        buckets: list[Bucket] | None) -> None:
