@@ -209,10 +209,13 @@ def test_torch_minimize_matches_reference(adjust):
 
 
 @pytest.mark.parametrize("adjust", ADJUSTS)
-def test_float32_torch_and_numpy_agree_bitwise(adjust):
-    """The same additions in the same order on both fronts (one algorithm)."""
-    ts = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in _start()]
-    xs = [p.astype(np.float32) for p in _start()]
+@pytest.mark.parametrize(("tdtype", "ndtype"), [(torch.float32, np.float32),
+                                                (torch.float16, np.float16)])
+def test_float32_and_float16_torch_and_numpy_agree_bitwise(adjust, tdtype, ndtype):
+    """The same additions in the same order on both fronts (one algorithm);
+    float16 selects on 16-bit integer keys in torch."""
+    ts = [torch.tensor(p, dtype=tdtype, requires_grad=True) for p in _start()]
+    xs = [p.astype(ndtype) for p in _start()]
     a = rprop.Rprop(ts, variant=f"grprop-{adjust}", **NN)
     b = rprop.numpy.Rprop(xs, variant=f"grprop-{adjust}", **NN)
     for t in range(STEPS):
@@ -540,6 +543,25 @@ def test_special_gradients_match_reference(adjust, step_max, grad):
         np.testing.assert_array_equal(p.detach().numpy(), want_params)
         if stored_nan.any():
             break
+
+
+@pytest.mark.parametrize("adjust", ADJUSTS)
+def test_an_infinite_step_size_with_a_zero_gradient_stays_out_of_the_sum(adjust):
+    """step_max=inf lets step sizes overflow to inf; a coordinate whose
+    gradient is then 0 is no candidate (neuralnet's notzero), so its inf * 0
+    (NaN) must not reach the sum."""
+    bounds = (1e-10, math.inf)
+    grads = [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [1.0, 0.0, 2.0]]
+    ref = ReferenceGRprop([np.zeros(3)], adjust=adjust, lr=1.7e308, step_sizes=bounds)
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = rprop.Rprop([p], variant=f"grprop-{adjust}", lr=1.7e308, step_sizes=bounds)
+    for grad in grads:
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref.step([np.array(grad)])
+        p.grad = torch.tensor(grad, dtype=torch.float64)
+        opt.step()
+        np.testing.assert_array_equal(opt.state[p]["step_size"].numpy(), ref.step_size[0])
+    assert ref.step_size[0][1] == math.inf  # the zero-gradient coordinate's step
 
 
 @pytest.mark.parametrize("adjust", ADJUSTS)
