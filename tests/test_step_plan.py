@@ -222,3 +222,23 @@ def test_a_parameter_moved_between_irprop_plus_groups_takes_its_new_groups_loss(
         runs.append((params, opt))
     (ap, aopt), (bp, bopt) = runs
     assert_same(ap, bp, aopt, bopt)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_parameter_widened_after_its_state_was_made_is_refused(path):
+    """model.double() after a step leaves float32 state under float64
+    parameters: refused with a clear error before anything changes, rather
+    than every update silently rounded to float32."""
+    model = torch.nn.Linear(3, 2)
+    opt = rprop.Rprop(model.parameters(), **PATHS[path])
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    model.double()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"parameter 0 is torch.float64 but its state is "
+                                         r"torch.float32"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -309,6 +309,7 @@ class Rprop(Optimizer):
             self._complete_states(group, variant, params, grads, states)
         if variant.needs_loss and not compiling:
             self._own_losses(group)
+        self._check_state_holds(group, params, states)
         indices: list[list[int]] | None = None
         if (len({p.dtype for p in params}) == 1 and len({g.dtype for g in grads}) == 1
                 and all(p.is_cpu for p in params)):
@@ -472,6 +473,24 @@ class Rprop(Optimizer):
                     self._remember_loss(group, signed_loss(loss_t, hyper),
                                         stepped.get(id(group)))
         return loss
+
+    def _check_state_holds(self, group: dict[str, Any], params: list[Tensor],
+                           states: list[dict[str, Any]]) -> None:
+        """A ValueError, before anything is stepped, for a parameter whose
+        state is narrower than its values: its dtype changed after the state
+        was made (``model.double()`` after a step), and stepping would round
+        every update to the old dtype."""
+        for p, st in zip(params, states, strict=True):
+            prev = st.get("prev")
+            if (prev is not None and p.is_floating_point() and prev.is_floating_point()
+                    and torch.promote_types(p.dtype, prev.dtype) != prev.dtype):
+                index = next(i for i, q in enumerate(
+                    q for g in self.param_groups for q in g["params"]) if q is p)
+                raise ValueError(
+                    f"{describe_param(index, None)} is {p.dtype} but its state is {prev.dtype}: "
+                    "its dtype changed after the optimizer made its state (model.double() "
+                    "after a step, say). Create the optimizer after converting the model, or "
+                    "load a state_dict saved for the new dtype")
 
     def _own_losses(self, group: dict[str, Any]) -> None:
         """Make the group's parameters hold the group's own E(t-1) tensors.
