@@ -149,15 +149,15 @@ def require(params: list[Tensor]) -> None:
 
 class Prepared:
     """A CPU bucket the kernel can walk, ready for later steps: the pointer
-    table of its parameters, state and step counters, built once. Each
-    step only appends the gradients' pointers, after checking that the
-    gradients and the parameters are contiguous and that the state still
-    lives where the table says. The optimizer's
-    :class:`rprop.torch._plan.GroupPlan` re-checks, before every step, that
-    the parameters and state tensors are still those this was built from;
-    a state tensor can still move under the same object (``.data``
-    reassigned, ``share_memory_()``, which frees the old memory), and a
-    parameter's view can change at the same address (``p.data = p.data.t()``).
+    table of its parameters, state and step counters, built once. The
+    optimizer's :class:`rprop.torch._plan.GroupPlan` checks, before every
+    step, that the parameters are the same objects at the same addresses
+    and sizes; this checks that they are still contiguous (a view can change
+    at the same address: ``p.data = p.data.t()``), that the gradients are,
+    and that the state tensors of this step live where the table says (a
+    state tensor replaced, its ``.data`` reassigned, or ``share_memory_()``,
+    which frees the old memory, all move it). Then it only appends the
+    gradients' pointers.
 
     It holds the state's storages, so that no other tensor can be allocated
     where the table points while it is alive: an equal pointer is the memory
@@ -179,11 +179,21 @@ class Prepared:
         self.held = [t for ts in (*states, steps) for t in ts]
         self.storages = [t.untyped_storage() for t in self.held]
 
-    def __call__(self, params: list[Tensor], grads: list[Tensor], *, steps: list[Tensor],
-                 hyper: Hyper, variant: Variant, worse: Any) -> bool:
-        """Step, if this step's gradients line up (else False: nothing done)."""
-        if not (all(map(_is_contiguous, grads)) and all(map(_is_contiguous, params))
-                and array("q", map(_data_ptr, self.held)) == self.head[self.n:]):
+    def __call__(self, params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
+                 step_sizes: list[Tensor], prev_updates: list[Tensor] | None, *,
+                 steps: list[Tensor], hyper: Hyper, variant: Variant, worse: Any,
+                 contiguous_grads: bool | None = None) -> bool:
+        """Step, if this step's tensors line up with the table (else False:
+        nothing done). ``contiguous_grads``: whether the caller already knows
+        the gradients are all contiguous (None: check)."""
+        if contiguous_grads is None:
+            contiguous_grads = all(map(_is_contiguous, grads))
+        if not (contiguous_grads and all(map(_is_contiguous, params))):
+            return False
+        state = array("q")
+        for ts in (prevs, step_sizes, *(() if prev_updates is None else (prev_updates,)), steps):
+            state.extend(map(_data_ptr, ts))
+        if state != self.head[self.n:]:
             return False
         ptrs = array("q", self.head)
         ptrs.extend(map(_data_ptr, grads))

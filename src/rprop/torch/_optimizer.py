@@ -523,7 +523,7 @@ class Rprop(Optimizer):
         copied, a second device), so that all hold the same number and no
         decision depends on how parameters are split into groups."""
         if buckets is not None and sum(len(b.params) for b in buckets) == len(group["params"]):
-            slots = {id(t): t for b in buckets for t in b.loss_slots}
+            slots = {id(t): t for b in buckets for t in b.prev_losses}
         else:
             slots = {id(t): t for p in group["params"]
                      if (t := self.state[p].get(LOSS_STATE) if p in self.state else None)
@@ -586,8 +586,14 @@ class Rprop(Optimizer):
             prepared = b.prepared[chosen.name] = (
                 None if chosen.prepare is None or not b.plain or torch.compiler.is_compiling()
                 else chosen.prepare(params, grads, prevs, step_sizes, prev_updates, b.steps))
-        if prepared is None or not prepared(params, grads, steps=b.steps, hyper=hyper,
-                                            variant=variant, worse=worse):
+        if prepared is not None and not prepared(params, grads, prevs, step_sizes, prev_updates,
+                                                 steps=b.steps, hyper=hyper, variant=variant,
+                                                 worse=worse,
+                                                 contiguous_grads=b.contiguous_grads):
+            # Something moved since it was prepared: prepared again next step.
+            del b.prepared[chosen.name]
+            prepared = None
+        if prepared is None:
             path(
                 params, grads, prevs, step_sizes,
                 prev_updates,

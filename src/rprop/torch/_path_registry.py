@@ -58,11 +58,12 @@ class Path:
 
     ``prepare(params, grads, prevs, step_sizes, prev_updates, steps)``, if
     given, returns what later steps of the same bucket can reuse (or None):
-    a callable ``(params, grads, *, steps, hyper, variant, worse) -> bool``
-    that steps the bucket with this step's gradients, or returns False
-    without doing anything when they do not fit (the path's ``step`` then
-    runs). The optimizer keeps it only while the bucket's parameters and
-    state are unchanged (:mod:`rprop.torch._plan`).
+    a callable taking the step's arguments (plus ``contiguous_grads``, True
+    when the plan saw every gradient contiguous) that steps the bucket and
+    returns True, or returns False without doing anything when the tensors
+    no longer fit what it prepared (the path's ``step`` then runs, and the
+    bucket is prepared again next step). The optimizer keeps it only while
+    the bucket's parameters are unchanged (:mod:`rprop.torch._plan`).
     """
 
     name: str

@@ -10,10 +10,11 @@ have changed since:
   gradient;
 * each parameter keeps its storage and size (``p.data = ...``, as
   ``model.double()`` does, moves the data pointer);
-* ``optimizer.state`` is the same mapping, each parameter has the same
-  state dict in it, and each state dict holds the same tensors (a state
-  replaced by ``load_state_dict``, Lightning's move to a device or by hand
-  is seen);
+* ``optimizer.state`` is the same mapping and each parameter has the same
+  state dict in it (a state replaced by ``load_state_dict``, Lightning's move
+  to a device or by hand is seen); the state lists are read from the state
+  dicts again at every step (a cheap pass each), so a tensor replaced in one
+  is stepped as it is now;
 * each bucket's gradients have the dtype the bucket was split by, and are
   dense (a sparse gradient is refused by the gathering, before anything
   is stepped).
@@ -44,7 +45,9 @@ __all__ = ["Bucket", "GroupPlan", "TrackedState"]
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
-_get_kind = attrgetter("dtype", "layout")
+_get_dtype = attrgetter("dtype")
+_get_layout = attrgetter("layout")
+_is_contiguous = Tensor.is_contiguous
 
 
 def _counted(name: str) -> Any:
@@ -86,14 +89,27 @@ class Bucket:
     take it. ``prepared`` holds what a path made of the bucket for later
     steps (:attr:`rprop.torch._path_registry.Path.prepare`), by path name."""
 
-    __slots__ = ("grad_dtype", "grads", "loss_slots", "params", "plain", "prepared",
-                 "prev_losses", "prev_updates", "prevs", "step_sizes", "steps")
+    __slots__ = ("contiguous_grads", "grad_dtype", "grads", "params", "plain", "prepared",
+                 "prev_losses", "prev_updates", "prevs", "step_sizes", "steps", "variant")
 
     def __init__(self, params: list[Tensor], grads: list[Tensor],
                  states: list[dict[str, Any]], variant: Variant) -> None:
         self.params = params
         self.grads = grads
         self.grad_dtype = grads[0].dtype
+        # Known only when a plan checked them (None: not known).
+        self.contiguous_grads: bool | None = None
+        self.variant = variant
+        self.read_state(states)
+        # No complex parameter, no DTensor: the tensors are stepped as they are.
+        self.plain = (not params[0].dtype.is_complex
+                      and {type(p) for p in params} <= PLAIN_TYPES)
+        self.prepared: dict[str, Any] = {}
+
+    def read_state(self, states: list[dict[str, Any]]) -> None:
+        """The state lists from the parameters' state dicts as they are now
+        (a KeyError if one lacks a key the variant needs)."""
+        variant = self.variant
         self.prevs: list[Tensor] = [s["prev"] for s in states]
         self.step_sizes: list[Tensor] = [s["step_size"] for s in states]
         self.steps: list[Tensor] = [s["step"] for s in states]
@@ -101,15 +117,6 @@ class Bucket:
             [s["prev_update"] for s in states] if variant.backtracks else [])
         self.prev_losses: list[Tensor] = (
             [s["prev_loss"] for s in states] if variant.needs_loss else [])
-        # The distinct E(t-1) tensors among them: one per device, shared.
-        self.loss_slots: list[Tensor] = list({id(t): t for t in self.prev_losses}.values())
-        # No complex parameter, no DTensor: the tensors are stepped as they are.
-        self.plain = (not params[0].dtype.is_complex
-                      and {type(p) for p in params} <= PLAIN_TYPES)
-        self.prepared: dict[str, Any] = {}
-
-    def state_lists(self) -> list[list[Tensor]]:
-        return [self.prevs, self.step_sizes, self.steps, self.prev_updates, self.prev_losses]
 
 
 class GroupPlan:
@@ -168,24 +175,19 @@ class GroupPlan:
         for i, b in enumerate(self.buckets):
             b_grads = grads if self.indices is None else [grads[j] for j in self.indices[i]]
             b_states = states if self.indices is None else [states[j] for j in self.indices[i]]
-            kinds = set(map(_get_kind, b_grads))
-            if len(kinds) != 1 or kinds.pop() != (b.grad_dtype, torch.strided):
+            dtypes = set(map(_get_dtype, b_grads))
+            if len(dtypes) != 1 or dtypes.pop() != b.grad_dtype:
                 return None
-            if not _same_state(b, b_states):
+            # A contiguous tensor is dense; otherwise each must be strided (a
+            # sparse gradient is refused by the gathering, before any step).
+            contiguous = all(map(_is_contiguous, b_grads))
+            if not contiguous and not all(map(is_, map(_get_layout, b_grads),
+                                              repeat(torch.strided))):
+                return None
+            try:
+                b.read_state(b_states)  # the state tensors as they are now
+            except KeyError:  # a key deleted by hand: gathered anew, and completed
                 return None
             b.grads = b_grads
+            b.contiguous_grads = contiguous
         return self.buckets
-
-
-def _same_state(b: Bucket, states: list[dict[str, Any]]) -> bool:
-    """Whether ``states`` hold the very tensors the bucket was built from."""
-    try:
-        for key, held in zip(_STATE_KEYS, b.state_lists(), strict=True):
-            if held and not all(map(is_, [s[key] for s in states], held)):
-                return False
-    except KeyError:  # a key deleted by hand: gathered anew, and completed
-        return False
-    return True
-
-
-_STATE_KEYS = ("prev", "step_size", "step", "prev_update", "prev_loss")
