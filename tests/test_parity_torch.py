@@ -108,7 +108,7 @@ def test_state_dict_layout_matches_torch():
     extra = so["param_groups"][0].keys() - sr["param_groups"][0].keys()
     assert extra == {
         "variant", "weight_decay", "fused", "nonfinite", "state_dtype", "skipped_steps",
-        "grprop_delta",
+        "grprop_delta", "grprop_partitioned",
     }
 
 
