@@ -56,7 +56,7 @@ import numbers
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -439,6 +439,22 @@ def _batch_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     return loss / k, k
 
 
+def _covered(optimizer: Rprop, stats: _Statistics, z_override: float | None,
+             ) -> Iterator[tuple[dict[str, Any], int, Tensor, float, Tensor | None]]:
+    """For each parameter the statistics cover, in param-group order: its
+    group, its index in ``stats``, the group's threshold z and the weight
+    decay term its gradient mean is shifted by (None without decay)."""
+    where = {id(p): i for i, p in enumerate(stats.params)}
+    for group in optimizer.param_groups:
+        z = reliability_threshold(group["etas"]) if z_override is None else z_override
+        decay, sign = group["weight_decay"], (-1.0 if group["maximize"] else 1.0)
+        for p in group["params"]:
+            i = where.get(id(p))
+            if i is not None:
+                yield (group, i, p, z,
+                       None if decay == 0 else (sign * decay) * _real(p.detach()))
+
+
 def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | None,
            gain: bool = False) -> tuple[dict[int, Tensor], list[Tensor]]:
     """Per parameter (by id) its reliable mask; and the counts of reliable and
@@ -446,30 +462,22 @@ def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | Non
     predicted first-order decrease sum(|g| * step) over the reliable
     coordinates and over those that would pass at twice the batch
     (``|t| > z / sqrt(2)``)."""
-    where = {id(p): i for i, p in enumerate(stats.params)}
     masks: dict[int, Tensor] = {}
     reliable, informative, now, doubled = [], [], [], []
-    for group in optimizer.param_groups:
-        z = reliability_threshold(group["etas"]) if z_override is None else z_override
-        decay, sign = group["weight_decay"], (-1.0 if group["maximize"] else 1.0)
-        for p in group["params"]:
-            i = where.get(id(p))
-            if i is None:
-                continue
-            shift = None if decay == 0 else (sign * decay) * _real(p.detach())
-            ok, info = reliable_mask(stats.sums[i], stats.squares[i], k, z, shift)
-            masks[id(p)] = ok
-            reliable.append((ok & info).sum())
-            informative.append(info.sum())
-            if gain:
-                st = optimizer.state.get(p)
-                size = _real(st["step_size"]) if st and "step_size" in st else float(group["lr"])
-                mean = stats.sums[i] / k if shift is None else stats.sums[i] / k + shift
-                weight = (mean.abs() * size).to(torch.float64)
-                near, _ = reliable_mask(stats.sums[i], stats.squares[i], k, z / math.sqrt(2),
-                                        shift)
-                now.append(torch.where(ok & info, weight, 0).sum())
-                doubled.append(torch.where(near & info, weight, 0).sum())
+    for group, i, p, z, shift in _covered(optimizer, stats, z_override):
+        ok, info = reliable_mask(stats.sums[i], stats.squares[i], k, z, shift)
+        masks[id(p)] = ok
+        reliable.append((ok & info).sum())
+        informative.append(info.sum())
+        if gain:
+            st = optimizer.state.get(p)
+            size = _real(st["step_size"]) if st and "step_size" in st else float(group["lr"])
+            mean = stats.sums[i] / k if shift is None else stats.sums[i] / k + shift
+            weight = (mean.abs() * size).to(torch.float64)
+            near, _ = reliable_mask(stats.sums[i], stats.squares[i], k, z / math.sqrt(2),
+                                    shift)
+            now.append(torch.where(ok & info, weight, 0).sum())
+            doubled.append(torch.where(near & info, weight, 0).sum())
     sums = [torch.stack(reliable).sum(), torch.stack(informative).sum()]
     if gain:
         sums += [torch.stack(now).sum(), torch.stack(doubled).sum()]
@@ -528,26 +536,18 @@ def _evidence_masks(optimizer: Rprop, stats: _Statistics, evidence: _Evidence, k
     coordinates whose evidence covers at least half the data (``count *
     batch / k >= n / 2``); and the totals for :meth:`_Evidence.keep`."""
     totals = evidence.with_batch(stats, k)
-    where = {id(p): i for i, p in enumerate(stats.params)}
     masks: dict[int, Tensor] = {}
     reliable, informative, old = [], [], []
-    for group in optimizer.param_groups:
-        z = reliability_threshold(group["etas"]) if z_override is None else z_override
-        decay, sign = group["weight_decay"], (-1.0 if group["maximize"] else 1.0)
-        for p in group["params"]:
-            i = where.get(id(p))
-            if i is None:
-                continue
-            total, squares, count = totals[0][i], totals[1][i], totals[2][i]
-            shift = None if decay == 0 else (sign * decay) * _real(p.detach())
-            ok, info = reliable_mask(total, squares, count, z, shift)
-            masks[id(p)] = ok
-            reliable.append((ok & info).sum())
-            informative.append(info.sum())
-            # 2 count batch >= n k in int64: no rounding, no overflow.
-            old.append((info & (2 * batch * count.long() >= n * k)).sum())
-            mean = total / count
-            p.grad = torch.view_as_complex(mean) if p.is_complex() else mean
+    for _, i, p, z, shift in _covered(optimizer, stats, z_override):
+        total, squares, count = totals[0][i], totals[1][i], totals[2][i]
+        ok, info = reliable_mask(total, squares, count, z, shift)
+        masks[id(p)] = ok
+        reliable.append((ok & info).sum())
+        informative.append(info.sum())
+        # 2 count batch >= n k in int64: no rounding, no overflow.
+        old.append((info & (2 * batch * count.long() >= n * k)).sum())
+        mean = total / count
+        p.grad = torch.view_as_complex(mean) if p.is_complex() else mean
     sums = [torch.stack(reliable).sum(), torch.stack(informative).sum(), torch.stack(old).sum()]
     return masks, sums, totals
 
