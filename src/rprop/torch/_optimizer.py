@@ -322,8 +322,8 @@ class Rprop(Optimizer):
             buckets = [Bucket([params[i] for i in idx], [grads[i] for i in idx],
                               [states[i] for i in idx], variant) for idx in indices]
         if not compiling:
-            self._plans[id(group)] = GroupPlan(group, variant, all_states, params, grads,
-                                               states, buckets, indices)
+            self._plans[id(group)] = GroupPlan(group, variant, all_states, params, states,
+                                               buckets, indices)
         return buckets
 
     def _complete_states(self, group: dict[str, Any], variant: Variant, params: list[Tensor],

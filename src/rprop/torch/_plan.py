@@ -66,7 +66,7 @@ class TrackedState(defaultdict[Any, Any]):
     """``optimizer.state``: torch's ``defaultdict(dict)``, with a count of
     the changes made to it (a parameter's state dict added, replaced or
     removed), so that a plan sees them without looking every parameter up.
-    Changes inside a state dict are checked by the plan itself."""
+    What is inside a state dict the plan reads again at every step."""
 
     version: int
 
@@ -126,8 +126,8 @@ class GroupPlan:
                  "ptrs", "state_map", "state_version", "states", "variant")
 
     def __init__(self, group: dict[str, Any], variant: Variant, state_map: Any,
-                 params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
-                 buckets: list[Bucket], indices: list[list[int]] | None) -> None:
+                 params: list[Tensor], states: list[dict[str, Any]], buckets: list[Bucket],
+                 indices: list[list[int]] | None) -> None:
         self.group = group
         self.variant = variant
         self.state_map = state_map
