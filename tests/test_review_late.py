@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import rprop
+import rprop.numpy
 from reference import ReferenceGRprop
 
 
@@ -82,3 +83,21 @@ def test_float16_weight_decay_grprop_torch_matches_reference():
     p.grad = torch.from_numpy(g0)
     opt.step()
     np.testing.assert_array_equal(opt.state[p]["step_size"].numpy(), ref.step_size[0])
+
+
+@pytest.mark.xfail(strict=True, reason="rprop.numpy.Rprop's GRprop step moves a float32 array "
+                   "by the float64 step size of the concatenated adjustment (float32 and "
+                   "float64 arrays in one optimizer) but stores it rounded to float32")
+def test_numpy_grprop_moves_by_the_stored_step_size_with_mixed_dtypes():
+    x32 = np.random.default_rng(1).normal(size=3).astype(np.float32)
+    x64 = np.random.default_rng(2).normal(size=4)
+    opt = rprop.numpy.Rprop([x32, x64], variant="grprop-slr")
+    for t in range(10):
+        grads = [np.sin(3 * x + t).astype(x.dtype) for x in (x32, x64)]
+        before = x32.copy()
+        opt.step(grads)
+        size = opt.state[0]["step_size"]
+        assert size.dtype == np.float32
+        # Rprop's move in the array's own dtype: x - sign(g) * step.
+        np.testing.assert_array_equal(x32, before - np.sign(grads[0]) * size,
+                                      err_msg=f"step {t}")
