@@ -101,3 +101,23 @@ def test_numpy_grprop_moves_by_the_stored_step_size_with_mixed_dtypes():
         # Rprop's move in the array's own dtype: x - sign(g) * step.
         np.testing.assert_array_equal(x32, before - np.sign(grads[0]) * size,
                                       err_msg=f"step {t}")
+
+
+@pytest.mark.xfail(strict=True, reason="load_state_dict does not run GRprop's group check: a "
+                   "dict whose groups disagree on grprop_delta loads, refused only at the "
+                   "next step")
+def test_load_state_dict_refuses_grprop_groups_that_disagree():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = rprop.Rprop([{"params": [a]}, {"params": [b]}], variant="grprop-sag")
+    a.grad, b.grad = torch.ones(2), torch.ones(3)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][1]["grprop_delta"] = 1e-3
+    # The construction-time check is the oracle: the same groups are refused there.
+    with pytest.raises(ValueError, match="every param group must have the same"):
+        rprop.Rprop([{"params": [torch.zeros(2, requires_grad=True)]},
+                     {"params": [torch.zeros(3, requires_grad=True)], "grprop_delta": 1e-3}],
+                    variant="grprop-sag")
+    with pytest.raises(ValueError, match="every param group must have the same"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[1]["grprop_delta"] == 1e-6
