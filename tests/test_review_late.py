@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 import rprop
 import rprop.numpy
@@ -126,9 +128,6 @@ def test_load_state_dict_refuses_grprop_groups_that_disagree():
 @pytest.mark.xfail(strict=True, reason="the FSDP2 path shares _AcrossRanks: an infinite chosen "
                    "product makes its sum NaN and nothing is adjusted")
 def test_sharded_one_rank_with_an_infinite_gradient_matches_reference(one_rank_group):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
     grad = np.array([np.inf, 1.0], dtype=np.float32)
     ref = ReferenceGRprop([np.zeros(2, dtype=np.float32)], adjust="slr", exact_sum=True)
     with np.errstate(all="ignore"):
