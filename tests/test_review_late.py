@@ -49,9 +49,6 @@ def test_partitioned_one_rank_with_an_infinite_gradient_matches_reference(one_ra
     np.testing.assert_array_equal(p.detach().numpy(), ref.params[0])
 
 
-@pytest.mark.xfail(strict=True, reason="load_state_dict checks lr, variant, grprop_delta of "
-                   "the saved groups but not grprop_partitioned: 'x' (or True without a "
-                   "process group) loads, and only the next step or add_param_group fails")
 @pytest.mark.parametrize(("value", "exc"), [("x", TypeError), (True, ValueError)])
 def test_load_state_dict_checks_grprop_partitioned(value, exc):
     if dist.is_available() and dist.is_initialized():
@@ -105,9 +102,6 @@ def test_numpy_grprop_moves_by_the_stored_step_size_with_mixed_dtypes():
                                       err_msg=f"step {t}")
 
 
-@pytest.mark.xfail(strict=True, reason="load_state_dict does not run GRprop's group check: a "
-                   "dict whose groups disagree on grprop_delta loads, refused only at the "
-                   "next step")
 def test_load_state_dict_refuses_grprop_groups_that_disagree():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
     opt = rprop.Rprop([{"params": [a]}, {"params": [b]}], variant="grprop-sag")

@@ -17,6 +17,7 @@ from rprop.torch._group import (
     describe_param,
     state_dtype_for,
 )
+from rprop.torch._grprop import check_groups
 
 # Per-parameter state keys: torch.optim.Rprop's (its step counter, then the
 # state every variant keeps), the arrays a variant may keep, the scalars.
@@ -78,6 +79,9 @@ def prepare_state_dict(
         for index, p, name in zip(saved["params"], group["params"], names, strict=True):
             params_by_index[index] = (p, merged, saved, name)
 
+    # What GRprop reads across groups (they must agree; grprop_partitioned
+    # must be a bool with a process group), as construction checks it.
+    check_groups(groups)
     state: dict[Any, dict[str, Any]] = {}
     for index, entry in state_dict["state"].items():
         if not isinstance(index, int):
