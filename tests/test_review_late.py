@@ -31,10 +31,6 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.xfail(strict=True, reason="_AcrossRanks sums every candidate's step * grad and "
-                   "then takes the chosen one's away: an infinite chosen product (g = inf, "
-                   "or step size inf with step_max=inf) makes the sum NaN and nothing is "
-                   "adjusted, where neuralnet's sum leaves the chosen coordinate out")
 def test_partitioned_one_rank_with_an_infinite_gradient_matches_reference(one_rank_group):
     grad = np.array([np.inf, 1.0], dtype=np.float32)
     ref = ReferenceGRprop([np.zeros(2, dtype=np.float32)], adjust="slr", exact_sum=True)
@@ -119,8 +115,6 @@ def test_load_state_dict_refuses_grprop_groups_that_disagree():
     assert opt.param_groups[1]["grprop_delta"] == 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="the FSDP2 path shares _AcrossRanks: an infinite chosen "
-                   "product makes its sum NaN and nothing is adjusted")
 def test_sharded_one_rank_with_an_infinite_gradient_matches_reference(one_rank_group):
     grad = np.array([np.inf, 1.0], dtype=np.float32)
     ref = ReferenceGRprop([np.zeros(2, dtype=np.float32)], adjust="slr", exact_sum=True)

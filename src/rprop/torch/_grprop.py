@@ -308,12 +308,12 @@ class _AcrossRanks:
     first element, element count)`` per tensor, the positions ordering the
     coordinates as one process orders them. Each rank picks its first
     smallest key, and sends it with its position, whether it has a
-    candidate, the double-double sum of all its candidates' ``step * grad``
+    candidate, the double-double sum of its other candidates' ``step * grad``
     and the product at its pick: one all-gather of six numbers per rank.
     Every rank then takes the lexicographic minimum (key, position), which
-    is the single-process choice, sums the ranks' parts in rank order with
-    error-free additions and takes the chosen product away, and the rank
-    that owns the coordinate writes it.
+    is the single-process choice, sums the ranks' parts and the picks of
+    the ranks that do not own it, in rank order with error-free additions,
+    and the rank that owns the coordinate writes it.
     """
 
     group: Any
@@ -333,7 +333,13 @@ class _AcrossRanks:
             candidate, key, index = grprop_pick(g, lr, adjust, torch)
             has = candidate[index]
             prod = lr * g
-            hi, lo = sum_parts(torch.where(candidate, prod, 0), torch)
+            # The sum leaves this rank's own pick out, as the one-process sum
+            # leaves the chosen coordinate out: its product is added back
+            # below unless this rank's pick is the chosen one (taking it away
+            # after adding it would turn an infinite product into NaN).
+            picked = torch.zeros_like(candidate)
+            picked[index] = True
+            hi, lo = sum_parts(torch.where(candidate & ~picked, prod, 0), torch)
             at = int(index)
             t = bisect.bisect_right([start for start, _ in self._flat_runs()], at) - 1
             position = float(self.runs[t][0] + at - self._flat_runs()[t][0])
@@ -355,17 +361,20 @@ class _AcrossRanks:
         owner = min(owners, key=lambda r: (rows[r][0], rows[r][1]))
         if owner != self.rank or index is None or hyper is None:
             return list(step_sizes)
-        # Σ over ranks of hi + lo, in rank order, with error-free additions, in
-        # the step sizes' dtype (as the single-process sum), then minus the
-        # chosen coordinate's own product.
+        # Σ over ranks of hi + lo, plus each other rank's pick, in rank order,
+        # with error-free additions, in the step sizes' dtype (as the
+        # single-process sum).
         part = [torch.tensor(rows[r][3:6], dtype=dtype, device=device)
                 for r in range(self.world)]
         total, carried = part[0][0], part[0][1]
-        for r in range(1, self.world):
-            total, err = two_sum(total, part[r][0])
-            carried = carried + (part[r][1] + err)
-        total, err = two_sum(total, -part[owner][2])
-        others = finish_sum(total, carried + err, torch)
+        for r in range(self.world):
+            if r:
+                total, err = two_sum(total, part[r][0])
+                carried = carried + (part[r][1] + err)
+            if r != owner:
+                total, err = two_sum(total, part[r][2])
+                carried = carried + err
+        others = finish_sum(total, carried, torch)
         value = grprop_value(others, g[index], hyper, torch)
         if not bool(value == value):
             return list(step_sizes)
