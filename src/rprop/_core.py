@@ -174,7 +174,9 @@ def grprop_adjust(grads: list[Array], step_sizes: list[Array], *, adjust: str,
     flat = xp.where(chosen & apply, value, lr)
     out, start = [], 0
     for a, n in zip(step_sizes, sizes, strict=True):
-        out.append(xp.reshape(flat[start:start + n], a.shape))
+        # In the array's own dtype (arrays of several dtypes concatenate to
+        # the widest): every array moves by the step size it stores.
+        out.append(xp.asarray(xp.reshape(flat[start:start + n], a.shape), dtype=a.dtype))
         start += n
     return out
 
