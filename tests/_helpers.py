@@ -41,3 +41,16 @@ def flippy_grads(params: list[np.ndarray], t: int, rng: np.random.Generator) -> 
             g = flippy_grad(w, t, rng)
         out.append(g * 0 if t == ZERO_STEP else g)
     return out
+
+
+def make_model() -> torch.nn.Module:
+    """The small float64 tanh MLP (3-8-1) the fit tests train, seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 1)).double()
+
+
+def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-sample squared error of ``model`` on ``batch = (x, y)``."""
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(dim=1)

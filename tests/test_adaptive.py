@@ -15,6 +15,7 @@ from scipy import optimize, stats
 from torch.utils.data import IterableDataset, TensorDataset
 
 import rprop
+from _helpers import loss_fn, make_model
 from reference import ReferenceRprop
 from rprop.torch import fit, full_batch_backward
 from rprop.torch._adaptive import masked_step, reliability_threshold, reliable_mask
@@ -140,17 +141,6 @@ def regression(n=48, seed=5):
     y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.3 * torch.randn(n, 1, generator=g,
                                                                    dtype=torch.float64)
     return x, y
-
-
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 1)).double()
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).sum(dim=1)
 
 
 def weights(model):

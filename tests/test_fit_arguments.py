@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from _helpers import loss_fn, make_model
 from rprop.torch import FitHistory, fit
 from rprop.torch import _fit as fit_module
 
@@ -19,17 +20,6 @@ def problem(n: int = 40):
     x = torch.randn(n, 3, generator=g, dtype=torch.float64)
     y = torch.sin(x.sum(dim=1, keepdim=True))
     return [(x[i:i + 7], y[i:i + 7]) for i in range(0, n, 7)]
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 1)).double()
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).sum(dim=1)
 
 
 def scripted(values):
