@@ -72,3 +72,24 @@ def test_scipy_finite_differences():
 
     g = approx_derivative(lambda x: float(x @ x), np.array([1.0, -2.0]), method="3-point")
     np.testing.assert_allclose(g, [2.0, -4.0], rtol=1e-8)
+
+
+def test_layout_guard_is_dynamos_tensor_guards_and_sees_what_the_plan_needs():
+    from torch._C._dynamo.guards import TensorGuards
+
+    assert _compat._TENSOR_GUARDS is TensorGuards
+    for guard_of in (_compat.layout_guard, _compat._python_layout_guard):
+        a, b = torch.zeros(3, 3), torch.zeros(4)
+        check = guard_of([a, b])
+        assert check(a, b)
+        assert check(torch.ones(3, 3), torch.ones(4))  # values and addresses are not compared
+        assert not check(a)  # another length
+        assert not check(a, None)  # a gradient gone
+        assert not check(a.t(), b)  # strides
+        assert not check(a, b[:3])  # sizes
+        assert not check(a, b.double())  # dtype
+        assert not check(a, torch.nn.Parameter(b))  # Python type
+        assert not check(a, b.requires_grad_())  # requires_grad
+        sparse = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (4,),
+                                         check_invariants=True)
+        assert not check(a, sparse)  # layout

@@ -86,6 +86,31 @@ def test_parameter_viewed_transposed_at_the_same_address(path):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
+def test_gradient_transposed_in_place_under_the_same_object(path):
+    """Gradients kept between steps (zero_grad(set_to_none=False)): one is
+    transposed in place, same object, same address and size, new strides, so
+    it no longer lines up with its parameter element by element."""
+    runs = []
+    for make in (lambda ps: torch.optim.Rprop(ps, lr=0.05, foreach=False),
+                 lambda ps: rprop.Rprop(ps, lr=0.05, **PATHS[path])):
+        params = _params()
+        opt = make(params)
+        for t in range(6):
+            for p, g in zip(params, _grads(t), strict=True):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)  # in logical order, whatever the strides
+            opt.step()
+            if t == 1:
+                params[1].grad.t_()
+        assert not params[1].grad.is_contiguous()
+        runs.append((params, opt))
+    (tp, topt), (rp, ropt) = runs
+    assert_same(tp, rp, topt, ropt)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 def test_a_sparse_gradient_after_the_first_step_is_refused_before_anything_changes(path):
     params = _params()
     opt = rprop.Rprop(params, lr=0.05, **PATHS[path])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from array import array
+from itertools import chain
 from operator import attrgetter
 from typing import Any
 
@@ -149,57 +150,54 @@ def require(params: list[Tensor]) -> None:
 
 class Prepared:
     """A CPU bucket the kernel can walk, ready for later steps: the pointer
-    table of its parameters, state and step counters, built once. The
-    optimizer's :class:`rprop.torch._plan.GroupPlan` checks, before every
-    step, that the parameters are the same objects at the same addresses
-    and sizes; this checks that they are still contiguous (a view can change
-    at the same address: ``p.data = p.data.t()``), that the gradients are,
-    and that the state tensors of this step live where the table says (a
-    state tensor replaced, its ``.data`` reassigned, or ``share_memory_()``,
-    which frees the old memory, all move it). Then it only appends the
-    gradients' pointers.
+    table of its parameters, state and step counters, built once.
+
+    The optimizer calls it only while its :class:`rprop.torch._plan.GroupPlan`
+    holds: the same parameter objects, and parameters and gradients with the
+    sizes, strides and dtypes they had when this was prepared (contiguous, as
+    :func:`prepare` required). What the plan does not see is where the
+    memory is, so each call first checks that the parameters, state tensors
+    and step counters of this step are where the table points (``p.data =
+    ...``, a state tensor replaced, its ``.data`` reassigned, or
+    ``share_memory_()``, which frees the old memory, all move them). Then it
+    adds the gradients' pointers (a table of its own, rebuilt only when they
+    move).
 
     It holds the state's storages, so that no other tensor can be allocated
     where the table points while it is alive: an equal pointer is the memory
     it was built for."""
 
-    __slots__ = ("backtracks", "code", "head", "held", "kind", "lib", "n", "numels",
-                 "storages")
+    __slots__ = ("backtracks", "code", "grad_list", "grad_ptrs", "head", "head_list", "held",
+                 "kind", "lib", "n", "numels", "storages")
 
     def __init__(self, lib: Any, code: int, params: list[Tensor], states: list[list[Tensor]],
                  steps: list[Tensor]) -> None:
         self.lib, self.code, self.n = lib, code, len(params)
         self.backtracks = len(states) == 3
-        self.head = array("q", map(_data_ptr, params))
-        for ts in states:
-            self.head.extend(map(_data_ptr, ts))
-        self.head.extend(map(_data_ptr, steps))
+        self.head_list = list(map(_data_ptr, chain(params, *states, steps)))
+        self.head = array("q", self.head_list)
         self.numels = array("q", map(_numel, params))
         self.kind = _counter_kind(steps)
         self.held = [t for ts in (*states, steps) for t in ts]
         self.storages = [t.untyped_storage() for t in self.held]
+        self.grad_list: list[int] = []
+        self.grad_ptrs = array("q")
 
     def __call__(self, params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
                  step_sizes: list[Tensor], prev_updates: list[Tensor] | None, *,
-                 steps: list[Tensor], hyper: Hyper, variant: Variant, worse: Any,
-                 contiguous_grads: bool | None = None) -> bool:
+                 steps: list[Tensor], hyper: Hyper, variant: Variant, worse: Any) -> bool:
         """Step, if this step's tensors line up with the table (else False:
-        nothing done). ``contiguous_grads``: whether the caller already knows
-        the gradients are all contiguous (None: check)."""
-        if contiguous_grads is None:
-            contiguous_grads = all(map(_is_contiguous, grads))
-        if not (contiguous_grads and all(map(_is_contiguous, params))):
+        nothing done)."""
+        head = chain(params, prevs, step_sizes, () if prev_updates is None else prev_updates,
+                     steps)
+        if list(map(_data_ptr, head)) != self.head_list:
             return False
-        state = array("q")
-        for ts in (prevs, step_sizes, *(() if prev_updates is None else (prev_updates,)), steps):
-            state.extend(map(_data_ptr, ts))
-        if state != self.head[self.n:]:
-            return False
-        ptrs = array("q", self.head)
-        ptrs.extend(map(_data_ptr, grads))
-        _call(self.lib, self.code, self.n, ptrs, self.numels, self.kind, self.backtracks,
-              threads=torch.get_num_threads(), steps=steps, hyper=hyper, variant=variant,
-              worse=worse)
+        grad_list = list(map(_data_ptr, grads))
+        if grad_list != self.grad_list:
+            self.grad_list, self.grad_ptrs = grad_list, array("q", grad_list)
+        _call(self.lib, self.code, self.n, self.head, self.grad_ptrs, self.numels, self.kind,
+              self.backtracks, threads=torch.get_num_threads(), steps=steps, hyper=hyper,
+              variant=variant, worse=worse)
         mark_written(params)
         return True
 
@@ -214,6 +212,7 @@ def prepare(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
     pdt, sdt = params[0].dtype, prevs[0].dtype
     code = CODES.get((pdt, grads[0].dtype, sdt))
     if (code is None or not params[0].is_cpu or not all(map(_is_contiguous, params))
+            or not all(map(_is_contiguous, grads))
             or not all(_walkable(p, pdt, [ts[i] for ts in states], sdt)
                        for i, p in enumerate(params))):
         return None
@@ -365,8 +364,8 @@ def fused_step(
             kernel.step(params, grads, prevs, step_sizes, prev_updates, hyper=hyper,
                         variant=variant, worse=worse)
         else:
-            ptrs.extend(map(_data_ptr, grads))
-            _call(kernel, code, n, ptrs, numels, _counter_kind(steps), len(states) == 3,
+            _call(kernel, code, n, ptrs, array("q", map(_data_ptr, grads)), numels,
+                  _counter_kind(steps), len(states) == 3,
                   threads=1 if overlap else torch.get_num_threads(), **kw)
         mark_written(params)
         return
@@ -398,10 +397,11 @@ def fused_step(
                         hyper=hyper, variant=variant, worse=worse)
         else:
             ptrs = array("q")
-            for ts in (sub_params, *sub_states, sub_steps, sub_grads):
+            for ts in (sub_params, *sub_states, sub_steps):
                 ptrs.extend(map(_data_ptr, ts))
             numels = array("q", map(_numel, sub_params))
-            _call(kernel, code, len(idx), ptrs, numels, _counter_kind(sub_steps),
+            _call(kernel, code, len(idx), ptrs, array("q", map(_data_ptr, sub_grads)), numels,
+                  _counter_kind(sub_steps),
                   len(sub_states) == 3, threads=torch.get_num_threads(), **sub_kw)
         if idx is not other:
             mark_written(sub_params)
@@ -420,12 +420,12 @@ def _etas_in(hyper: Hyper, dtype: torch.dtype) -> tuple[float, float]:
     return etas[0], etas[1]
 
 
-def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
+def _call(lib: Any, code: int, n: int, ptrs: array, grads: array, numels: array, kind: int,
           backtracks: bool, *, threads: int, steps: list[Tensor], hyper: Hyper,
           variant: Variant, worse: Any) -> None:
     """Run the kernel on ``threads`` threads. ``ptrs`` holds n pointers each of
-    params, prevs, step_sizes, [prev_updates,] step counters, grads, in that
-    order."""
+    params, prevs, step_sizes, [prev_updates,] step counters, in that order;
+    ``grads`` the n gradients' pointers."""
     base, word = ptrs.buffer_info()[0], n * ptrs.itemsize
     if not backtracks:
         pu_mode = PU_NONE
@@ -437,7 +437,7 @@ def _call(lib: Any, code: int, n: int, ptrs: array, numels: array, kind: int,
     if kind < 0:
         increment_steps(steps)
     rc = lib.rprop_fused_step(
-        code, n, base, base + (2 + k) * word, base + word, base + 2 * word,
+        code, n, base, grads.buffer_info()[0], base + word, base + 2 * word,
         base + 3 * word if backtracks else None, numels.buffer_info()[0],
         base + (1 + k) * word if kind >= 0 else None, max(kind, 0),
         *_etas_in(hyper, _STATE_DTYPE[code]), hyper.step_min, hyper.step_max,

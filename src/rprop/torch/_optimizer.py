@@ -322,8 +322,8 @@ class Rprop(Optimizer):
             buckets = [Bucket([params[i] for i in idx], [grads[i] for i in idx],
                               [states[i] for i in idx], variant) for idx in indices]
         if not compiling:
-            self._plans[id(group)] = GroupPlan(group, variant, all_states, params, states,
-                                               buckets, indices)
+            self._plans[id(group)] = GroupPlan(group, variant, all_states, params, grads,
+                                               states, buckets, indices)
         return buckets
 
     def _complete_states(self, group: dict[str, Any], variant: Variant, params: list[Tensor],
@@ -588,8 +588,7 @@ class Rprop(Optimizer):
                 else chosen.prepare(params, grads, prevs, step_sizes, prev_updates, b.steps))
         if prepared is not None and not prepared(params, grads, prevs, step_sizes, prev_updates,
                                                  steps=b.steps, hyper=hyper, variant=variant,
-                                                 worse=worse,
-                                                 contiguous_grads=b.contiguous_grads):
+                                                 worse=worse):
             # Something moved since it was prepared: prepared again next step.
             del b.prepared[chosen.name]
             prepared = None

@@ -8,45 +8,41 @@ have changed since:
 
 * the group holds the same parameter objects, and the same ones have a
   gradient;
-* each parameter keeps its storage and size (``p.data = ...``, as
-  ``model.double()`` does, moves the data pointer);
 * ``optimizer.state`` is the same mapping and each parameter has the same
   state dict in it (a state replaced by ``load_state_dict``, Lightning's move
   to a device or by hand is seen); the state lists are read from the state
   dicts again at every step (a cheap pass each), so a tensor replaced in one
   is stepped as it is now;
-* each bucket's gradients have the dtype the bucket was split by, and are
-  dense (a sparse gradient is refused by the gathering, before anything
-  is stepped).
+* the parameters and gradients keep their Python type, dtype, device,
+  layout, sizes and strides (one C++ call for all of them,
+  :func:`rprop.torch._compat.layout_guard`): a gradient in another dtype,
+  a sparse one (refused by the gathering, before anything is stepped) or a
+  transposed parameter is seen.
 
 If anything differs the plan is dropped and gathered anew, so a step sees
-the same tensors with or without it. A state tensor whose memory moves
-under the same object (``.data`` reassigned, ``share_memory_()``) is not a
-change to the plan: the foreach and for-loop paths step the tensor objects,
-and the fused CPU step (:class:`rprop.torch._fused.Prepared`) compares the
-state's data pointers with its table before each step.
+the same tensors with or without it. Memory that moves under the same
+tensor object (``p.data = ...``, a state tensor's ``.data`` reassigned,
+``share_memory_()``) is not a change to the plan: the foreach and for-loop
+paths step the tensor objects, and the fused CPU step
+(:class:`rprop.torch._fused.Prepared`) compares the data pointers with its
+table before each step.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections import defaultdict
 from itertools import compress, repeat
 from operator import attrgetter, is_, is_not
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from rprop._variants import Variant
-from rprop.torch._compat import PLAIN_TYPES
+from rprop.torch._compat import PLAIN_TYPES, layout_guard
 
 __all__ = ["Bucket", "GroupPlan", "TrackedState"]
 
-_data_ptr = Tensor.data_ptr
-_numel = Tensor.numel
-_get_dtype = attrgetter("dtype")
-_get_layout = attrgetter("layout")
+_get_grad = attrgetter("grad")
 _is_contiguous = Tensor.is_contiguous
 
 
@@ -97,7 +93,8 @@ class Bucket:
         self.params = params
         self.grads = grads
         self.grad_dtype = grads[0].dtype
-        # Known only when a plan checked them (None: not known).
+        # Whether every gradient is contiguous, as far as a plan knows (set
+        # by GroupPlan, which re-checks the gradients' strides each step).
         self.contiguous_grads: bool | None = None
         self.variant = variant
         self.read_state(states)
@@ -122,12 +119,12 @@ class Bucket:
 class GroupPlan:
     """One gathering of a group's tensors (see the module docstring)."""
 
-    __slots__ = ("all_params", "buckets", "group", "has_grad", "indices", "numels", "params",
-                 "ptrs", "state_map", "state_version", "states", "variant")
+    __slots__ = ("all_params", "buckets", "group", "has_grad", "indices", "layout", "params",
+                 "state_map", "state_version", "states", "variant")
 
     def __init__(self, group: dict[str, Any], variant: Variant, state_map: Any,
-                 params: list[Tensor], states: list[dict[str, Any]], buckets: list[Bucket],
-                 indices: list[list[int]] | None) -> None:
+                 params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                 buckets: list[Bucket], indices: list[list[int]] | None) -> None:
         self.group = group
         self.variant = variant
         self.state_map = state_map
@@ -137,10 +134,13 @@ class GroupPlan:
         self.all_params = list(group["params"])
         self.has_grad = bytes(g is not None for g in (p.grad for p in self.all_params))
         self.params = params
-        self.ptrs = array("q", map(_data_ptr, params))
-        self.numels = array("q", map(_numel, params))
+        # Types, dtypes, devices, layouts (a sparse gradient), sizes and
+        # strides of the parameters and gradients, checked in one call.
+        self.layout = layout_guard([*params, *grads])
         self.states = states
         self.buckets = buckets
+        for b in buckets:
+            b.contiguous_grads = all(map(_is_contiguous, b.grads))
         # Which of ``params`` each bucket holds; None: one bucket holds all.
         self.indices = indices
 
@@ -155,14 +155,15 @@ class GroupPlan:
         if (len(all_params) != len(self.all_params)
                 or not all(map(is_, all_params, self.all_params))):
             return None
-        grads = [p.grad for p in all_params]
-        if bytes(map(is_not, grads, repeat(None))) != self.has_grad:
-            return None
+        grads = list(map(_get_grad, all_params))
         params = self.params
         if len(grads) != len(params):
+            # (When every parameter had a gradient, the layout check below
+            # sees a None.)
+            if bytes(map(is_not, grads, repeat(None))) != self.has_grad:
+                return None
             grads = list(compress(grads, self.has_grad))
-        if (array("q", map(_data_ptr, params)) != self.ptrs
-                or array("q", map(_numel, params)) != self.numels):
+        if not self.layout(*params, *grads):
             return None
         if self.state_version is None or state_map.version != self.state_version:
             states = [state_map[p] for p in params]
@@ -173,21 +174,14 @@ class GroupPlan:
         else:
             states = self.states
         for i, b in enumerate(self.buckets):
-            b_grads = grads if self.indices is None else [grads[j] for j in self.indices[i]]
-            b_states = states if self.indices is None else [states[j] for j in self.indices[i]]
-            dtypes = set(map(_get_dtype, b_grads))
-            if len(dtypes) != 1 or dtypes.pop() != b.grad_dtype:
-                return None
-            # A contiguous tensor is dense; otherwise each must be strided (a
-            # sparse gradient is refused by the gathering, before any step).
-            contiguous = all(map(_is_contiguous, b_grads))
-            if not contiguous and not all(map(is_, map(_get_layout, b_grads),
-                                              repeat(torch.strided))):
-                return None
+            if self.indices is None:
+                b_grads, b_states = grads, states
+            else:
+                b_grads = [grads[j] for j in self.indices[i]]
+                b_states = [states[j] for j in self.indices[i]]
             try:
                 b.read_state(b_states)  # the state tensors as they are now
             except KeyError:  # a key deleted by hand: gathered anew, and completed
                 return None
             b.grads = b_grads
-            b.contiguous_grads = contiguous
         return self.buckets
