@@ -18,6 +18,7 @@ from torch.optim.optimizer import Optimizer
 
 # Dynamo's C++ check of tensors' type, dtype, device, sizes and strides
 # (layout_guard below); a torch that lacks it gets the same check in Python.
+_TENSOR_GUARDS: Any
 try:
     from torch._C._dynamo.guards import TensorGuards as _TENSOR_GUARDS
 except ImportError:  # pragma: no cover - not in any torch tested here
