@@ -58,15 +58,18 @@ def sizes_for(device: str, quick: bool = False) -> list[tuple[int, int]]:
     return FULL_SIZES + (CUDA_EXTRA_SIZES if device.startswith("cuda") else [])
 
 
-def memory_needed(count: int, numel: int, variant: str = "irprop-") -> int:
-    """Bytes a size needs at its peak, bounding the measured peaks: parameters,
-    gradients and one optimizer's state (prev, step size, [last update]) for
-    every tensor, plus the larger step temporaries: a for-loop path's, made for
+def memory_needed(count: int, numel: int, variant: str = "irprop-",
+                  optimizers: int = len(PATHS)) -> int:
+    """Bytes a size needs at its peak, bounding the measured peaks: parameters
+    and gradients for every tensor, the state (prev, step size, [last
+    update]) of ``optimizers`` optimizers held at once (the paths are timed
+    in turns), plus the larger step temporaries: a for-loop path's, made for
     one tensor at a time (up to 10 arrays of it measured, 12 allowed), or a
     foreach path's, for all tensors at once (up to 3.3 arrays of them, 4 allowed)."""
     from rprop._variants import get_variant
 
-    held = count * numel * (4 + get_variant(variant).backtracks)
+    state = 2 + get_variant(variant).backtracks
+    held = count * numel * (2 + optimizers * state)
     temporaries = max(12 * numel, 4 * count * numel)
     return 4 * (held + temporaries)
 
@@ -145,6 +148,36 @@ def _median_ms(step: Callable[[], Any], device: str, repeats: int, budget_s: flo
         times.append(time.perf_counter() - start)
         spent += times[-1]
     return statistics.median(times) * 1e3
+
+
+def _interleaved_ms(steps: dict[str, Callable[[], Any]], device: str, repeats: int,
+                    budget_s: float, turns: int = 3) -> dict[str, float]:
+    """Median wall time of each step in ms, the steps timed in turns: in each
+    of ``turns`` rounds every step is called once untimed (its tensors back
+    in the caches the others used) and then timed ``repeats / turns`` times
+    (rounded up), in an order that rotates from round to round. A change in
+    the machine's speed during the run (other processes, the clock) then
+    falls on every path alike, so the ratios between paths, which are what
+    the table is for, do not depend on which path ran when. A turn ends early
+    (after at least one timed call) when it exceeds ``budget_s / turns``."""
+    names = list(steps)
+    per_turn = -(-repeats // turns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(turns):
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:
+            steps[name]()
+            _sync(device)
+            spent = 0.0
+            for _ in range(per_turn):
+                start = time.perf_counter()
+                steps[name]()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+                spent += times[name][-1]
+                if spent > budget_s / turns:
+                    break
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def copy_rate(device: str = "cpu", numel: int = 1 << 26, repeats: int = 10) -> float:
@@ -262,7 +295,7 @@ def run(
     for count, numel in sizes:
         # A size that does not fit is reported, not attempted (and not left
         # to the OOM killer halfway through the run).
-        needed, free = memory_needed(count, numel, variant), memory_available(device)
+        needed, free = memory_needed(count, numel, variant, len(paths)), memory_available(device)
         too_big = None if free is None or needed <= free else (
             f"needs about {needed / 1e9:.1f} GB of memory, {free / 1e9:.1f} GB are free")
         gen = torch.Generator().manual_seed(0)
@@ -271,8 +304,9 @@ def run(
         for p in params:
             p.grad = torch.randn(numel, generator=gen).to(device)
         floor_ms = count * numel * per_param / rate * 1e3
+        size_rows: dict[str, dict[str, Any]] = {}
+        timed: dict[str, Callable[[], Any]] = {}
         for path in paths:
-            say(f"{_label(count, numel)} {path}")
             row: dict[str, Any] = {
                 "size": _label(count, numel), "tensors": count, "numel": numel,
                 "params": count * numel, "path": path, "variant": variant, "device": device,
@@ -280,9 +314,9 @@ def run(
                 "floor_ms": floor_ms, "ms": None, "vs_floor": None, "vs_torch_foreach": None,
                 "peak_extra_mb": None,
             }
+            size_rows[path] = row
             if too_big:
                 row["error"] = too_big
-                rows.append(row)
                 continue
             try:
                 opt = _optimizer(path, params, variant)
@@ -292,16 +326,21 @@ def run(
                     # step backtrack, so both kernel modes are timed.
                     losses = itertools.cycle([1.0, 2.0])
                     step = functools.partial(_step_with_loss, opt, losses)
-                row["ms"] = _median_ms(step, device, repeats, budget)
-                if memory:
-                    row["peak_extra_mb"] = peak_step_memory(step, device) / 2**20
+                step()  # the state is made, and a kernel compiled, before any timing
+                timed[path] = step
             # fused=True without a C compiler; a variant fused=True refuses (GRprop)
             except (RuntimeError, ValueError) as err:
                 row["error"] = str(err).splitlines()[0]
-            finally:
-                opt = None
-                gc.collect()
-            rows.append(row)
+        if timed:
+            say(f"{_label(count, numel)}: timing {', '.join(timed)} in turns")
+            for path, ms in _interleaved_ms(timed, device, repeats, budget).items():
+                size_rows[path]["ms"] = ms
+            if memory:
+                for path, step in timed.items():
+                    size_rows[path]["peak_extra_mb"] = peak_step_memory(step, device) / 2**20
+        timed.clear()
+        gc.collect()
+        rows.extend(size_rows.values())
         torch_foreach = next((r["ms"] for r in rows[-len(paths):]
                               if r["path"] == "torch foreach"), None)
         for r in rows[-len(paths):]:
