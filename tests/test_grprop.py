@@ -23,7 +23,8 @@ ADJUSTS = ("sag", "slr")
 NN = {"lr": 0.1, "step_sizes": (1e-10, 0.1)}
 SHAPES = [(3, 4), (5,), (1,)]
 STEPS = 25
-# Every torch path setting but fused=True, which GRprop refuses (see BAD).
+# Every torch path setting but fused=True, whose one-pass kernel sums in
+# another order (tests/test_grprop_fused.py).
 SETTINGS = {name: kw for name, kw in PATHS.items() if not kw.get("fused")}
 
 
@@ -370,13 +371,17 @@ def test_state_dicts_saved_without_grprop_delta_still_load():
 # -- declarations and the path registry ---------------------------------------------------
 
 
-def test_no_fast_path_declares_the_adjustment():
+def test_only_the_fused_path_declares_the_adjustment():
+    """The fused path runs GRprop in its one-pass kernel (fused=True); no
+    other fast path declares the adjustment, so GRprop runs on the
+    reference path elsewhere."""
     for variant in ("grprop-sag", "grprop-slr"):
         v = rprop.get_variant(variant)
         assert v.features == {"undo=never", f"adjust={v.adjust}"}
         for name, path in _path_registry.paths().items():
-            if name != _path_registry.reference().name:
+            if name not in (_path_registry.reference().name, "fused"):
                 assert not v.features <= path.features, name
+        assert v.features <= _path_registry.paths()["fused"].features
         assert v.features <= _path_registry.reference().features
     assert {"adjust=sag", "adjust=slr"}.isdisjoint(ELEMENTWISE_FEATURES)
 
@@ -417,8 +422,6 @@ BAD = [
       ]],
     (_torch(variant="grprop-foo"), ValueError, r"variant must be one of \['grprop-sag'"),
     (_numpy(variant="grprop"), ValueError, r"variant must be one of \['grprop-sag'"),
-    (_torch(variant="grprop-sag", fused=True), ValueError,
-     r"variant='grprop-sag' \(GRprop\) does not support fused=True"),
     (_torch(variant="grprop-slr", differentiable=True), ValueError,
      r"variant='grprop-slr' \(GRprop\) does not support differentiable=True"),
     (lambda: rprop.Variant("g", undo="always", forget=False, adjust="sag"), ValueError,

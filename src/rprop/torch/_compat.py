@@ -16,14 +16,6 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-# Dynamo's C++ check of tensors' type, dtype, device, sizes and strides
-# (layout_guard below); a torch that lacks it gets the same check in Python.
-_TENSOR_GUARDS: Any
-try:
-    from torch._C._dynamo.guards import TensorGuards as _TENSOR_GUARDS
-except ImportError:  # pragma: no cover - not in any torch tested here
-    _TENSOR_GUARDS = None
-
 # The dtype torch.optim keeps its scalar ``step`` counters in (float32, or
 # float64 under torch.set_default_dtype(torch.float64)).
 from torch.optim.optimizer import _get_scalar_dtype as get_scalar_dtype  # noqa: F401
@@ -32,6 +24,14 @@ from torch.optim.optimizer import _get_scalar_dtype as get_scalar_dtype  # noqa:
 from torch.optim.optimizer import (  # noqa: F401
     _use_grad_for_differentiable as use_grad_for_differentiable,
 )
+
+# Dynamo's C++ check of tensors' type, dtype, device, sizes and strides
+# (layout_guard below); a torch that lacks it gets the same check in Python.
+_TENSOR_GUARDS: Any
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TENSOR_GUARDS
+except ImportError:  # pragma: no cover - not in any torch tested here
+    _TENSOR_GUARDS = None
 
 # torch's check that a CUDA graph capture has capturable=True: its current
 # name (2.6+), or the CUDA-only one it had before.

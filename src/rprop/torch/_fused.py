@@ -38,7 +38,7 @@ from rprop._hyper import Hyper
 from rprop._variants import Variant
 from rprop.torch._compat import PLAIN_TYPES, local_tensor
 from rprop.torch._kernel_cache import CODES, REAL_OF, kernel_info, load_library
-from rprop.torch._path_registry import Path, register, run_declined
+from rprop.torch._path_registry import ALL_FEATURES, Path, register, run_declined
 from rprop.torch._paths import increment_steps
 from rprop.torch._tensors import mark_written
 
@@ -450,4 +450,7 @@ def _call(lib: Any, code: int, n: int, ptrs: array, grads: array, numels: array,
 # The kernel's pointer tables are copied from the host each step, which a CUDA
 # graph cannot capture (the capture records foreach instead).
 register(Path("fused", fused_step, preference=2, capturable=False,
+              # GRprop's adjustment (adjust=...) is a whole-step phase: it runs in
+              # its own one-pass CPU kernel (rprop.torch._fused_grprop).
+              features=ALL_FEATURES,
               unsupported=_unsupported_here, prepare=prepare))

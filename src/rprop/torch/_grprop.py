@@ -17,9 +17,13 @@ takes part with the other ranks' partitions (:class:`_PartitionedAdjust`):
 both combine the ranks' selections and sums in one all-gather. DDP needs
 nothing: every rank has the same gradients and computes the same step.
 
-The path registry still has the last word: no fast path declares the
-``adjust=...`` features, so :func:`choose` gives every bucket the reference
-path (and refuses ``fused=True``, as the group check does first).
+With ``fused=True`` the step runs in one pass over memory on CPU
+(:mod:`rprop.torch._fused_grprop`; the fused path is the only fast path that
+declares the ``adjust=...`` features), or raises a RuntimeError saying why
+it cannot. It is not taken by default: its sum of the other coordinates'
+products runs in another order than the tree every other path and front
+shares, so the adjusted step size may differ from theirs in the last bit.
+Otherwise the batched step below runs, reported as the reference path.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from rprop._core import (
 )
 from rprop._hyper import Hyper
 from rprop._variants import Variant, get_variant
+from rprop.torch import _fused_grprop
 from rprop.torch._compat import PLAIN_TYPES, local_tensor
-from rprop.torch._path_registry import choose
+from rprop.torch._path_registry import choose, reference
 from rprop.torch._paths import adapt_step_sizes_, increment_steps
 from rprop.torch._tensors import mark_written, real_views
 
@@ -123,6 +128,7 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]],
     check_groups(groups)
     ran: list[str] = []
     params: list[Tensor] = []
+    raw: list[Tensor] = []  # the gradients as given, for the one-pass kernel
     grads: list[Tensor] = []
     prevs: list[Tensor] = []
     step_sizes: list[Tensor] = []
@@ -138,11 +144,14 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]],
             g = b.grads
             if b.prevs[0].dtype != b.params[0].dtype:  # state_dtype: compute in it
                 g = [t.to(b.prevs[0].dtype) for t in g]
-            ps, gs, pvs, ss = real_views(b.params, g, b.prevs, b.step_sizes)
+            ps, gs, pvs, ss = ((b.params, g, b.prevs, b.step_sizes) if b.plain
+                               else real_views(b.params, g, b.prevs, b.step_sizes))
             steps += b.steps
             segments.append((hyper, slice(len(params), len(params) + len(ps))))
             params += ps
-            grads += [effective_grad(gi, pi, hyper) for gi, pi in zip(gs, ps, strict=True)]
+            raw += gs
+            grads += (gs if not (hyper.maximize or hyper.weight_decay)
+                      else [effective_grad(gi, pi, hyper) for gi, pi in zip(gs, ps, strict=True)])
             prevs += pvs
             step_sizes += ss
             devices.update(p.device for p in ps)
@@ -163,11 +172,31 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]],
         adjuster = _PartitionedAdjust(whole, variant.name)
     elif sharded:
         adjuster = _ShardedAdjust(whole, variant.name)  # refuses what it cannot lay out
+    assert variant.adjust is not None, "the GRprop step runs GRprop variants"
+    if any(group["fused"] for group, _, _, _ in work):
+        # fused=True: the one-pass kernel, for all parameters at once. Only
+        # when asked for: its sum runs in another order than the tree every
+        # other path and front shares (see rprop.torch._fused_grprop).
+        why = _fused_grprop.unsupported(params, raw, prevs, step_sizes,
+                                        [h for h, _ in segments])
+        if adjuster is not None:
+            why = "the fused GRprop step runs in one process (not over sharded or " \
+                  "partitioned parameters)"
+        elif not all(group["fused"] for group, _, _, _ in work):
+            why = ("the fused GRprop step takes all parameters at once: set fused=True on "
+                   "every param group, or on none")
+        elif why is None and not all(name == "fused" for name in ran):
+            why = "the path registry gives the fused path only some of the parameters"
+        if why is not None:
+            raise RuntimeError(why)
+        _fused_grprop.step(params, raw, prevs, step_sizes, steps, hyper=work[0][1],
+                           adjust=variant.adjust)
+        return tuple(ran)
+    ran = [reference().name] * len(ran)  # the batched step below
     if steps:
         increment_steps(steps)
     if not params and adjuster is None:
         return tuple(ran)
-    assert variant.adjust is not None, "the GRprop step runs GRprop variants"
     # rprop._core.grprop_step, batched: Rprop- adaptation in place (each
     # group's etas), the adjustment over all tensors, then the move.
     for h, part in segments:

@@ -64,7 +64,7 @@ __all__ = ["ABI", "CODES", "REAL_OF", "SOURCE", "cache_dir", "compiler", "forget
            "kernel_info", "load_library"]
 
 SOURCE = Path(__file__).with_name("_kernels") / "rprop_kernel.c"
-ABI = 1  # RPROP_KERNEL_ABI in the C source
+ABI = 2  # RPROP_KERNEL_ABI in the C source
 
 # Kernel builds (RPROP_DTYPE in the C source) by (param, grad, state) dtype:
 # one dtype throughout, or half parameters with float32 state (state_dtype).
@@ -461,6 +461,12 @@ def load_library(code: int) -> Any:
         fn.argtypes = (
             [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_int]
             + [ctypes.c_double] * 5 + [ctypes.c_int] * 4
+        )
+        fn = lib.rprop_grprop_step
+        fn.restype = ctypes.c_int
+        fn.argtypes = (
+            [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+            + [ctypes.c_double] * 5 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
         )
         info["openmp"] = bool(lib.rprop_kernel_openmp())
         _info[code] = info

@@ -25,7 +25,9 @@
  *   param += delta;  prev = g
  */
 
+#include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -33,7 +35,7 @@
 #include <omp.h>
 #endif
 
-#define RPROP_KERNEL_ABI 1
+#define RPROP_KERNEL_ABI 2
 
 /* what happens to prev_update, shared with _fused.py */
 enum { PU_NONE = 0, PU_UNDO = 1, PU_KEEP = 2 };
@@ -263,5 +265,280 @@ int rprop_fused_step(int dtype, int64_t n, void *const *params, void *const *gra
             offset += m;
         }
     }
+    return 0;
+}
+
+/* ---- GRprop (R neuralnet's "sag" / "slr"), one pass -------------------------
+ *
+ * One read and one write of every element, as rprop_fused_step: per element
+ * the effective gradient g, the Rprop- step-size adaptation, the move
+ * param += -(sign(g) * step) and prev = g, exactly as the element rule above
+ * with forget = 0 and no prev_update. Along the way it gathers what the
+ * whole-step adjustment needs (rprop._core.grprop_adjust):
+ *   - the chosen coordinate: the first candidate (g != 0, NaN included) with
+ *     the smallest key, |g| ("sag") or the adapted step size ("slr"), a NaN
+ *     key counting as +inf; the first candidate if every key is +inf;
+ *   - the sum of step * g over all candidates, the chosen one left out
+ *     afterwards: finite products in a compensated (double-double) sum,
+ *     infinite and NaN ones counted, so that leaving out an infinite chosen
+ *     product is exact too.
+ * The chosen coordinate is moved with its adapted step size like the others;
+ * the caller then recomputes its step size from `out` and moves it again from
+ * its old value (out[2]), as the adjustment does before the move.
+ *
+ * The elements are cut into fixed blocks whatever the number of threads, and
+ * the blocks' partial results are combined in block order, so the result
+ * does not depend on the thread count. The compensated sum runs in a
+ * different order than the halves tree of rprop._core.sum_parts; both are
+ * within about an ulp of the exact sum (unless a partial sum overflows). */
+
+#define GR_BLOCK 32768
+#define GR_LANES 4 /* GR_ELEM is unrolled for 4 */
+
+typedef struct {
+    double hi[GR_LANES], lo[GR_LANES];
+    int64_t pinf, ninf, nan, best;
+    uint64_t best_bits; /* the best key's bits */
+    double best_param, best_grad, best_product;
+} gr_part_t;
+
+static inline void gr_two_sum(double *hi, double *lo, double x) {
+    const double s = *hi + x, bb = s - *hi;
+    *lo += (*hi - (s - bb)) + (x - bb);
+    *hi = s;
+}
+
+/* Elements [a, b) of one tensor, in chunks that stay in the L1 cache: the
+ * element rule over the chunk (the parameters' old values kept aside), then
+ * the chunk's tally, from the cache: still one pass over memory. Each part
+ * of the tally is a simple loop the compiler can vectorize: the keys, whose
+ * minimum is taken on their bits (|g| or |step size|, non-negative floats,
+ * order as their bits do as integers; +inf for a non-candidate, g == 0, and
+ * for a NaN key), the products (0 where not a finite
+ * candidate's) summed in GR_LANES double-double lanes, and a check for a
+ * non-finite product, which only then are counted. Only a chunk whose
+ * smallest key beats the best so far is looked at again, for where it is. */
+#define GR_CHUNK 512
+#define DEFINE_GRPROP_SEGMENT(NAME, T, BITS, INF_BITS)                                                 \
+    static void NAME(void *param_, const void *grad_, void *prev_, void *step_, int64_t a,   \
+                     int64_t b, int64_t base, const hyper_t *hp, int slr, gr_part_t *part) { \
+        T *param = (T *)param_;                                                              \
+        const T *grad = (const T *)grad_;                                                    \
+        T *restrict prev = (T *)prev_, *restrict step = (T *)step_;                          \
+        const T eta_minus = (T)hp->eta_minus, eta_plus = (T)hp->eta_plus;                   \
+        const T lo = (T)hp->lo, hi = (T)hp->hi, wd = (T)hp->wd;                             \
+        const int maximize = hp->maximize, has_wd = hp->has_wd;                             \
+        double H[GR_LANES], L[GR_LANES];                                                     \
+        for (int j = 0; j < GR_LANES; j++) H[j] = part->hi[j], L[j] = part->lo[j];          \
+        const BITS abs_mask = ~(BITS)0 >> 1, inf_bits = INF_BITS;                           \
+        const BITS slr_mask = slr ? ~(BITS)0 : 0; /* the key: step size, else |g| */          \
+        int64_t best = part->best;                                                           \
+        BITS best_bits = (BITS)part->best_bits;                                              \
+        T old[GR_CHUNK];                                                                     \
+        BITS key[GR_CHUNK];                                                                  \
+        double y[GR_CHUNK];                                                                  \
+        for (int64_t c = a; c < b; c += GR_CHUNK) {                                          \
+            const int64_t m = (c + GR_CHUNK < b ? c + GR_CHUNK : b) - c;                     \
+            T *restrict pc = param + c, *restrict vc = prev + c, *restrict sc = step + c;     \
+            const T *gc = grad + c;                                                          \
+            memcpy(old, pc, (size_t)m * sizeof(T));                                          \
+            for (int64_t i = 0; i < m; i++) {                                                \
+                T g = gc[i];                                                                 \
+                if (maximize) g = -g;                                                        \
+                if (has_wd) g = g + wd * old[i];                                             \
+                const T p = g * vc[i];                                                       \
+                T s = sc[i];                                                                 \
+                s = p > 0 ? s * eta_plus : (p < 0 ? s * eta_minus : s);                      \
+                s = s < lo ? lo : s;                                                         \
+                s = s > hi ? hi : s;                                                         \
+                const T sg = g > 0 ? (T)1 : (g < 0 ? (T)-1 : (T)0);                          \
+                pc[i] = old[i] + -(sg * s);                                                  \
+                vc[i] = g;                                                                   \
+                sc[i] = s;                                                                   \
+            }                                                                                \
+            BITS kmin = inf_bits;                                                            \
+            int bad = 0;                                                                     \
+            for (int64_t i = 0; i < m; i++) {                                                \
+                const T g = vc[i], s = sc[i], product = s * g;                               \
+                BITS gb, sb, pb;                                                             \
+                memcpy(&gb, &g, sizeof gb);                                                  \
+                memcpy(&sb, &s, sizeof sb);                                                  \
+                memcpy(&pb, &product, sizeof pb);                                            \
+                gb &= abs_mask;                                                              \
+                const int cand = gb != 0;                                                    \
+                BITS kb = (sb & abs_mask & slr_mask) | (gb & ~slr_mask);                     \
+                kb = (kb > inf_bits) | !cand ? inf_bits : kb;                                 \
+                key[i] = kb;                                                                 \
+                kmin = kb < kmin ? kb : kmin;                                                \
+                const int finite = (pb & abs_mask) < inf_bits;                               \
+                bad |= (!finite) & cand;                                                       \
+                const double pd = (double)product;                                           \
+                uint64_t yb;                                                                 \
+                memcpy(&yb, &pd, sizeof yb);                                                 \
+                yb &= -(uint64_t)(finite & cand); /* 0.0 unless a finite candidate's */      \
+                memcpy(&y[i], &yb, sizeof yb);                                               \
+            }                                                                                \
+            int64_t i = 0;                                                                   \
+            for (; i + GR_LANES <= m; i += GR_LANES) {                                       \
+                for (int j = 0; j < GR_LANES; j++) {                                         \
+                    const double t = H[j] + y[i + j], bb = t - H[j];                         \
+                    L[j] += (H[j] - (t - bb)) + (y[i + j] - bb);                             \
+                    H[j] = t;                                                                \
+                }                                                                            \
+            }                                                                                \
+            for (; i < m; i++) {                                                             \
+                const double t = H[0] + y[i], bb = t - H[0];                                 \
+                L[0] += (H[0] - (t - bb)) + (y[i] - bb);                                     \
+                H[0] = t;                                                                    \
+            }                                                                                \
+            if (bad) {                                                                       \
+                for (i = 0; i < m; i++) {                                                    \
+                    const T g = vc[i], product = sc[i] * g;                                  \
+                    if (g == 0 || product - product == 0) continue;                          \
+                    if (product != product) part->nan++;                                     \
+                    else if (product > 0) part->pinf++;                                      \
+                    else part->ninf++;                                                       \
+                }                                                                            \
+            }                                                                                \
+            if (best < 0 || kmin < best_bits) {                                              \
+                /* the first candidate with the smallest key (the first, if all are +inf) */ \
+                for (i = 0; i < m; i++) {                                                    \
+                    if (vc[i] != 0 && key[i] == kmin) {                                      \
+                        best = base + c + i;                                                 \
+                        best_bits = kmin;                                                    \
+                        part->best_param = old[i];                                           \
+                        part->best_grad = vc[i];                                             \
+                        part->best_product = sc[i] * vc[i];                                  \
+                        break;                                                               \
+                    }                                                                        \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        for (int j = 0; j < GR_LANES; j++) part->hi[j] = H[j], part->lo[j] = L[j];          \
+        part->best = best;                                                                   \
+        part->best_bits = best_bits;                                                         \
+    }
+
+typedef void (*gr_segment_fn)(void *, const void *, void *, void *, int64_t, int64_t, int64_t,
+                              const hyper_t *, int, gr_part_t *);
+
+#if RPROP_DTYPE == 0
+DEFINE_GRPROP_SEGMENT(gr_seg, float, uint32_t, UINT32_C(0x7F800000))
+#define HAS_GRPROP 1
+#elif RPROP_DTYPE == 1
+DEFINE_GRPROP_SEGMENT(gr_seg, double, uint64_t, UINT64_C(0x7FF0000000000000))
+#define HAS_GRPROP 1
+#else
+#define HAS_GRPROP 0
+#endif
+
+/* One GRprop step of n tensors (float32 or float64 builds; others return
+ * -1). `out` receives 8 doubles: [0] 1 if there is a candidate, else 0;
+ * [1] its index in the concatenated elements; [2] its parameter before the
+ * move; [3] its effective gradient; [4] the sum of step * g over the other
+ * candidates (NaN, +-inf or the compensated sum rounded once); [5..7] unused
+ * (0). Returns 0, -1 on bad codes, -2 if memory for the blocks' partial
+ * results cannot be had. */
+int rprop_grprop_step(int dtype, int64_t n, void *const *params, void *const *grads,
+                      void *const *prevs, void *const *steps, const int64_t *numels,
+                      void *const *counters, int counter_kind, double eta_minus,
+                      double eta_plus, double lo, double hi, double wd, int maximize, int slr,
+                      int nthreads, double *out) {
+    for (int k = 0; k < 8; k++) out[k] = 0.0;
+    if (dtype != RPROP_DTYPE || !HAS_GRPROP || slr < 0 || slr > 1) return -1;
+#if HAS_GRPROP
+    const hyper_t hp = {eta_minus, eta_plus, lo, hi, wd, maximize != 0, wd != 0.0};
+    if (counters != NULL) {
+        for (int64_t t = 0; t < n; t++) {
+            if (counter_kind == 0)
+                *(float *)counters[t] += 1.0f;
+            else
+                *(double *)counters[t] += 1.0;
+        }
+    }
+    int64_t total = 0;
+    for (int64_t t = 0; t < n; t++) total += numels[t];
+    if (total == 0) return 0;
+    const int64_t nblocks = (total + GR_BLOCK - 1) / GR_BLOCK;
+    gr_part_t *parts = (gr_part_t *)calloc((size_t)nblocks, sizeof(gr_part_t));
+    int64_t *starts = (int64_t *)malloc((size_t)(n + 1) * sizeof(int64_t));
+    if (parts == NULL || starts == NULL) {
+        free(parts);
+        free(starts);
+        return -2;
+    }
+    starts[0] = 0;
+    for (int64_t t = 0; t < n; t++) starts[t + 1] = starts[t] + numels[t];
+    if (nthreads < 1) nthreads = 1;
+    if (total < PARALLEL_MIN) nthreads = 1;
+
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+#endif
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        gr_part_t *part = &parts[blk];
+        part->best = -1;
+        const int64_t begin = blk * GR_BLOCK;
+        const int64_t end = begin + GR_BLOCK < total ? begin + GR_BLOCK : total;
+        /* the first tensor holding element `begin` */
+        int64_t lo_t = 0, hi_t = n - 1;
+        while (lo_t < hi_t) {
+            const int64_t mid = (lo_t + hi_t + 1) / 2;
+            if (starts[mid] <= begin) lo_t = mid; else hi_t = mid - 1;
+        }
+        for (int64_t t = lo_t; t < n && starts[t] < end; t++) {
+            const int64_t a = begin > starts[t] ? begin - starts[t] : 0;
+            const int64_t b = (end < starts[t + 1] ? end : starts[t + 1]) - starts[t];
+            if (a < b)
+                gr_seg(params[t], grads[t], prevs[t], steps[t], a, b, starts[t], &hp, slr, part);
+        }
+    }
+
+    /* Combine the blocks in order: the first smallest key; the sums. */
+    int64_t best = -1, pinf = 0, ninf = 0, nan = 0;
+    uint64_t best_bits = 0;
+    double best_param = 0, best_grad = 0, best_product = 0;
+    double shi = 0.0, slo = 0.0;
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const gr_part_t *part = &parts[blk];
+        for (int lane = 0; lane < GR_LANES; lane++) {
+            gr_two_sum(&shi, &slo, part->hi[lane]);
+            slo += part->lo[lane];
+        }
+        pinf += part->pinf;
+        ninf += part->ninf;
+        nan += part->nan;
+        if (part->best >= 0 && (best < 0 || part->best_bits < best_bits)) {
+            best = part->best;
+            best_bits = part->best_bits;
+            best_param = part->best_param;
+            best_grad = part->best_grad;
+            best_product = part->best_product;
+        }
+    }
+    free(parts);
+    free(starts);
+    if (best < 0) return 0;
+    /* Leave the chosen product out. */
+    if (best_product - best_product == 0) {
+        gr_two_sum(&shi, &slo, -best_product);
+    } else if (best_product != best_product) {
+        nan--;
+    } else if (best_product > 0) {
+        pinf--;
+    } else {
+        ninf--;
+    }
+    double others;
+    if (nan > 0 || (pinf > 0 && ninf > 0)) others = NAN;
+    else if (pinf > 0) others = INFINITY;
+    else if (ninf > 0) others = -INFINITY;
+    else others = shi - shi == 0 ? shi + slo : shi;  /* an overflowed sum as it is */
+    out[0] = 1.0;
+    out[1] = (double)best;
+    out[2] = best_param;
+    out[3] = best_grad;
+    out[4] = others;
+#endif
     return 0;
 }
