@@ -328,7 +328,7 @@ def run(
                     step = functools.partial(_step_with_loss, opt, losses)
                 step()  # the state is made, and a kernel compiled, before any timing
                 timed[path] = step
-            # fused=True without a C compiler; a variant fused=True refuses (GRprop)
+            # fused=True without a C compiler, or refused for these tensors
             except (RuntimeError, ValueError) as err:
                 row["error"] = str(err).splitlines()[0]
         if timed:
