@@ -168,3 +168,33 @@ def test_cuda_step_on_a_device_that_is_not_current(setting):
     with torch.cuda.device(0), groups_warning():
         drive([a, b], [cpu, gpu], 10)
     assert_bitwise([p.detach() for p in cpu], [p.detach().cpu() for p in gpu], "params")
+
+
+@cuda
+@pytest.mark.parametrize("variant", ["grprop-sag", "grprop-slr"])
+def test_cuda_grprop_matches_cpu_and_fused_true_is_refused(variant):
+    """GRprop's batched step on CUDA gives the CPU batched step's bits (the
+    same torch operations and the same summation tree); its one-pass kernel
+    is CPU-only, so fused=True on CUDA is a RuntimeError with nothing changed."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, dtype=torch.float64, generator=gen) for s in [(30, 7), (7,), (5,)]]
+    grads = [[torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in start]
+             for _ in range(10)]
+    runs = []
+    for device in ("cpu", "cuda"):
+        ps = [p.to(device).requires_grad_() for p in start]
+        opt = rprop.Rprop(ps, variant=variant, lr=0.1, step_sizes=(1e-10, 0.1))
+        for gs in grads:
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g.to(device)
+            opt.step()
+        runs.append([p.detach().cpu() for p in ps]
+                    + [opt.state[p]["step_size"].cpu() for p in ps])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    p = torch.zeros(3, device="cuda", requires_grad=True)
+    p.grad = torch.ones(3, device="cuda")
+    opt = rprop.Rprop([p], variant=variant, fused=True)
+    with pytest.raises(RuntimeError, match=r"runs on CPU|needs Triton"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros(3, device="cuda"))
