@@ -282,7 +282,7 @@ def _counter_kind(steps: list[Tensor]) -> int:
     """0/1 when every counter is a CPU float32/float64 scalar the kernel can
     increment, else -1."""
     kinds = set(map(_get_dtype, steps))
-    if len(kinds) == 1 and all(s.is_cpu and s.numel() == 1 for s in steps):
+    if len(kinds) == 1 and all(map(_get_is_cpu, steps)) and set(map(_numel, steps)) == {1}:
         return {torch.float32: 0, torch.float64: 1}.get(kinds.pop(), -1)
     return -1
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ from rprop.torch._paths import adapt_step_sizes_, increment_steps
 from rprop.torch._tensors import mark_written, real_views
 
 __all__ = ["check_groups", "step"]
+
+_get_device = attrgetter("device")
 
 # What every group of a GRprop optimizer must share: the adjustment reads one
 # variant, one pair of step bounds (its clip) and one δ for all parameters,
@@ -154,7 +157,7 @@ def step(work: list[tuple[dict[str, Any], Hyper, Variant, list[Any]]],
                       else [effective_grad(gi, pi, hyper) for gi, pi in zip(gs, ps, strict=True)])
             prevs += pvs
             step_sizes += ss
-            devices.update(p.device for p in ps)
+            devices.update(map(_get_device, ps))
     if len(devices) > 1:
         raise ValueError(
             "GRprop's adjustment runs over all parameters at once; they must be on one "
