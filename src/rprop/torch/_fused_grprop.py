@@ -75,6 +75,7 @@ def unsupported(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
     return None
 
 
+@torch.compiler.disable  # an opaque kernel call: torch.compile runs it eagerly
 def step(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
          step_sizes: list[Tensor], steps: list[Tensor], *, hyper: Hyper, adjust: str) -> None:
     """One GRprop step of tensors :func:`unsupported` accepts: the gradients
