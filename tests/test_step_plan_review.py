@@ -32,7 +32,10 @@ def _grads(t: int) -> list[torch.Tensor]:
     return [torch.randn(s, generator=gen) for s in SHAPES]
 
 
-def _against_torch(path: str, change: Any, steps: int = 6) -> None:
+def _against_torch(path: str, change: Any, steps: int = 6, keep_grads: bool = False) -> None:
+    """``change(opt, params)`` after the second step, with torch.optim.Rprop
+    and rprop's ``path``; ``keep_grads``: the gradients are the same tensors
+    at every step, written in place (zero_grad(set_to_none=False))."""
     runs = []
     for make in (lambda ps: torch.optim.Rprop(ps, lr=0.05, foreach=False),
                  lambda ps: rprop.Rprop(ps, lr=0.05, **PATHS[path])):
@@ -40,7 +43,10 @@ def _against_torch(path: str, change: Any, steps: int = 6) -> None:
         opt = make(params)
         for t in range(steps):
             for p, g in zip(params, _grads(t), strict=True):
-                p.grad = g.clone()
+                if keep_grads and p.grad is not None:
+                    p.grad.copy_(g)  # in logical order, whatever the strides
+                else:
+                    p.grad = g.clone()
             opt.step()
             if t == 1:
                 change(opt, params)
@@ -87,27 +93,13 @@ def test_parameter_viewed_transposed_at_the_same_address(path):
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_gradient_transposed_in_place_under_the_same_object(path):
-    """Gradients kept between steps (zero_grad(set_to_none=False)): one is
-    transposed in place, same object, same address and size, new strides, so
-    it no longer lines up with its parameter element by element."""
-    runs = []
-    for make in (lambda ps: torch.optim.Rprop(ps, lr=0.05, foreach=False),
-                 lambda ps: rprop.Rprop(ps, lr=0.05, **PATHS[path])):
-        params = _params()
-        opt = make(params)
-        for t in range(6):
-            for p, g in zip(params, _grads(t), strict=True):
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)  # in logical order, whatever the strides
-            opt.step()
-            if t == 1:
-                params[1].grad.t_()
+    """Gradients kept between steps: one is transposed in place, same object,
+    same address and size, new strides, so it no longer lines up with its
+    parameter element by element."""
+    def transpose(opt: Any, params: list[torch.Tensor]) -> None:
+        params[1].grad.t_()
         assert not params[1].grad.is_contiguous()
-        runs.append((params, opt))
-    (tp, topt), (rp, ropt) = runs
-    assert_same(tp, rp, topt, ropt)
+    _against_torch(path, transpose, keep_grads=True)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

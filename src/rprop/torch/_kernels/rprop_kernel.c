@@ -209,6 +209,24 @@ int rprop_kernel_openmp(void) {
 #endif
 }
 
+/* Add 1 to each of the n step counters (may be NULL), float32
+ * (counter_kind 0) or float64 (1); return the number of elements of the n
+ * tensors. */
+static int64_t count_step(int64_t n, const int64_t *numels, void *const *counters,
+                          int counter_kind) {
+    if (counters != NULL) {
+        for (int64_t t = 0; t < n; t++) {
+            if (counter_kind == 0)
+                *(float *)counters[t] += 1.0f;
+            else
+                *(double *)counters[t] += 1.0;
+        }
+    }
+    int64_t total = 0;
+    for (int64_t t = 0; t < n; t++) total += numels[t];
+    return total;
+}
+
 /* Step n tensors of one dtype. Each pointer array has n entries;
  * prev_updates is read only when pu_mode != PU_NONE. counters (may be NULL)
  * are the per-tensor step counters, float32 (counter_kind 0) or float64
@@ -222,18 +240,7 @@ int rprop_fused_step(int dtype, int64_t n, void *const *params, void *const *gra
         return -1;
     const segment_fn seg = SEGMENTS[pu_mode * 2 + forget];
     const hyper_t hp = {eta_minus, eta_plus, lo, hi, wd, maximize != 0, wd != 0.0};
-
-    if (counters != NULL) {
-        for (int64_t t = 0; t < n; t++) {
-            if (counter_kind == 0)
-                *(float *)counters[t] += 1.0f;
-            else
-                *(double *)counters[t] += 1.0;
-        }
-    }
-
-    int64_t total = 0;
-    for (int64_t t = 0; t < n; t++) total += numels[t];
+    const int64_t total = count_step(n, numels, counters, counter_kind);
     if (total == 0) return 0;
     if (nthreads < 1) nthreads = 1;
     if (total < PARALLEL_MIN) nthreads = 1;
@@ -448,16 +455,7 @@ int rprop_grprop_step(int dtype, int64_t n, void *const *params, void *const *gr
     if (dtype != RPROP_DTYPE || !HAS_GRPROP || slr < 0 || slr > 1) return -1;
 #if HAS_GRPROP
     const hyper_t hp = {eta_minus, eta_plus, lo, hi, wd, maximize != 0, wd != 0.0};
-    if (counters != NULL) {
-        for (int64_t t = 0; t < n; t++) {
-            if (counter_kind == 0)
-                *(float *)counters[t] += 1.0f;
-            else
-                *(double *)counters[t] += 1.0;
-        }
-    }
-    int64_t total = 0;
-    for (int64_t t = 0; t < n; t++) total += numels[t];
+    const int64_t total = count_step(n, numels, counters, counter_kind);
     if (total == 0) return 0;
     const int64_t nblocks = (total + GR_BLOCK - 1) / GR_BLOCK;
     gr_part_t *parts = (gr_part_t *)calloc((size_t)nblocks, sizeof(gr_part_t));
