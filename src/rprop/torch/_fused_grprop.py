@@ -20,13 +20,14 @@ relative in float64). It does not depend on the number of threads.
 
 from __future__ import annotations
 
+import math
 from array import array
 from operator import attrgetter
 
 import torch
 from torch import Tensor
 
-from rprop._core import grprop_value
+from rprop._core import finish_sum, grprop_value, sum_parts
 from rprop._hyper import Hyper
 from rprop.torch._compat import PLAIN_TYPES
 from rprop.torch._fused import _counter_kind, _etas_in, _overlap
@@ -34,6 +35,9 @@ from rprop.torch._kernel_cache import CODES, load_library
 from rprop.torch._paths import increment_steps
 
 __all__ = ["step", "unsupported"]
+
+# rprop_grprop_step's code for tensors sharing memory it writes (gr_aliased).
+_ALIASED = -3
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
@@ -91,8 +95,6 @@ def step(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
     base, word = ptrs.buffer_info()[0], n * ptrs.itemsize
     numels = array("q", map(_numel, params))
     kind = _counter_kind(steps)
-    if kind < 0:
-        increment_steps(steps)
     out = array("d", bytes(8 * 8))
     eta_minus, eta_plus = _etas_in(hyper, dtype)
     rc = lib.rprop_grprop_step(
@@ -100,8 +102,14 @@ def step(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
         base + 4 * word if kind >= 0 else None, max(kind, 0), eta_minus, eta_plus,
         hyper.step_min, hyper.step_max, hyper.weight_decay, hyper.maximize,
         1 if adjust == "slr" else 0, torch.get_num_threads(), out.buffer_info()[0])
+    if rc == _ALIASED:  # checked by the kernel, before it writes anything
+        raise RuntimeError(
+            "the fused GRprop step needs gradients and state that share no memory with the "
+            "parameters or the state (a gradient may be its own parameter's memory)")
     if rc != 0:
         raise RuntimeError(f"the fused GRprop kernel rejected its arguments (code {rc})")
+    if kind < 0:
+        increment_steps(steps)
     if not out[0]:  # no non-zero gradient: nothing to adjust
         return
     where = int(out[1])
@@ -113,8 +121,27 @@ def step(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
     size = step_sizes[t].view(-1)[local]
     param = params[t].view(-1)[local]
     g = torch.tensor(out[3], dtype=dtype)
-    value = grprop_value(torch.tensor(out[4], dtype=dtype), g, hyper, torch)
+    others = torch.tensor(out[4], dtype=dtype)
+    if not bool(others.isfinite()):
+        others = _tree_sum_of_others(prevs, step_sizes, where, hyper)
+    value = grprop_value(others, g, hyper, torch)
     if bool(value == value):  # a NaN sum adjusts nothing
         size.copy_(value)
         param.fill_(out[2])  # its value before the move, exact in its dtype
         param.addcmul_(torch.sign(g), size, value=-1)
+
+
+def _tree_sum_of_others(prevs: list[Tensor], step_sizes: list[Tensor], where: int,
+                        hyper: Hyper) -> Tensor:
+    """The batched step's sum of the other candidates' ``step * g`` (the
+    halves tree of :func:`rprop._core.sum_parts`), for a kernel sum that is
+    not finite: the kernel's order can overflow where the tree's does not
+    (``A + A - A - A``), and an infinite or NaN sum decides the adjusted step
+    size by its sign alone, so there the tree's result is taken. ``prevs``
+    hold the effective gradients and ``step_sizes`` the adapted sizes."""
+    products = torch.cat([(s * g).reshape(-1) for s, g in zip(step_sizes, prevs, strict=True)])
+    if not math.isfinite(hyper.step_max):  # inf * 0 is NaN: a zero gradient adds 0
+        keys = torch.cat([g.reshape(-1) for g in prevs])
+        products.masked_fill_(keys == 0, 0)
+    products[where] = 0
+    return finish_sum(*sum_parts(products, torch), torch)

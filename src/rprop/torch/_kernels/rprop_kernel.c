@@ -439,13 +439,62 @@ DEFINE_GRPROP_SEGMENT(gr_seg, double, uint64_t, UINT64_C(0x7FF0000000000000))
 #define HAS_GRPROP 0
 #endif
 
+/* Whether the memory the GRprop step writes (parameters, prevs, step sizes)
+ * is shared by two of those tensors or read as a gradient, a gradient that
+ * is its own parameter's memory aside (the element rule reads each gradient
+ * element before it writes the parameter's): the tensors are walked one
+ * after the other, so another tensor's memory as a gradient would be read
+ * after it moved, where the batched step reads every gradient first. Each
+ * tensor is dense, numels[t] elements of `size` bytes. -1 if the memory for
+ * the check cannot be had. */
+typedef struct {
+    uintptr_t start, stop;
+} gr_span_t;
+
+static int gr_span_cmp(const void *a, const void *b) {
+    const uintptr_t x = ((const gr_span_t *)a)->start, y = ((const gr_span_t *)b)->start;
+    return (x > y) - (x < y);
+}
+
+static int gr_aliased(int64_t n, void *const *params, void *const *grads, void *const *prevs,
+                      void *const *steps, const int64_t *numels, size_t size) {
+    gr_span_t *spans = (gr_span_t *)malloc((size_t)(3 * n + 1) * sizeof(gr_span_t));
+    if (spans == NULL) return -1;
+    void *const *written[3] = {params, prevs, steps};
+    int64_t m = 0;
+    for (int64_t t = 0; t < n; t++) {
+        if (numels[t] == 0) continue;
+        for (int k = 0; k < 3; k++) {
+            spans[m].start = (uintptr_t)written[k][t];
+            spans[m].stop = spans[m].start + (uintptr_t)numels[t] * size;
+            m++;
+        }
+    }
+    qsort(spans, (size_t)m, sizeof(gr_span_t), gr_span_cmp);
+    int shared = 0;
+    for (int64_t i = 1; i < m && !shared; i++) shared = spans[i].start < spans[i - 1].stop;
+    for (int64_t t = 0; t < n && !shared; t++) {
+        if (numels[t] == 0 || grads[t] == params[t]) continue;
+        const uintptr_t lo = (uintptr_t)grads[t], hi = lo + (uintptr_t)numels[t] * size;
+        int64_t a = 0, b = m; /* a: the number of spans starting below hi */
+        while (a < b) {
+            const int64_t mid = a + (b - a) / 2;
+            if (spans[mid].start < hi) a = mid + 1; else b = mid;
+        }
+        shared = a > 0 && spans[a - 1].stop > lo; /* disjoint and sorted: the last one */
+    }
+    free(spans);
+    return shared;
+}
+
 /* One GRprop step of n tensors (float32 or float64 builds; others return
  * -1). `out` receives 8 doubles: [0] 1 if there is a candidate, else 0;
  * [1] its index in the concatenated elements; [2] its parameter before the
  * move; [3] its effective gradient; [4] the sum of step * g over the other
  * candidates (NaN, +-inf or the compensated sum rounded once); [5..7] unused
  * (0). Returns 0, -1 on bad codes, -2 if memory for the blocks' partial
- * results cannot be had. */
+ * results cannot be had, -3 (nothing written) if the tensors share memory
+ * the step writes (gr_aliased). */
 int rprop_grprop_step(int dtype, int64_t n, void *const *params, void *const *grads,
                       void *const *prevs, void *const *steps, const int64_t *numels,
                       void *const *counters, int counter_kind, double eta_minus,
@@ -455,6 +504,9 @@ int rprop_grprop_step(int dtype, int64_t n, void *const *params, void *const *gr
     if (dtype != RPROP_DTYPE || !HAS_GRPROP || slr < 0 || slr > 1) return -1;
 #if HAS_GRPROP
     const hyper_t hp = {eta_minus, eta_plus, lo, hi, wd, maximize != 0, wd != 0.0};
+    const int aliased = gr_aliased(n, params, grads, prevs, steps, numels,
+                                   RPROP_DTYPE == 0 ? sizeof(float) : sizeof(double));
+    if (aliased != 0) return aliased < 0 ? -2 : -3;
     const int64_t total = count_step(n, numels, counters, counter_kind);
     if (total == 0) return 0;
     const int64_t nblocks = (total + GR_BLOCK - 1) / GR_BLOCK;
