@@ -8,6 +8,8 @@ state; for the default variant it is torch.optim.Rprop."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,3 +121,39 @@ def _transpose_a_state_tensors_data(opt, params):
     "parameter); torch.optim.Rprop pairs them by index"))
 def test_a_state_tensor_viewed_transposed_at_the_same_address(path, change):
     _against_torch(path, change)
+
+
+_SMALLER_STATE = """
+import torch, rprop
+d = torch.float64
+ps = [torch.randn(100_000, dtype=d).requires_grad_(), torch.randn(6, dtype=d).requires_grad_()]
+opt = rprop.Rprop(ps, variant="grprop-sag", fused=True)
+for p in ps:
+    p.grad = torch.randn(p.shape, dtype=d)
+opt.step()
+opt.state[ps[0]]["step_size"] = torch.full((2,), 0.1, dtype=d)
+opt.state[ps[0]]["prev"] = torch.zeros(2, dtype=d)
+for p in ps:
+    p.grad = torch.randn(p.shape, dtype=d)
+values = [p.detach().clone() for p in ps]
+try:
+    opt.step()
+except RuntimeError as e:
+    assert "shapes" in str(e), e
+    assert all(torch.equal(p.detach(), v) for p, v in zip(ps, values))
+    print("refused")
+else:
+    print("stepped")
+"""
+
+
+@pytest.mark.slow
+def test_a_state_tensor_replaced_by_a_smaller_one_is_refused_not_overrun():
+    """The kernel walks each parameter's element count through its state: a
+    state tensor replaced by a smaller one was written past its end (the
+    process hung or crashed); the batched step raises torch's size error.
+    In a subprocess, so that a heap overrun cannot take the test run down."""
+    done = subprocess.run([sys.executable, "-c", _SMALLER_STATE], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", (done.returncode,
+                                                                      done.stdout, done.stderr)
