@@ -139,7 +139,7 @@ values = [p.detach().clone() for p in ps]
 try:
     opt.step()
 except RuntimeError as e:
-    assert "shapes" in str(e), e
+    assert "sizes" in str(e), e
     assert all(torch.equal(p.detach(), v) for p, v in zip(ps, values))
     print("refused")
 else:

@@ -44,7 +44,6 @@ _numel = Tensor.numel
 _is_contiguous = Tensor.is_contiguous
 _get_is_cpu = attrgetter("is_cpu")
 _get_dtype = attrgetter("dtype")
-_get_shape = attrgetter("shape")
 
 
 def unsupported(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
@@ -68,11 +67,11 @@ def unsupported(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
         return "the fused GRprop step needs parameters, gradients and state of one dtype"
     if not all(map(_is_contiguous, every)):
         return "the fused GRprop step needs contiguous tensors"
-    shapes = list(map(_get_shape, params))
-    if not shapes == list(map(_get_shape, grads)) == list(map(_get_shape, prevs)) \
-            == list(map(_get_shape, step_sizes)):
+    sizes = array("q", map(_numel, params))
+    if not sizes == array("q", map(_numel, grads)) == array("q", map(_numel, prevs)) \
+            == array("q", map(_numel, step_sizes)):
         # The kernel walks each parameter's element count in all four.
-        return "the fused GRprop step needs gradients and state of their parameters' shapes"
+        return "the fused GRprop step needs gradients and state of their parameters' sizes"
     first = hypers[0]
     if any((h.eta_minus, h.eta_plus, h.weight_decay, h.maximize)
            != (first.eta_minus, first.eta_plus, first.weight_decay, first.maximize)
