@@ -181,7 +181,7 @@ class GroupPlan:
                 b_states = [states[j] for j in self.indices[i]]
             try:
                 b.read_state(b_states)  # the state tensors as they are now
-            except KeyError:  # a key deleted by hand: gathered anew, and completed
-                return None
+            except KeyError:  # a key deleted by hand: gathered anew (a key only
+                return None   # some variants keep is completed, torch's raise as in torch)
             b.grads = b_grads
         return self.buckets

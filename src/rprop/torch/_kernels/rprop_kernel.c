@@ -507,15 +507,22 @@ int rprop_grprop_step(int dtype, int64_t n, void *const *params, void *const *gr
     const int aliased = gr_aliased(n, params, grads, prevs, steps, numels,
                                    RPROP_DTYPE == 0 ? sizeof(float) : sizeof(double));
     if (aliased != 0) return aliased < 0 ? -2 : -3;
-    const int64_t total = count_step(n, numels, counters, counter_kind);
-    if (total == 0) return 0;
+    int64_t total = 0;
+    for (int64_t t = 0; t < n; t++) total += numels[t];
+    /* Memory first: a refusal (-2) leaves the counters as they were. */
     const int64_t nblocks = (total + GR_BLOCK - 1) / GR_BLOCK;
-    gr_part_t *parts = (gr_part_t *)calloc((size_t)nblocks, sizeof(gr_part_t));
+    gr_part_t *parts = (gr_part_t *)calloc((size_t)(nblocks > 0 ? nblocks : 1), sizeof(gr_part_t));
     int64_t *starts = (int64_t *)malloc((size_t)(n + 1) * sizeof(int64_t));
     if (parts == NULL || starts == NULL) {
         free(parts);
         free(starts);
         return -2;
+    }
+    count_step(n, numels, counters, counter_kind);
+    if (total == 0) {
+        free(parts);
+        free(starts);
+        return 0;
     }
     starts[0] = 0;
     for (int64_t t = 0; t < n; t++) starts[t + 1] = starts[t] + numels[t];
