@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from _helpers import loss_fn, make_model  # this script's folder is on sys.path
 from rprop.torch import fit
 
 MARK_AT = 3
@@ -28,17 +29,6 @@ def problem() -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.3 * torch.randn(400, 1, generator=g,
                                                                    dtype=torch.float64)
     return x, y
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 1)).double()
-
-
-def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return ((model(x) - y) ** 2).sum(dim=1)
 
 
 def run(folder: Path | None, epochs: int, slow: bool) -> tuple[torch.nn.Module, object]:

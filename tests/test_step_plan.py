@@ -84,14 +84,24 @@ CHANGES: dict[str, Change] = {
 }
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("change", list(CHANGES))
-def test_a_change_between_steps_is_seen(path, change):
+def _against_torch(path: str, drive: Any) -> None:
+    """``drive(opt, params)`` with torch.optim.Rprop and with rprop's
+    ``path``: the same parameters and state."""
     runs = []
     for make in (lambda ps: torch.optim.Rprop(ps, lr=0.05, foreach=False),
                  lambda ps: rprop.Rprop(ps, lr=0.05, **PATHS[path])):
         params = _params()
         opt = make(params)
+        drive(opt, params)
+        runs.append((params, opt))
+    (tp, topt), (rp, ropt) = runs
+    assert_same(tp, rp, topt, ropt)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_between_steps_is_seen(path, change):
+    def drive(opt: Any, params: list[torch.Tensor]) -> None:
         for t in range(3):
             _step(opt, params, t)
         CHANGES[change](opt, params)
@@ -103,27 +113,19 @@ def test_a_change_between_steps_is_seen(path, change):
                 opt.step()
                 continue
             _step(opt, params, t)
-        runs.append((params, opt))
-    (tp, topt), (rp, ropt) = runs
-    assert_same(tp, rp, topt, ropt)
+    _against_torch(path, drive)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_gradients_coming_and_going(path):
     """A parameter whose gradient is None in some steps (a frozen branch)
     keeps its state there and joins again later, as in torch."""
-    runs = []
-    for make in (lambda ps: torch.optim.Rprop(ps, lr=0.05, foreach=False),
-                 lambda ps: rprop.Rprop(ps, lr=0.05, **PATHS[path])):
-        params = _params()
-        opt = make(params)
+    def drive(opt: Any, params: list[torch.Tensor]) -> None:
         for t in range(8):
             for i, (p, g) in enumerate(zip(params, _grads(t), strict=True)):
                 p.grad = None if (i == 1 and t % 3 == 1) or (i == 3 and t < 4) else g
             opt.step()
-        runs.append((params, opt))
-    (tp, topt), (rp, ropt) = runs
-    assert_same(tp, rp, topt, ropt)
+    _against_torch(path, drive)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
