@@ -93,8 +93,9 @@ def _python_layout_guard(tensors: list[Tensor]) -> Any:
     def key(t: Any) -> Any:
         if not isinstance(t, Tensor):
             return None
-        return (type(t), t.dtype, t.device, t.layout, t.requires_grad, t.shape,
-                t.stride() if t.layout == torch.strided else None)
+        # is_neg and is_conj: dispatch keys TensorGuards compares.
+        return (type(t), t.dtype, t.device, t.layout, t.requires_grad, t.is_neg(),
+                t.is_conj(), t.shape, t.stride() if t.layout == torch.strided else None)
 
     expected = [key(t) for t in tensors]
 

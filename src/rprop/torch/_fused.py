@@ -54,6 +54,7 @@ PU_NONE, PU_UNDO, PU_KEEP = 0, 1, 2
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _is_contiguous = Tensor.is_contiguous
+_is_neg = Tensor.is_neg
 _get_is_cpu = attrgetter("is_cpu")
 _get_dtype = attrgetter("dtype")
 
@@ -218,7 +219,7 @@ def prepare(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
     pdt, sdt = params[0].dtype, prevs[0].dtype
     code = CODES.get((pdt, grads[0].dtype, sdt))
     if (code is None or not params[0].is_cpu or not all(map(_is_contiguous, params))
-            or not all(map(_is_contiguous, grads))
+            or not all(map(_is_contiguous, grads)) or any(map(_is_neg, grads))
             or not all(_walkable(p, pdt, [ts[i] for ts in states], sdt)
                        for i, p in enumerate(params))):
         return None
@@ -270,7 +271,10 @@ def _dense(t: Tensor) -> bool:
 def _same_layout(p: Tensor, t: Tensor, dtype: torch.dtype) -> bool:
     """Whether the kernel may walk ``t`` (of ``dtype``) element by element
     alongside ``p``."""
-    if t.numel() != p.numel() or t.dtype != dtype or t.get_device() != p.get_device():
+    # A negative view (``z.conj().imag``) holds the negated values in memory,
+    # which the kernel would read as they are.
+    if (t.numel() != p.numel() or t.dtype != dtype or t.get_device() != p.get_device()
+            or t.is_neg()):
         return False
     if p.is_contiguous():
         return t.is_contiguous()
@@ -280,7 +284,7 @@ def _same_layout(p: Tensor, t: Tensor, dtype: torch.dtype) -> bool:
 def _walkable(p: Tensor, pdt: torch.dtype, ts: list[Tensor], dtype: torch.dtype) -> bool:
     """Whether ``p`` is a dense tensor of ``pdt`` and the tensors ``ts`` (of
     ``dtype``, on its device) line up with it."""
-    return (p.dtype == pdt and (p.is_contiguous() or _dense(p))
+    return (p.dtype == pdt and not p.is_neg() and (p.is_contiguous() or _dense(p))
             and all(_same_layout(p, t, dtype) for t in ts))
 
 

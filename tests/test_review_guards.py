@@ -1,0 +1,81 @@
+"""Review of the step plan's layout guard (rprop.torch._compat.layout_guard,
+its Python fallback) and the fused step's prepared table: gradients whose
+memory is read with a sign flip (a negative view, ``z.conj().imag``) and
+the fallback run through the plan tests' scenarios. Oracle: torch.optim.Rprop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rprop
+from _table import PATHS
+from rprop.torch import _compat
+
+# One-element parameters: ``z.conj().imag`` of a one-element complex tensor
+# is a contiguous real tensor whose memory holds the negated gradient.
+SHAPES = [(1,), (1,), ()]
+
+
+def _grads(t: int, negative_from: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + t)
+    out = []
+    for s in SHAPES:
+        z = torch.randn(s, dtype=torch.complex64, generator=gen)
+        out.append(z.conj().imag if t >= negative_from else z.imag.clone())
+    return out
+
+
+def _run(make, negative_from: int, steps: int = 5) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in SHAPES]
+    opt = make(params)
+    for t in range(steps):
+        for p, g in zip(params, _grads(t, negative_from), strict=True):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.fixture(params=["dynamo", "python"])
+def guard(request, monkeypatch):
+    """Each test once with dynamo's TensorGuards, once with the fallback."""
+    if request.param == "python":
+        monkeypatch.setattr(_compat, "_TENSOR_GUARDS", None)
+    return request.param
+
+
+@pytest.mark.parametrize("negative_from", [0, 2], ids=["from-the-start", "after-two-steps"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_negative_view_gradient_is_stepped_with_its_sign(path, negative_from, guard):
+    assert _grads(negative_from, negative_from)[0].is_neg()
+    expected = _run(lambda ps: torch.optim.Rprop(ps, lr=0.05, foreach=False), negative_from)
+    got = _run(lambda ps: rprop.Rprop(ps, lr=0.05, **PATHS[path]), negative_from)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g), (e, g)
+
+
+def test_the_fallback_sees_negative_and_conjugate_views_as_tensorguards_does():
+    a = torch.randn(3)
+    z = torch.randn(3, dtype=torch.complex64)
+    for guard_of in (_compat.layout_guard, _compat._python_layout_guard):
+        assert not guard_of([a])(torch._neg_view(a)), guard_of
+        assert not guard_of([z])(z.conj()), guard_of
+        assert guard_of([a])(a.clone()), guard_of
+
+
+def test_the_plan_tests_pass_with_the_python_fallback(monkeypatch):
+    """tests/test_step_plan.py and tests/test_step_plan_review.py's scenarios,
+    the plan built on the fallback."""
+    import test_step_plan
+    import test_step_plan_review
+
+    monkeypatch.setattr(_compat, "_TENSOR_GUARDS", None)
+    for path in PATHS:
+        for change in test_step_plan.CHANGES:
+            test_step_plan.test_a_change_between_steps_is_seen(path, change)
+        test_step_plan.test_gradients_coming_and_going(path)
+        test_step_plan_review.test_state_data_reassigned(path)
+        test_step_plan_review.test_parameter_viewed_transposed_at_the_same_address(path)
+        test_step_plan_review.test_gradient_transposed_in_place_under_the_same_object(path)
+        test_step_plan_review.test_state_memory_moved_under_the_same_tensors(path)
