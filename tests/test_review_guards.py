@@ -79,3 +79,28 @@ def test_the_plan_tests_pass_with_the_python_fallback(monkeypatch):
         test_step_plan_review.test_parameter_viewed_transposed_at_the_same_address(path)
         test_step_plan_review.test_gradient_transposed_in_place_under_the_same_object(path)
         test_step_plan_review.test_state_memory_moved_under_the_same_tensors(path)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "GroupPlan.buckets_now reads the state lists anew but does not re-run "
+    "Rprop._check_state_holds: a state tensor replaced by a narrower one by hand is "
+    "refused by a fresh gathering and stepped at the narrower precision while a plan holds"))
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_state_narrower_than_its_parameter_is_refused_also_while_a_plan_holds(path):
+    params = [torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+              .requires_grad_() for i in range(3)]
+    opt = rprop.Rprop(params, lr=0.05, **PATHS[path])
+    for p in params:
+        p.grad = torch.ones(4, dtype=torch.float64)
+    opt.step()
+    opt.state[params[1]]["prev"] = opt.state[params[1]]["prev"].float()
+    before = [p.detach().clone() for p in params]
+    # A fresh gathering (no plan) refuses it, naming the parameter ...
+    held, opt._plans = opt._plans, {}
+    with pytest.raises(ValueError, match=r"parameter 1 is torch\.float64 but its state"):
+        opt.step()
+    opt._plans = held
+    # ... and so must the step that still holds the plan, changing nothing.
+    with pytest.raises(ValueError, match=r"parameter 1 is torch\.float64 but its state"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, params, strict=True))
