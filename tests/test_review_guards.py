@@ -104,3 +104,31 @@ def test_a_state_narrower_than_its_parameter_is_refused_also_while_a_plan_holds(
     with pytest.raises(ValueError, match=r"parameter 1 is torch\.float64 but its state"):
         opt.step()
     assert all(torch.equal(b, p) for b, p in zip(before, params, strict=True))
+
+
+@pytest.mark.parametrize("fails_at", ["construction", "first step"])
+def test_bench_a_path_that_errors_keeps_its_row_and_the_others_are_timed(monkeypatch, fails_at):
+    from rprop import _bench
+
+    made = _bench._optimizer
+
+    def optimizer(path, params, variant):
+        if path == "rprop foreach" and fails_at == "construction":
+            raise RuntimeError("refused here\nsecond line")
+        opt = made(path, params, variant)
+        if path == "rprop foreach":
+            def step(*args, **kwargs):
+                raise ValueError("refused at the step")
+            opt.step = step
+        return opt
+
+    monkeypatch.setattr(_bench, "_optimizer", optimizer)
+    rows = _bench.run([(2, 50)], quick=True, repeats=1, variant="irprop+")
+    assert [r["path"] for r in rows] == list(_bench.PATHS)
+    for r in rows:
+        if r["path"] == "rprop foreach":
+            assert r["ms"] is None and r["peak_extra_mb"] is None
+            assert r["error"] == ("refused here" if fails_at == "construction"
+                                  else "refused at the step")
+        else:
+            assert r["ms"] > 0 and r["peak_extra_mb"] is not None and "error" not in r, r
