@@ -132,3 +132,32 @@ def test_bench_a_path_that_errors_keeps_its_row_and_the_others_are_timed(monkeyp
                                   else "refused at the step")
         else:
             assert r["ms"] > 0 and r["peak_extra_mb"] is not None and "error" not in r, r
+
+
+@pytest.mark.parametrize("repeats", [1, 3, 5])
+def test_bench_timed_irprop_plus_steps_see_rising_and_falling_losses(monkeypatch, repeats):
+    """Also with one timed call a turn (--repeats 1 to 3, or a turn cut short
+    by its budget), where every timed step got the same loss."""
+    from rprop import _bench
+
+    clock = _bench.time.perf_counter
+    reads = [0]
+
+    def perf_counter():
+        reads[0] += 1
+        return clock()
+
+    seen: dict[int, list[float]] = {}
+
+    def step_with_loss(opt, losses):
+        loss = next(losses)
+        if reads[0] % 2 == 1:  # between a timed call's start and end
+            seen.setdefault(id(opt), []).append(loss)
+        opt.step(loss=loss)
+
+    monkeypatch.setattr(_bench.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(_bench, "_step_with_loss", step_with_loss)
+    _bench.run([(2, 50)], quick=True, repeats=repeats, variant="irprop+", memory=False)
+    assert len(seen) == 3  # the rprop paths
+    for losses in seen.values():
+        assert set(losses) == {1.0, 2.0}, losses

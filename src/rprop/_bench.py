@@ -153,9 +153,13 @@ def _median_ms(step: Callable[[], Any], device: str, repeats: int, budget_s: flo
 def _interleaved_ms(steps: dict[str, Callable[[], Any]], device: str, repeats: int,
                     budget_s: float, turns: int = 3) -> dict[str, float]:
     """Median wall time of each step in ms, the steps timed in turns: in each
-    of ``turns`` rounds every step is called once untimed (its tensors back
-    in the caches the others used) and then timed ``repeats / turns`` times
-    (rounded up), in an order that rotates from round to round. A change in
+    of ``turns`` rounds every step is called once or twice untimed (its
+    tensors back in the caches the others used) and then timed ``repeats /
+    turns`` times (rounded up), in an order that rotates from round to round.
+    The second untimed call makes each round's first timed call an odd call
+    in one round and an even one in the next, so a step that alternates
+    between two kinds (iRprop+ given a rising and a falling loss) is timed in
+    both, also with one timed call a round. A change in
     the machine's speed during the run (other processes, the clock) then
     falls on every path alike, so the ratios between paths, which are what
     the table is for, do not depend on which path ran when. A turn ends early
@@ -163,15 +167,19 @@ def _interleaved_ms(steps: dict[str, Callable[[], Any]], device: str, repeats: i
     names = list(steps)
     per_turn = -(-repeats // turns)
     times: dict[str, list[float]] = {name: [] for name in names}
+    calls = dict.fromkeys(names, 0)
     for turn in range(turns):
         shift = turn % len(names)
         for name in names[shift:] + names[:shift]:
-            steps[name]()
+            for _ in range(1 + (calls[name] + 1 + turn) % 2):
+                steps[name]()
+                calls[name] += 1
             _sync(device)
             spent = 0.0
             for _ in range(per_turn):
                 start = time.perf_counter()
                 steps[name]()
+                calls[name] += 1
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
                 spent += times[name][-1]
