@@ -79,6 +79,8 @@ def test_the_plan_tests_pass_with_the_python_fallback(monkeypatch):
         test_step_plan_review.test_parameter_viewed_transposed_at_the_same_address(path)
         test_step_plan_review.test_gradient_transposed_in_place_under_the_same_object(path)
         test_step_plan_review.test_state_memory_moved_under_the_same_tensors(path)
+        test_step_plan_review.test_a_sparse_gradient_after_the_first_step_is_refused_before_anything_changes(path)
+        test_step_plan_review.test_irprop_plus_state_dicts_copied_then_a_parameter_without_gradient(path)
 
 
 @pytest.mark.xfail(strict=True, reason=(
