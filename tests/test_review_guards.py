@@ -83,12 +83,10 @@ def test_the_plan_tests_pass_with_the_python_fallback(monkeypatch):
         test_step_plan_review.test_irprop_plus_state_dicts_copied_then_a_parameter_without_gradient(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GroupPlan.buckets_now reads the state lists anew but does not re-run "
-    "Rprop._check_state_holds: a state tensor replaced by a narrower one by hand is "
-    "refused by a fresh gathering and stepped at the narrower precision while a plan holds"))
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_state_narrower_than_its_parameter_is_refused_also_while_a_plan_holds(path):
+    """The plan's layout check covers the state: a state tensor replaced by a
+    narrower one makes the step gather again, which refuses it."""
     params = [torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
               .requires_grad_() for i in range(3)]
     opt = rprop.Rprop(params, lr=0.05, **PATHS[path])

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from rprop._hyper import Hyper
 from rprop._variants import Variant
-from rprop.torch._compat import PLAIN_TYPES, layout_guard, local_tensor
+from rprop.torch._compat import PLAIN_TYPES, local_tensor
 from rprop.torch._kernel_cache import CODES, REAL_OF, kernel_info, load_library
 from rprop.torch._path_registry import ALL_FEATURES, Path, register, run_declined
 from rprop.torch._paths import increment_steps
@@ -154,13 +154,12 @@ class Prepared:
     table of its parameters, state and step counters, built once.
 
     The optimizer calls it only while its :class:`rprop.torch._plan.GroupPlan`
-    holds: the same parameter objects, and parameters and gradients with the
-    sizes, strides and dtypes they had when this was prepared (contiguous, as
-    :func:`prepare` required). What the plan does not see is the state's
-    layout and where the memory is, so each call first checks that the state
-    tensors have the sizes and strides they were prepared with (one C++ call)
-    and that the parameters, state tensors and step counters of this step are
-    where the table points (``p.data = ...``, a state tensor replaced, its
+    holds: the same parameter objects, and parameters, gradients and state
+    tensors with the sizes, strides and dtypes they had when this was
+    prepared (contiguous, as :func:`prepare` required). What the plan does not
+    see is where the memory is, so each call first checks that the
+    parameters, state tensors and step counters of this step are where the
+    table points (``p.data = ...``, a state tensor replaced, its
     ``.data`` reassigned, or ``share_memory_()``, which frees the old memory,
     all move them). Then it adds the gradients' pointers (a table of its own,
     rebuilt only when they move).
@@ -170,17 +169,14 @@ class Prepared:
     it was built for."""
 
     __slots__ = ("backtracks", "code", "grad_list", "grad_ptrs", "head", "head_list", "held",
-                 "kind", "lib", "n", "numels", "state_layout", "storages")
+                 "kind", "lib", "n", "numels", "storages")
 
     def __init__(self, lib: Any, code: int, params: list[Tensor], states: list[list[Tensor]],
                  steps: list[Tensor]) -> None:
         self.lib, self.code, self.n = lib, code, len(params)
         self.backtracks = len(states) == 3
         self.head_list = list(map(_data_ptr, chain(params, *states, steps)))
-        # The state's sizes and strides: a state tensor viewed anew at the same
-        # address (``s.data = s.data.t()``, a transposed view put in its place)
-        # keeps its pointer but no longer lines up with its parameter.
-        self.state_layout = layout_guard([t for ts in states for t in ts])
+
         self.head = array("q", self.head_list)
         self.numels = array("q", map(_numel, params))
         self.kind = _counter_kind(steps)
@@ -194,10 +190,8 @@ class Prepared:
                  steps: list[Tensor], hyper: Hyper, variant: Variant, worse: Any) -> bool:
         """Step, if this step's tensors line up with the table (else False:
         nothing done)."""
-        state = (*prevs, *step_sizes, *(() if prev_updates is None else prev_updates))
-        if not self.state_layout(*state):
-            return False
-        if list(map(_data_ptr, chain(params, state, steps))) != self.head_list:
+        state = (prevs, step_sizes, () if prev_updates is None else prev_updates, steps)
+        if list(map(_data_ptr, chain(params, *state))) != self.head_list:
             return False
         grad_list = list(map(_data_ptr, grads))
         if grad_list != self.grad_list:

@@ -13,8 +13,8 @@ have changed since:
   to a device or by hand is seen); the state lists are read from the state
   dicts again at every step (a cheap pass each), so a tensor replaced in one
   is stepped as it is now;
-* the parameters and gradients keep their Python type, dtype, device,
-  layout, sizes and strides (one C++ call for all of them,
+* the parameters, gradients and state tensors keep their Python type,
+  dtype, device, layout, sizes and strides (one C++ call for all of them,
   :func:`rprop.torch._compat.layout_guard`): a gradient in another dtype,
   a sparse one (refused by the gathering, before anything is stepped) or a
   transposed parameter is seen.
@@ -134,11 +134,14 @@ class GroupPlan:
         self.all_params = list(group["params"])
         self.has_grad = bytes(g is not None for g in (p.grad for p in self.all_params))
         self.params = params
-        # Types, dtypes, devices, layouts (a sparse gradient), sizes and
-        # strides of the parameters and gradients, checked in one call.
-        self.layout = layout_guard([*params, *grads])
         self.states = states
         self.buckets = buckets
+        # Types, dtypes, devices, layouts (a sparse gradient), sizes and
+        # strides of the parameters, gradients and state tensors, checked in
+        # one call: a state replaced by a narrower one, or viewed anew at its
+        # own address (``s.data = s.data.t()``), makes the step gather again
+        # (and refuse what the gathering refuses).
+        self.layout = layout_guard([*params, *grads, *_state_tensors(buckets)])
         for b in buckets:
             b.contiguous_grads = all(map(_is_contiguous, b.grads))
         # Which of ``params`` each bucket holds; None: one bucket holds all.
@@ -163,8 +166,6 @@ class GroupPlan:
             if bytes(map(is_not, grads, repeat(None))) != self.has_grad:
                 return None
             grads = list(compress(grads, self.has_grad))
-        if not self.layout(*params, *grads):
-            return None
         if self.state_version is None or state_map.version != self.state_version:
             states = [state_map[p] for p in params]
             if not all(map(is_, states, self.states)):
@@ -184,4 +185,12 @@ class GroupPlan:
             except KeyError:  # a key deleted by hand: gathered anew (a key only
                 return None   # some variants keep is completed, torch's raise as in torch)
             b.grads = b_grads
+        if not self.layout(*params, *grads, *_state_tensors(self.buckets)):
+            return None
         return self.buckets
+
+
+def _state_tensors(buckets: list[Bucket]) -> list[Tensor]:
+    """The buckets' per-element state tensors (prev, step size, last update),
+    in one list."""
+    return [t for b in buckets for ts in (b.prevs, b.step_sizes, b.prev_updates) for t in ts]
