@@ -592,3 +592,23 @@ def test_optax_state_through_numpy_and_back_resumes_bitwise(adjust):
             np.testing.assert_array_equal(np.asarray(p), expected)
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("adjust", ADJUSTS)
+def test_a_negative_view_gradient_steps_as_its_values_do(adjust):
+    """``z.conj().imag`` is a negative view: its memory holds the negated
+    values. GRprop reads its bits for the selection keys, and must read the
+    values (the same step as with the gradient copied)."""
+    gen = torch.Generator().manual_seed(3)
+    zs = [torch.randn(5, dtype=torch.complex128, generator=gen) for _ in range(4)]
+    runs = []
+    for resolved in (False, True):
+        p = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+        opt = rprop.Rprop([p], variant=f"grprop-{adjust}", **NN)
+        for z in zs:
+            g = z.conj().imag
+            assert g.is_neg()
+            p.grad = g.clone() if resolved else g
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["step_size"].clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -260,7 +260,9 @@ def _adjust_in_place(grads: list[Tensor], step_sizes: list[Tensor], adjust: str,
     # Few calls, whatever the number of tensors: the per-tensor work is
     # batched, and only a list of several tensors is copied into one.
     products = _flat(torch._foreach_mul(step_sizes, grads))
-    bits = [g.view(int_type).reshape(-1) for g in grads]  # a view for a contiguous g
+    # A view for a contiguous g; a negative view (z.conj().imag) holds the
+    # negated values, so it is resolved (copied) first.
+    bits = [g.resolve_neg().view(int_type).reshape(-1) for g in grads]
     keys = (torch.bitwise_and(bits[0], mask) if len(bits) == 1
             else torch.cat(bits).bitwise_and_(mask))  # |g|'s bits; g itself is never written
     if not math.isfinite(hyper.step_max):
