@@ -221,3 +221,20 @@ def test_the_reference_agrees_with_a_one_step_hand_check_of_the_kernel():
     assert ref.chosen == 2
     np.testing.assert_array_equal(opt.state[x]["step_size"].numpy(), ref.step_size[0])
     np.testing.assert_array_equal(x.detach().numpy(), ref.params[0])
+
+
+def test_a_negative_view_gradient_is_read_as_its_values():
+    """A one-element ``z.conj().imag`` is contiguous, and its memory holds the
+    negated value: the kernel must step with the value."""
+    gen = torch.Generator().manual_seed(8)
+    zs = [torch.randn(1, dtype=torch.complex128, generator=gen) for _ in range(4)]
+    other = [torch.randn(6, dtype=torch.float64, generator=gen) for _ in range(4)]
+    made = _pair([(1,), (6,)], torch.float64, "sag")
+    for z, o in zip(zs, other, strict=True):
+        g = z.conj().imag
+        assert g.is_neg() and g.is_contiguous()
+        _same_state(made[0], made[1])
+        for ps, opt in made:
+            ps[0].grad, ps[1].grad = g, o.clone()
+            opt.step()
+        _assert_one_coordinate_apart(made, torch.float64)

@@ -93,6 +93,9 @@ def step(params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
     dtype = params[0].dtype
     code = CODES[(dtype, dtype, dtype)]
     lib = load_library(code)
+    # The kernel reads memory as it is: a negative view (z.conj().imag) holds
+    # the negated values, so it is resolved (copied) first; others as given.
+    grads = list(map(Tensor.resolve_neg, grads))
     n = len(params)
     ptrs = array("q")
     for ts in (params, grads, prevs, step_sizes, steps):
