@@ -40,6 +40,7 @@ from rprop.torch._compat import PLAIN_TYPES, local_tensor
 from rprop.torch._kernel_cache import CODES, REAL_OF, kernel_info, load_library
 from rprop.torch._path_registry import ALL_FEATURES, Path, register, run_declined
 from rprop.torch._paths import increment_steps
+from rprop.torch._tensor_table import TableCheck, record
 from rprop.torch._tensors import mark_written
 
 __all__ = ["Prepared", "available", "fused_step", "kernel_info", "prepare", "require"]
@@ -166,10 +167,14 @@ class Prepared:
 
     It holds the state's storages, so that no other tensor can be allocated
     where the table points while it is alive: an equal pointer is the memory
-    it was built for."""
+    it was built for.
 
-    __slots__ = ("backtracks", "code", "grad_list", "grad_ptrs", "head", "head_list", "held",
-                 "kind", "lib", "n", "numels", "storages")
+    :meth:`watch` and :meth:`check` make the optimizer's re-check of the
+    bucket and this table's one C++ call (:mod:`rprop.torch._tensor_table`):
+    a step whose gradients :meth:`check` has given back skips both."""
+
+    __slots__ = ("backtracks", "checked", "code", "grad_list", "grad_ptrs", "head", "head_list",
+                 "held", "kind", "lib", "n", "numels", "storages", "table")
 
     def __init__(self, lib: Any, code: int, params: list[Tensor], states: list[list[Tensor]],
                  steps: list[Tensor]) -> None:
@@ -183,19 +188,47 @@ class Prepared:
         self.held = [t for ts in (*states, steps) for t in ts]
         self.storages = [t.untyped_storage() for t in self.held]
         self.grad_list: list[int] = []
-        self.grad_ptrs = array("q")
+        self.grad_ptrs = array("q", bytes(8 * self.n))  # written in place, never replaced
+        # The gradient list a TableCheck gave back for this step, if any.
+        self.checked: list[Tensor] | None = None
+        self.table: TableCheck | None = None
+
+    def watch(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+              keys: tuple[str, ...]) -> bool:
+        """Record ``params`` (the group's whole parameter list, as this table
+        holds it), their state dicts' tensors under ``keys`` (the state lists
+        this table was built from) and the gradients' layouts for
+        :meth:`check`; False when the C++ helper is not (yet) loaded. Called
+        right after a step through this table, so the recorded pointers are
+        the table's."""
+        self.table = record(params, states, keys, grads, self.grad_ptrs)
+        return self.table is not None
+
+    def check(self, params: list[Tensor], states: list[dict[str, Any]]) -> list[Tensor] | None:
+        """This step's gradients when the group's parameters, their state
+        tensors and the gradients' layouts are those :meth:`watch` recorded
+        (their pointers then fill the gradient table, and the step that
+        passes this list skips its own checks); else None."""
+        table = self.table
+        self.checked = grads = None if table is None else table(params, states)
+        return grads
 
     def __call__(self, params: list[Tensor], grads: list[Tensor], prevs: list[Tensor],
                  step_sizes: list[Tensor], prev_updates: list[Tensor] | None, *,
                  steps: list[Tensor], hyper: Hyper, variant: Variant, worse: Any) -> bool:
         """Step, if this step's tensors line up with the table (else False:
         nothing done)."""
-        state = (prevs, step_sizes, () if prev_updates is None else prev_updates, steps)
-        if list(map(_data_ptr, chain(params, *state))) != self.head_list:
-            return False
-        grad_list = list(map(_data_ptr, grads))
-        if grad_list != self.grad_list:
-            self.grad_list, self.grad_ptrs = grad_list, array("q", grad_list)
+        checked, self.checked = self.checked, None
+        if grads is not checked:
+            state = (prevs, step_sizes, () if prev_updates is None else prev_updates, steps)
+            if list(map(_data_ptr, chain(params, *state))) != self.head_list:
+                return False
+            grad_list = list(map(_data_ptr, grads))
+            if grad_list != self.grad_list:
+                self.grad_list = grad_list
+                self.grad_ptrs[:] = array("q", grad_list)
+        else:
+            self.grad_list = []  # the pointers came from the check: compare afresh next time
         _call(self.lib, self.code, self.n, self.head, self.grad_ptrs, self.numels, self.kind,
               self.backtracks, threads=torch.get_num_threads(), steps=steps, hyper=hyper,
               variant=variant, worse=worse)

@@ -17,9 +17,10 @@ unchecked:
   file, fsynced, renamed into place and the folder fsynced; then its record
   the same way. Only complete files ever appear under a library's name, and
   a record names a library that is complete on disk.
-* One build. Building happens under an exclusive ``flock`` on a lock file
-  per kernel build, and re-checks the cache once it holds the lock, so
-  processes starting together compile once; the others wait and load it.
+* One build. Building happens under an exclusive POSIX lock (``lockf``) on a
+  lock file per library (a process forked meanwhile does not inherit it), and
+  re-checks the cache once it holds the lock, so processes starting together
+  compile once; the others wait and load it.
 
 Cache folder: ``$RPROP_CACHE_DIR``, else ``$XDG_CACHE_HOME/rprop``, else
 ``~/.cache/rprop``. The library's name is a hash of the kernel source, the
@@ -51,7 +52,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -101,6 +102,7 @@ class _Build(NamedTuple):
     library: Path
     flags: list[str]
     extra: tuple[str, ...]  # the flags of FLAG_SETS it uses
+    source: Path = SOURCE
 
     @property
     def record(self) -> Path:
@@ -272,9 +274,9 @@ def _write_record(build: _Build, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def _compile(cc: list[str], flags: list[str], out: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cc, *flags, str(SOURCE), "-o", out],
-                          capture_output=True, text=True, timeout=120)
+def _compile(cc: list[str], build: _Build, out: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cc, str(build.source), *build.flags, "-o", out],
+                          capture_output=True, text=True, timeout=300)
 
 
 def _compile_into(cc: list[str], build: _Build) -> str | None:
@@ -284,7 +286,7 @@ def _compile_into(cc: list[str], build: _Build) -> str | None:
     fd, tmp = tempfile.mkstemp(prefix=build.library.name + ".", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        out = _compile(cc, build.flags, tmp)
+        out = _compile(cc, build, tmp)
         if out.returncode != 0:
             return f"{' '.join(build.extra) or '(no extra flags)'}: {out.stderr.strip()[-800:]}"
         # The linker creates the file with the umask's mode, which may let the
@@ -304,14 +306,17 @@ def _compile_into(cc: list[str], build: _Build) -> str | None:
 
 @contextlib.contextmanager
 def _exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock`` (released by the kernel if this
-    process dies), so one process at a time builds a kernel."""
+    """Hold an exclusive POSIX lock on ``lock`` (released by the kernel if this
+    process dies, and not inherited by a child forked meanwhile, as a flock
+    would be: a build may run in a background thread), so one process at a
+    time builds a library. Threads of one process exclude each other with
+    their own locks."""
     if sys.platform == "win32":
         yield
         return
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -338,12 +343,34 @@ def _directory() -> Path:
     return Path(tempfile.mkdtemp(prefix="rprop-kernel-"))
 
 
-def _library(code: int, discard: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """A verified library for dtype ``code``: from the cache, or built there.
-    ``discard``: a cached library that failed to load, to delete and rebuild."""
-    cc = _compiler_checked()
-    directory = _directory()
-    builds = _builds(code, cc, directory)
+def open_cached(stem: str, builds: list[_Build], cc: list[str], directory: Path,
+                open_library: Callable[[Path], Any]) -> tuple[Any, dict[str, Any]]:
+    """A library of one of ``builds`` (see :func:`cached_library`), opened by
+    ``open_library``, and how it was obtained. A cached one that matches its
+    record yet does not open (another library under its name and record) is
+    deleted and built again, once."""
+    path, info = cached_library(stem, builds, cc, directory)
+    try:
+        return open_library(path), info
+    except (OSError, RuntimeError) as err:
+        if info["compiled"]:
+            raise
+        path, info = cached_library(stem, builds, cc, directory, discard=path)
+        try:
+            return open_library(path), info
+        except Exception as again:
+            raise RuntimeError(
+                f"the cached library {path} could not be loaded ({err}); it was deleted, "
+                f"and the rebuilt one does not load either: {again}"
+            ) from again
+
+
+def cached_library(stem: str, builds: list[_Build], cc: list[str], directory: Path,
+                   discard: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """A verified library of one of ``builds`` (best first, named
+    ``<stem>_<key>.so`` in ``directory``): from the cache, or built there by
+    ``cc`` under the lock of ``stem``. ``discard``: a cached library that
+    failed to load, to delete and rebuild."""
 
     def info(build: _Build, compiled: bool, seconds: float = 0.0) -> dict[str, Any]:
         return {"path": str(build.library), "compiler": shlex.join(cc), "flags": build.flags,
@@ -362,7 +389,7 @@ def _library(code: int, discard: Path | None = None) -> tuple[Path, dict[str, An
     found = usable() if discard is None else None  # the common case: no lock needed
     if found is not None:
         return found.library, info(found, False)
-    with _exclusive(directory / f"rprop_kernel_{code}.lock"):
+    with _exclusive(directory / f"{stem}.lock"):
         found = usable()
         if found is not None:
             return found.library, info(found, False)  # another process built it
@@ -374,9 +401,9 @@ def _library(code: int, discard: Path | None = None) -> tuple[Path, dict[str, An
                 # Deleted, never rewritten in place: a process that maps it keeps its pages.
                 build.record.unlink(missing_ok=True)
                 build.library.unlink(missing_ok=True)
-        # Temporary files of this kernel left by a killed build: builds of it
+        # Temporary files of this library left by a killed build: builds of it
         # run under this lock only, so none is being written now.
-        for tmp in directory.glob(f"rprop_kernel_{code}_*.tmp"):
+        for tmp in directory.glob(f"{stem}_*.tmp"):
             tmp.unlink(missing_ok=True)
         errors = []
         for build in builds:
@@ -385,10 +412,10 @@ def _library(code: int, discard: Path | None = None) -> tuple[Path, dict[str, An
             if error is None:
                 return build.library, info(build, True, time.perf_counter() - start)
             errors.append(error)
-    failed = "compiling the fused kernel failed:\n" + "\n".join(errors)
+    failed = f"compiling {builds[0].source.name} failed:\n" + "\n".join(errors)
     if damaged:
-        raise RuntimeError(f"the cached kernel {'; '.join(damaged)} could not be loaded; it was "
-                           f"deleted, and building it again failed: {failed}")
+        raise RuntimeError(f"the cached library {'; '.join(damaged)} could not be loaded; it "
+                           f"was deleted, and building it again failed: {failed}")
     raise RuntimeError(failed)
 
 
@@ -433,22 +460,10 @@ def load_library(code: int) -> Any:
         if code in _libs:
             return _libs[code]
         try:
-            path, info = _library(code)
-            try:
-                lib = _open(path, code)
-            except (OSError, RuntimeError) as err:
-                if info["compiled"]:
-                    raise
-                # Matches its record yet does not load (another library under
-                # its name and record): delete it and build again, once.
-                path, info = _library(code, discard=path)
-                try:
-                    lib = _open(path, code)
-                except Exception as again:
-                    raise RuntimeError(
-                        f"the cached kernel {path} could not be loaded ({err}); it was "
-                        f"deleted, and the rebuilt one does not load either: {again}"
-                    ) from again
+            cc = _compiler_checked()
+            directory = _directory()
+            lib, info = open_cached(f"rprop_kernel_{code}", _builds(code, cc, directory), cc,
+                                    directory, lambda path: _open(path, code))
         except UntrustedCacheError as err:
             _failures[code] = str(err)
             _warn_once(str(err))

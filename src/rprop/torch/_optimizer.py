@@ -592,6 +592,9 @@ class Rprop(Optimizer):
             # Something moved since it was prepared: prepared again next step.
             del b.prepared[chosen.name]
             prepared = None
+            b.check = None
+        if prepared is not None and b.check is None and hasattr(prepared, "watch"):
+            self._watch(group, b, prepared)
         if prepared is None:
             path(
                 params, grads, prevs, step_sizes,
@@ -605,6 +608,17 @@ class Rprop(Optimizer):
         if not b.plain and not {type(p) for p in b.params} <= PLAIN_TYPES:
             mark_written(b.params)  # the paths wrote the DTensors' local shards
         return chosen.name
+
+    def _watch(self, group: dict[str, Any], b: Bucket, prepared: Any) -> None:
+        """Let the plan re-check ``b`` through the prepared path's own bulk
+        check (:attr:`Bucket.check`), when the bucket is the whole group as
+        the plan gathered it and its tensors are the ones just stepped."""
+        plan = self._plans.get(id(group))
+        if (plan is not None and plan.indices is None and plan.buckets[0] is b
+                and b.params is plan.params and len(b.params) == len(group["params"])
+                and b.grads is not None and b.prevs[0].dtype == b.params[0].dtype
+                and prepared.watch(group["params"], b.grads, plan.states, b.state_keys)):
+            b.check = prepared.check
 
     def _finite_or_handled(self, work: list[Any], loss: Tensor | None) -> bool:
         """Apply the groups' ``nonfinite`` policy; False means skip this step.

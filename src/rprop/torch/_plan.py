@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import Tensor
 
-from rprop._variants import Variant
+from rprop._variants import LOSS_STATE, Variant
 from rprop.torch._compat import PLAIN_TYPES, layout_guard
 
 __all__ = ["Bucket", "GroupPlan", "TrackedState"]
@@ -85,8 +85,9 @@ class Bucket:
     take it. ``prepared`` holds what a path made of the bucket for later
     steps (:attr:`rprop.torch._path_registry.Path.prepare`), by path name."""
 
-    __slots__ = ("contiguous_grads", "grad_dtype", "grads", "params", "plain", "prepared",
-                 "prev_losses", "prev_updates", "prevs", "step_sizes", "steps", "variant")
+    __slots__ = ("check", "contiguous_grads", "grad_dtype", "grads", "params", "plain",
+                 "prepared", "prev_losses", "prev_updates", "prevs", "step_sizes", "steps",
+                 "variant")
 
     def __init__(self, params: list[Tensor], grads: list[Tensor],
                  states: list[dict[str, Any]], variant: Variant) -> None:
@@ -102,6 +103,16 @@ class Bucket:
         self.plain = (not params[0].dtype.is_complex
                       and {type(p) for p in params} <= PLAIN_TYPES)
         self.prepared: dict[str, Any] = {}
+        # A prepared path's bulk re-check of everything this bucket was
+        # gathered from (``check(group_params, state_dicts)``, giving this
+        # step's gradients or None), used by the plan instead of its own.
+        self.check: Any = None
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """The keys :meth:`read_state` reads from each state dict."""
+        variant = self.variant
+        return (*variant.state_keys, "step", *((LOSS_STATE,) if variant.needs_loss else ()))
 
     def read_state(self, states: list[dict[str, Any]]) -> None:
         """The state lists from the parameters' state dicts as they are now
@@ -113,7 +124,7 @@ class Bucket:
         self.prev_updates: list[Tensor] = (
             [s["prev_update"] for s in states] if variant.backtracks else [])
         self.prev_losses: list[Tensor] = (
-            [s["prev_loss"] for s in states] if variant.needs_loss else [])
+            [s[LOSS_STATE] for s in states] if variant.needs_loss else [])
 
 
 class GroupPlan:
@@ -155,6 +166,16 @@ class GroupPlan:
                 or state_map is not self.state_map):
             return None
         all_params = group["params"]
+        if (self.indices is None and self.state_version is not None
+                and state_map.version == self.state_version
+                and (check := self.buckets[0].check) is not None):
+            # One bucket holds the whole group, no state dict was replaced:
+            # the prepared path's check covers everything below, in one call.
+            grads = check(all_params, self.states)
+            if grads is not None:
+                self.buckets[0].grads = grads
+                return self.buckets
+            self.buckets[0].check = None  # watched again after a step that passes below
         if (len(all_params) != len(self.all_params)
                 or not all(map(is_, all_params, self.all_params))):
             return None

@@ -1,0 +1,215 @@
+"""The fused CPU step's per-step re-check, in C++: one call over a bucket.
+
+A prepared fused step (:class:`rprop.torch._fused.Prepared`) reads its
+tensors through a table of data pointers, and before each step the
+optimizer must know that nothing it was built from has changed (see
+:mod:`rprop.torch._plan`). In Python that is a handful of passes over the
+bucket at about 0.1 us a tensor each: at a thousand small tensors, more
+time than the arithmetic. :class:`TableCheck` does it in one pass, in C++
+(``_kernels/tensor_table.cpp``), reading each tensor's metadata directly: the
+same parameter objects in the group, the same state tensor objects in their
+state dicts, each of them with the Python type, dispatch keys, dtype,
+device, requires_grad, sizes, strides and data pointer it had, and a
+gradient laid out as it was. It answers "all the same" (with the gradients
+and their data pointers) or "something differs", and then the Python checks
+run and decide, as they do without it: the helper only ever skips work
+whose outcome it has checked.
+
+The helper is built against the torch that runs it, so it is compiled with
+the system C++ compiler (``$CXX``, default ``c++``) and torch's headers
+(about 15 s), cached on disk like the kernel (:mod:`rprop.torch._kernel_cache`:
+verified, trust-checked, one build per machine and torch version). The build
+runs in a background thread, started by the first bucket of at least
+:data:`MIN_TENSORS` tensors; until it is loaded, and wherever it cannot be
+built, steps use the Python checks, with the same result.
+``RPROP_TENSOR_TABLE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
+import threading
+from array import array
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rprop.torch import _kernel_cache as cache
+
+__all__ = ["MIN_TENSORS", "TableCheck", "info", "library", "record"]
+
+SOURCE = Path(__file__).with_name("_kernels") / "tensor_table.cpp"
+ABI = 1  # RPROP_TABLE_ABI in the C++ source
+STEM = "rprop_table"
+
+# Below this many tensors a bucket's Python checks cost little (under 0.1 ms):
+# no helper is built for it.
+MIN_TENSORS = 64
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "lib", "error", "thread", "info"
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX") or "c++")
+
+
+def _flags() -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    lib = torch_dir / "lib"
+    return ["-O2", "-shared", "-fPIC", "-std=c++17", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-I{torch_dir / 'include'}", f"-I{sysconfig.get_paths()['include']}",
+            f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{lib}"]
+
+
+def _build_spec(cxx: list[str], directory: Path) -> Any:
+    flags = _flags()
+    key = hashlib.sha256(b"\0".join([
+        SOURCE.read_bytes(), shlex.join([*cxx, *flags]).encode(),
+        cache._compiler_version(cxx).encode(), torch.__version__.encode(),
+        sys.version.encode()])).hexdigest()[:24]
+    return cache._Build(directory / f"{STEM}_{key}.so", flags, (), SOURCE)
+
+
+def _open(path: Path) -> Any:
+    lib = ctypes.PyDLL(str(path))  # PyDLL: called with the GIL held
+    if lib.rprop_table_abi() != ABI:
+        raise RuntimeError(f"{path} is not a build of this helper (ABI {ABI})")
+    obj, ptr = ctypes.py_object, ctypes.c_void_p
+    lib.rprop_table_record_size.restype = ctypes.c_int
+    lib.rprop_table_record.restype = ctypes.c_int
+    lib.rprop_table_record.argtypes = [obj, ptr]
+    lib.rprop_table_check.restype = ctypes.c_int
+    lib.rprop_table_check.argtypes = [obj, obj, obj, ptr, ptr, obj, ptr]
+    return lib
+
+
+def _build() -> None:
+    """Find or compile the helper and load it (in the background thread)."""
+    try:
+        cxx = _compiler()
+        if not cxx or shutil.which(cxx[0]) is None:
+            raise RuntimeError(f"no C++ compiler found (looked for {cxx[0] if cxx else '$CXX'!r})")
+        directory = cache._directory()
+        lib, built = cache.open_cached(STEM, [_build_spec(cxx, directory)], cxx, directory, _open)
+        record_size = lib.rprop_table_record_size()
+    except Exception as err:  # no compiler, no headers, an untrusted cache, ...
+        with _lock:
+            _state["error"] = f"the C++ tensor table is unavailable: {err}"
+        return
+    with _lock:
+        _state["info"] = {**built, "record_size": record_size}
+        _state["lib"] = lib
+
+
+def library(wait: bool = False) -> Any:
+    """The loaded helper, or None while it is being built or when it cannot
+    be had (:func:`info` says why). The first call starts the build in a
+    background thread; ``wait``: wait for it to end."""
+    lib = _state.get("lib")
+    if lib is not None or "error" in _state:
+        return lib
+    with _lock:
+        if "lib" in _state or "error" in _state:
+            return _state.get("lib")
+        if os.environ.get("RPROP_TENSOR_TABLE", "1") == "0":
+            _state["error"] = "the C++ tensor table is turned off (RPROP_TENSOR_TABLE=0)"
+            return None
+        thread = _state.get("thread")
+        if thread is None:
+            thread = _state["thread"] = threading.Thread(
+                target=_build, name="rprop-tensor-table", daemon=True)
+            thread.start()
+    if wait:
+        thread.join()
+    return _state.get("lib")
+
+
+def info() -> dict[str, Any]:
+    """How this process has the helper: its build (``path``, ``compiler``,
+    ``flags``, ``compiled``, ``compile_s``), ``{"error": why}``,
+    ``{"building": True}``, or ``{}`` before any bucket asked for it."""
+    with _lock:
+        if "info" in _state:
+            return dict(_state["info"])
+        if "error" in _state:
+            return {"error": _state["error"]}
+        return {"building": True} if "thread" in _state else {}
+
+
+def _forget() -> None:
+    """Start afresh (a forked child: the parent's build thread is not in it,
+    and may have held the lock when it forked)."""
+    global _lock
+    _lock = threading.Lock()
+    _state.clear()
+
+
+def forget_loaded() -> None:
+    """Look the helper up again, as a new process would (see
+    :func:`rprop.torch._kernel_cache.forget_loaded`)."""
+    with _lock:
+        thread = _state.get("thread")
+    if thread is not None:
+        thread.join()
+    _forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget)
+
+
+class TableCheck:
+    """The recorded tensors of a prepared bucket, and the check that this
+    step's are the same (see the module docstring). Calling it with the
+    group's parameter list and the parameters' state dicts gives this step's
+    gradients, their data pointers written into ``grad_ptrs``, or None."""
+
+    __slots__ = ("grad_ptrs", "grad_records", "keys", "lib", "n", "records")
+
+    def __init__(self, lib: Any, records: Any, grad_records: Any, keys: tuple[str, ...],
+                 grad_ptrs: array) -> None:
+        self.lib, self.records, self.grad_records = lib, records, grad_records
+        self.keys, self.grad_ptrs, self.n = keys, grad_ptrs, len(grad_ptrs)
+
+    def __call__(self, params: list[Tensor], states: list[dict[str, Any]]) -> list[Tensor] | None:
+        grads: list[Any] = [None] * self.n
+        rc = self.lib.rprop_table_check(params, states, self.keys, self.records,
+                                        self.grad_records, grads, self.grad_ptrs.buffer_info()[0])
+        return grads if rc == 0 else None
+
+
+def _records(lib: Any, tensors: list[Tensor]) -> Any:
+    buf = ctypes.create_string_buffer(max(1, len(tensors)) * lib.rprop_table_record_size())
+    return buf if lib.rprop_table_record(tensors, buf) == 0 else None
+
+
+def record(params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, ...],
+           grads: list[Tensor], grad_ptrs: array) -> TableCheck | None:
+    """A :class:`TableCheck` of the parameters ``params`` (all of a group's,
+    each with a gradient), their state tensors ``states[i][key]`` for each of
+    ``keys`` and the gradients' layouts, as they are now; None while the
+    helper is not loaded or for tensors it cannot record."""
+    if len(params) < MIN_TENSORS or not isinstance(params, list):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    try:
+        tensors = [*params, *(s[k] for k in keys for s in states)]
+    except KeyError:
+        return None
+    records = _records(lib, tensors)
+    grad_records = _records(lib, list(grads))
+    if records is None or grad_records is None:
+        return None
+    return TableCheck(lib, records, grad_records, tuple(keys), grad_ptrs)
