@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from rprop.torch import _kernel_cache as cache
+from rprop.torch._compat import PLAIN_TYPES
 
 __all__ = ["MIN_TENSORS", "TableCheck", "info", "library", "record"]
 
@@ -199,7 +200,9 @@ def record(params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, 
     each with a gradient), their state tensors ``states[i][key]`` for each of
     ``keys`` and the gradients' layouts, as they are now; None while the
     helper is not loaded or for tensors it cannot record."""
-    if len(params) < MIN_TENSORS or not isinstance(params, list):
+    if (len(params) < MIN_TENSORS or type(params) is not list
+            or not set(map(type, params)) <= PLAIN_TYPES):
+        # (A subclass's ``grad`` could be Python code, run in the middle of the check.)
         return None
     lib = library()
     if lib is None:

@@ -160,12 +160,18 @@ int rprop_table_check(PyObject* params, PyObject* states, PyObject* keys,
         }
         if (!matches(t, records[n + j * n + i], true)) return 1;
       }
+      // The recorded types are plain tensors, whose ``grad`` is a C getter,
+      // but it may allocate a wrapper and so run the garbage collector and
+      // finalizers: the lists' lengths are checked again after it.
       PyObject* g = PyObject_GetAttr(p, grad_name);  // new reference
       if (g == nullptr) {
         PyErr_Clear();
         return 1;
       }
       PyList_SetItem(grads_out, i, g);  // steals g (drops the item it replaces)
+      if (PyList_GET_SIZE(params) != n || PyList_GET_SIZE(states) != n ||
+          PyList_GET_SIZE(grads_out) != n)
+        return 1;
       if (!matches(g, grad_records[i], false)) return 1;
       grad_ptrs[i] = reinterpret_cast<int64_t>(THPVariable_Unpack(g).data_ptr());
     }
