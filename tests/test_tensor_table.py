@@ -262,3 +262,66 @@ def test_a_big_bucket_starts_the_build_and_small_ones_do_not(helper):
     the Python checks run alone."""
     small = [torch.zeros(2, requires_grad=True) for _ in range(_tensor_table.MIN_TENSORS - 1)]
     assert _tensor_table.record(small, [{}] * len(small), (), small, None) is None
+
+
+def test_a_skipped_step_leaves_no_stale_gradient_pointers(counted):
+    """A check that passed writes the gradients' pointers into the table; the
+    step is then skipped (an inf gradient, nonfinite="skip"), and the next
+    step runs the Python checks (optimizer.state changed: a look-up of a
+    tensor it does not hold). Its gradients are the buffers of two steps
+    before, whose pointers the Python checks had last seen: the table must
+    not keep the skipped step's."""
+    def run(make: Any) -> list[torch.Tensor]:
+        ps = _params()
+        opt = make(ps)
+        buffers = [[torch.zeros(s) for s in SHAPES] for _ in range(2)]
+        for t in range(5):
+            buf = buffers[t % 2]
+            for p, b, g in zip(ps, buf, _grads(t), strict=True):
+                b.copy_(g)
+                p.grad = b
+            if t == 1:
+                buf[0][0] = float("inf")
+                if isinstance(opt, torch.optim.Rprop):
+                    continue  # torch has no nonfinite="skip": the step is left out
+            opt.step()
+            if t == 1:
+                opt.state[torch.zeros(3)]  # defaultdict's look-up adds a state
+        return ps
+
+    expected = run(lambda ps: torch.optim.Rprop(ps, lr=0.05, foreach=False))
+    got = run(lambda ps: rprop.Rprop(ps, lr=0.05, fused=True, nonfinite="skip"))
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g), (e, g)
+    assert counted["same"] >= 1
+
+
+def test_the_loss_tensor_read_again_by_the_python_checks_is_watched_again(counted):
+    """iRprop+: the Python checks (optimizer.state changed) re-read the shared
+    E(t-1) tensor, replaced in every state dict; when the old one is put back,
+    the check must not answer for lists it no longer describes."""
+    losses = [5.0, 4.0, 6.0, 5.5, 4.5]
+
+    def run(**kw: Any) -> list[torch.Tensor]:
+        ps = _params()
+        opt = rprop.Rprop(ps, lr=0.05, variant="irprop+", **kw)
+        for t in range(5):
+            for p, g in zip(ps, _grads(t), strict=True):
+                p.grad = g
+            opt.step(loss=losses[t])
+            if t == 1:
+                saved = opt.state[ps[0]]["prev_loss"]
+                new = saved.clone()
+                for p in ps:
+                    opt.state[p]["prev_loss"] = new
+                opt.state[ps[0]] = opt.state[ps[0]]  # the same dict: only a change counted
+            if t == 2:
+                for p in ps:
+                    opt.state[p]["prev_loss"] = saved
+        return [*ps, opt.state[ps[0]]["prev_loss"]]
+
+    expected = run(foreach=False, fused=False)
+    got = run(fused=True)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g), (e, g)
+    assert counted["same"] >= 1

@@ -210,6 +210,10 @@ class Prepared:
         (their pointers then fill the gradient table, and the step that
         passes this list skips its own checks); else None."""
         table = self.table
+        # The check writes the gradient table as it goes, also when it then
+        # answers "differs" or its step is not taken (skipped, or another
+        # path chosen): the next step through the Python checks rewrites it.
+        self.grad_list = []
         self.checked = grads = None if table is None else table(params, states)
         return grads
 

@@ -175,7 +175,10 @@ class GroupPlan:
             if grads is not None:
                 self.buckets[0].grads = grads
                 return self.buckets
-            self.buckets[0].check = None  # watched again after a step that passes below
+        for b in self.buckets:
+            # The checks below re-read the state lists, which the prepared
+            # path's check may not cover: it is recorded again after a step.
+            b.check = None
         if (len(all_params) != len(self.all_params)
                 or not all(map(is_, all_params, self.all_params))):
             return None

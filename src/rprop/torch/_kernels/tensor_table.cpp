@@ -128,8 +128,9 @@ int rprop_table_record(PyObject* tensors, Record* out) {
 //   grad_records: the n gradients' layouts when recorded (pointers not compared).
 // On 0 (all the same), grads_out (a list of n items) holds the gradients and
 // grad_ptrs their data pointers. 1: something differs (or a gradient is
-// missing); -1: an error (a Python exception is cleared). Nothing is written
-// before the answer is known except grads_out, which the caller discards.
+// missing); -1: an error (a Python exception is cleared). grads_out and
+// grad_ptrs are written as the check goes, also when it then answers 1: the
+// caller must not read either then.
 int rprop_table_check(PyObject* params, PyObject* states, PyObject* keys,
                       const Record* records, const Record* grad_records,
                       PyObject* grads_out, int64_t* grad_ptrs) {
