@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -331,3 +332,44 @@ def test_the_loss_tensor_read_again_by_the_python_checks_is_watched_again(counte
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g), (e, g)
     assert counted["same"] >= 1
+
+
+def _in_process(code: str, cache_dir: Any, timeout: float = 300) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch, rprop\nfrom rprop.torch import _tensor_table as t\n"
+         + code], capture_output=True, text=True, timeout=timeout, check=True,
+        env={**os.environ, "RPROP_CACHE_DIR": str(cache_dir)})
+    return out.stdout.strip()
+
+
+def test_a_build_outlives_its_process_and_a_foreign_library_is_rebuilt(tmp_path):
+    """The build is a process of its own: one started by a process that then
+    exits at once still ends in the cache, which the next process loads
+    without building. A library under the helper's name with a matching
+    record that is not the helper (here the C kernel) is deleted and built
+    again, and loaded."""
+    import hashlib
+    import json
+    import time
+
+    assert _in_process("print(t.library())", tmp_path) == "None"  # started, not waited for
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("rprop_table_*.so.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (record,) = tmp_path.glob("rprop_table_*.so.json")
+    library = record.with_suffix("")
+    assert _in_process("print(t.library() is not None)", tmp_path) == "True"  # no build
+
+    kernel = _in_process("from rprop.torch import _fused\nprint(_fused.kernel_info()['path'])",
+                         tmp_path)
+    data = Path(kernel).read_bytes()
+    library.unlink()
+    library.write_bytes(data)
+    library.chmod(0o755)
+    entry = json.loads(record.read_text())
+    record.write_text(json.dumps({**entry, "size": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest()}))
+    said = _in_process("lib = t.library(wait=True, timeout=240)\n"
+                       "print(lib is not None, t.info())", tmp_path)
+    assert said.startswith("True"), said
+    assert library.read_bytes() != data

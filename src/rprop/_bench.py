@@ -40,6 +40,8 @@ FULL_SIZES = [(1, 10_000_000), (100, 100_000), (1000, 1000), (10, 10_000_000)]
 CUDA_EXTRA_SIZES = [(1000, 100_000)]
 QUICK_SIZES = [(1, 100_000), (100, 1000)]
 
+# How long a run waits for the fused path's C++ tensor table to be built.
+TABLE_WAIT_S = 180.0
 PATHS = ("torch for-loop", "torch foreach", "rprop for-loop", "rprop foreach", "rprop fused")
 
 
@@ -335,13 +337,16 @@ def run(
                     losses = itertools.cycle([1.0, 2.0])
                     step = functools.partial(_step_with_loss, opt, losses)
                 step()  # the state is made, and a kernel compiled, before any timing
-                if device == "cpu" and path == "rprop fused":
-                    # The per-step check in C++ builds in the background at
-                    # first use (a first step of a big bucket starts it):
-                    # timed with it, as later runs on this machine are.
-                    from rprop.torch import _tensor_table
+                from rprop.torch import _tensor_table
 
-                    _tensor_table.library(wait=True)
+                if (device == "cpu" and path == "rprop fused"
+                        and count >= _tensor_table.MIN_TENSORS):
+                    # The per-step check in C++ is built in the background
+                    # at first use (the step above started it): timed with
+                    # it, as later runs on this machine are.
+                    if _tensor_table.library() is None and "error" not in _tensor_table.info():
+                        say("building the C++ tensor table (first use, about 15 s)")
+                        _tensor_table.library(wait=True, timeout=TABLE_WAIT_S)
                     step()
                 timed[path] = step
             # fused=True without a C compiler, or refused for these tensors

@@ -103,6 +103,7 @@ class _Build(NamedTuple):
     flags: list[str]
     extra: tuple[str, ...]  # the flags of FLAG_SETS it uses
     source: Path = SOURCE
+    what: str = "the fused CPU kernel"  # for messages
 
     @property
     def record(self) -> Path:
@@ -174,7 +175,8 @@ def _builds(code: int, cc: list[str], directory: Path) -> list[_Build]:
 # -- trust and integrity ------------------------------------------------------------
 
 
-def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
+def _refuse_untrusted(path: Path, st: os.stat_result,
+                      what: str = "the fused CPU kernel") -> None:
     """Raise UntrustedCacheError if another user could have written the file
     or folder ``path`` whose status is ``st``: owned by someone other than
     this user or root, or group- or world-writable."""
@@ -193,17 +195,17 @@ def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
     else:
         return
     raise UntrustedCacheError(
-        f"refusing to load the fused CPU kernel from {path}: it is {why}, so another user "
+        f"refusing to load {what} from {path}: it is {why}, so another user "
         f"could have written it ({fix}, or set RPROP_CACHE_DIR to a folder of your own)"
     )
 
 
-def _read_trusted(path: Path) -> bytes:
+def _read_trusted(path: Path, what: str = "the fused CPU kernel") -> bytes:
     """The bytes of ``path`` (not followed if a symlink), after checking that
     no other user could have written it."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as f:
-        _refuse_untrusted(path, os.fstat(f.fileno()))
+        _refuse_untrusted(path, os.fstat(f.fileno()), what)
         return f.read()
 
 
@@ -212,13 +214,13 @@ def _check_cached(build: _Build) -> str | None:
     when there is none), or None when it matches its build record. Raises
     UntrustedCacheError for a file another user could have written."""
     try:
-        data = _read_trusted(build.library)
+        data = _read_trusted(build.library, build.what)
     except FileNotFoundError:
         return _MISSING
     except OSError as err:
         return f"it cannot be read ({err.strerror})"
     try:
-        record = json.loads(_read_trusted(build.record))
+        record = json.loads(_read_trusted(build.record, build.what))
         size, digest = record["size"], record["sha256"]
         ok = record["format"] == RECORD_FORMAT and record["library"] == build.library.name
     except FileNotFoundError:
@@ -276,7 +278,7 @@ def _write_record(build: _Build, data: bytes) -> None:
 
 def _compile(cc: list[str], build: _Build, out: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*cc, str(build.source), *build.flags, "-o", out],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=120)
 
 
 def _compile_into(cc: list[str], build: _Build) -> str | None:
@@ -308,9 +310,9 @@ def _compile_into(cc: list[str], build: _Build) -> str | None:
 def _exclusive(lock: Path) -> Iterator[None]:
     """Hold an exclusive POSIX lock on ``lock`` (released by the kernel if this
     process dies, and not inherited by a child forked meanwhile, as a flock
-    would be: a build may run in a background thread), so one process at a
-    time builds a library. Threads of one process exclude each other with
-    their own locks."""
+    would be), so one process at a time builds a library. Threads of one
+    process do not exclude each other with it: the kernel's builds run under
+    ``_lock`` too."""
     if sys.platform == "win32":
         yield
         return
@@ -365,6 +367,27 @@ def open_cached(stem: str, builds: list[_Build], cc: list[str], directory: Path,
             ) from again
 
 
+def find_cached(builds: list[_Build], discard: Path | None = None) -> _Build | None:
+    """The best of ``builds`` in the cache, if it may be loaded (it matches its
+    record; not ``discard``): a damaged one means a rebuild, not a fallback
+    to a slower flag set. Raises UntrustedCacheError for a file another user
+    could have written."""
+    for build in builds:
+        why = _check_cached(build)
+        if why != _MISSING:
+            return build if why is None and build.library != discard else None
+    return None
+
+
+def remove_build(stem: str, build: _Build) -> None:
+    """Delete ``build``'s library and record (under ``stem``'s lock): one that
+    matches its record yet does not load. Deleted, never rewritten in place:
+    a process that maps it keeps its pages."""
+    with _exclusive(build.library.parent / f"{stem}.lock"):
+        build.record.unlink(missing_ok=True)
+        build.library.unlink(missing_ok=True)
+
+
 def cached_library(stem: str, builds: list[_Build], cc: list[str], directory: Path,
                    discard: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """A verified library of one of ``builds`` (best first, named
@@ -378,13 +401,7 @@ def cached_library(stem: str, builds: list[_Build], cc: list[str], directory: Pa
                 "compile_s": seconds}
 
     def usable() -> _Build | None:
-        """The best build in the cache, if it may be loaded: a damaged one
-        means a rebuild, not a fallback to a slower flag set."""
-        for build in builds:
-            why = _check_cached(build)
-            if why != _MISSING:
-                return build if why is None and build.library != discard else None
-        return None
+        return find_cached(builds, discard)
 
     found = usable() if discard is None else None  # the common case: no lock needed
     if found is not None:
@@ -422,22 +439,31 @@ def cached_library(stem: str, builds: list[_Build], cc: list[str], directory: Pa
 # -- loading ------------------------------------------------------------------------
 
 
-def _open(path: Path, code: int) -> Any:
-    """Load the library at ``path`` and check that it is this kernel's build
-    for ``code``; a library that loads but is not is unloaded again, so that
-    a rebuilt file at the same path is really read (dlopen reuses a loaded
-    library of the same name)."""
-    lib = ctypes.CDLL(str(path))
+def open_library(path: Path, loader: Callable[[str], Any], is_ours: Callable[[Any], bool],
+                 what: str) -> Any:
+    """Load the library at ``path`` with ``loader`` (ctypes.CDLL or PyDLL) and
+    check ``is_ours(lib)`` (its ABI symbols); a library that loads but is not
+    ours is unloaded again, so that a rebuilt file at the same path is really
+    read (dlopen reuses a loaded library of the same name), and a
+    RuntimeError says it is not ``what``."""
+    lib = loader(str(path))
     try:
-        ok = lib.rprop_kernel_abi() == ABI and lib.rprop_kernel_dtype() == code
+        ok = is_ours(lib)
     except AttributeError:  # not our symbols at all
         ok = False
     if not ok:
         close = getattr(_ctypes, "dlclose", None)
         if close is not None:
             close(lib._handle)
-        raise RuntimeError(f"{path} is not a build of this kernel (ABI {ABI}, dtype {code})")
+        raise RuntimeError(f"{path} is not a build of {what}")
     return lib
+
+
+def _open(path: Path, code: int) -> Any:
+    return open_library(
+        path, ctypes.CDLL,
+        lambda lib: lib.rprop_kernel_abi() == ABI and lib.rprop_kernel_dtype() == code,
+        f"this kernel (ABI {ABI}, dtype {code})")
 
 
 def _warn_once(message: str) -> None:

@@ -17,12 +17,16 @@ whose outcome it has checked.
 
 The helper is built against the torch that runs it, so it is compiled with
 the system C++ compiler (``$CXX``, default ``c++``) and torch's headers
-(about 15 s), cached on disk like the kernel (:mod:`rprop.torch._kernel_cache`:
-verified, trust-checked, one build per machine and torch version). The build
-runs in a background thread, started by the first bucket of at least
-:data:`MIN_TENSORS` tensors; until it is loaded, and wherever it cannot be
-built, steps use the Python checks, with the same result.
-``RPROP_TENSOR_TABLE=0`` turns it off.
+(about 12 s), cached on disk like the kernel (:mod:`rprop.torch._kernel_cache`:
+verified, trust-checked, one build per machine, torch and Python version).
+The first bucket of at least :data:`MIN_TENSORS` tensors loads it from the
+cache, or starts a build process (``python -m rprop.torch._tensor_table``)
+that compiles it into the cache, and later steps pick it up once that
+process has ended. The build is a process, not a thread, so that it finishes
+into the cache even when the process that started it exits first, and so
+that the optimizer's process stays single-threaded for a fork. Until it is
+loaded, and wherever it cannot be built, steps use the Python checks, with
+the same result. ``RPROP_TENSOR_TABLE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import hashlib
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import sysconfig
-import threading
+import tempfile
+import warnings
 from array import array
 from pathlib import Path
 from typing import Any
@@ -55,8 +61,9 @@ STEM = "rprop_table"
 # no helper is built for it.
 MIN_TENSORS = 64
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {}  # "lib", "error", "thread", "info"
+# What this process has of the helper: "lib" (loaded), "error" (why it
+# cannot be had), "info" (its build), "proc" (the build process running).
+_state: dict[str, Any] = {}
 
 
 def _compiler() -> list[str]:
@@ -72,19 +79,26 @@ def _flags() -> list[str]:
             f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{lib}"]
 
 
-def _build_spec(cxx: list[str], directory: Path) -> Any:
+def _build_spec() -> tuple[list[str], Any]:
+    """The compiler and the one build of the helper for this torch and Python."""
+    cxx = _compiler()
+    if not cxx or shutil.which(cxx[0]) is None:
+        raise RuntimeError(f"no C++ compiler found (looked for {cxx[0] if cxx else '$CXX'!r}; "
+                           "set CXX to one)")
+    directory = cache._directory()
     flags = _flags()
     key = hashlib.sha256(b"\0".join([
         SOURCE.read_bytes(), shlex.join([*cxx, *flags]).encode(),
         cache._compiler_version(cxx).encode(), torch.__version__.encode(),
         sys.version.encode()])).hexdigest()[:24]
-    return cache._Build(directory / f"{STEM}_{key}.so", flags, (), SOURCE)
+    return cxx, cache._Build(directory / f"{STEM}_{key}.so", flags, (), SOURCE,
+                             "the C++ tensor table")
 
 
 def _open(path: Path) -> Any:
-    lib = ctypes.PyDLL(str(path))  # PyDLL: called with the GIL held
-    if lib.rprop_table_abi() != ABI:
-        raise RuntimeError(f"{path} is not a build of this helper (ABI {ABI})")
+    lib = cache.open_library(path, ctypes.PyDLL,  # PyDLL: called with the GIL held
+                             lambda lib: lib.rprop_table_abi() == ABI,
+                             f"the tensor table (ABI {ABI})")
     obj, ptr = ctypes.py_object, ctypes.c_void_p
     lib.rprop_table_record_size.restype = ctypes.c_int
     lib.rprop_table_record.restype = ctypes.c_int
@@ -94,79 +108,123 @@ def _open(path: Path) -> Any:
     return lib
 
 
-def _build() -> None:
-    """Find or compile the helper and load it (in the background thread)."""
+def _fail(why: Any) -> None:
+    _state["error"] = f"the C++ tensor table is unavailable: {why}"
+    if isinstance(why, cache.UntrustedCacheError):
+        warnings.warn(f"{why}; rprop steps with its Python checks", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _load_cached(build: Any) -> bool:
+    """Load ``build`` if the cache holds it, verified; False when it does not
+    (or held one that does not load, deleted now so that it is built again)."""
+    found = cache.find_cached([build])
+    if found is None:
+        return False
     try:
-        cxx = _compiler()
-        if not cxx or shutil.which(cxx[0]) is None:
-            raise RuntimeError(f"no C++ compiler found (looked for {cxx[0] if cxx else '$CXX'!r})")
-        directory = cache._directory()
-        lib, built = cache.open_cached(STEM, [_build_spec(cxx, directory)], cxx, directory, _open)
-        record_size = lib.rprop_table_record_size()
-    except Exception as err:  # no compiler, no headers, an untrusted cache, ...
-        with _lock:
-            _state["error"] = f"the C++ tensor table is unavailable: {err}"
-        return
-    with _lock:
-        _state["info"] = {**built, "record_size": record_size}
-        _state["lib"] = lib
+        lib = _open(found.library)
+    except (OSError, RuntimeError):
+        cache.remove_build(STEM, found)
+        return False
+    _state["info"] = {"path": str(found.library), "flags": found.flags,
+                      "record_size": lib.rprop_table_record_size()}
+    _state["lib"] = lib
+    return True
 
 
-def library(wait: bool = False) -> Any:
+def _start() -> None:
+    """Load the helper from the cache, or start a process that builds it."""
+    try:
+        _, build = _build_spec()
+        if _load_cached(build):
+            return
+        # A process of its own, not a thread: it finishes the build into the
+        # cache (under the cache's lock) even if this process exits first or
+        # is interrupted, and this process stays single-threaded (a fork, a
+        # DataLoader worker, is then safe).
+        log = tempfile.TemporaryFile()
+        _state["proc"] = (subprocess.Popen(
+            [sys.executable, "-m", "rprop.torch._tensor_table"], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=log, start_new_session=True), log, build)
+    except Exception as err:  # no compiler, an untrusted cache, no process, ...
+        _fail(err)
+
+
+def _finish(rc: int) -> None:
+    """The build process ended with ``rc``: load what it built."""
+    _, log, build = _state.pop("proc")
+    try:
+        if rc == 0 and _load_cached(build):
+            return
+        log.seek(0)
+        said = log.read().decode(errors="replace").strip().splitlines()
+        _fail(said[-1] if said else f"its build process ended with status {rc}")
+    except Exception as err:
+        _fail(err)
+    finally:
+        log.close()
+
+
+def library(wait: bool = False, timeout: float | None = None) -> Any:
     """The loaded helper, or None while it is being built or when it cannot
-    be had (:func:`info` says why). The first call starts the build in a
-    background thread; ``wait``: wait for it to end."""
+    be had (:func:`info` says why). The first call loads it from the cache
+    or starts the process that builds it; ``wait``: wait for that process
+    (at most ``timeout`` seconds)."""
     lib = _state.get("lib")
     if lib is not None or "error" in _state:
         return lib
-    with _lock:
-        if "lib" in _state or "error" in _state:
-            return _state.get("lib")
+    if "proc" not in _state:
         if os.environ.get("RPROP_TENSOR_TABLE", "1") == "0":
             _state["error"] = "the C++ tensor table is turned off (RPROP_TENSOR_TABLE=0)"
             return None
-        thread = _state.get("thread")
-        if thread is None:
-            thread = _state["thread"] = threading.Thread(
-                target=_build, name="rprop-tensor-table", daemon=True)
-            thread.start()
-    if wait:
-        thread.join()
+        _start()
+    if "proc" in _state:
+        proc = _state["proc"][0]
+        try:
+            rc = proc.wait(timeout) if wait else proc.poll()
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc is not None:
+            _finish(rc)
     return _state.get("lib")
 
 
 def info() -> dict[str, Any]:
-    """How this process has the helper: its build (``path``, ``compiler``,
-    ``flags``, ``compiled``, ``compile_s``), ``{"error": why}``,
-    ``{"building": True}``, or ``{}`` before any bucket asked for it."""
-    with _lock:
-        if "info" in _state:
-            return dict(_state["info"])
-        if "error" in _state:
-            return {"error": _state["error"]}
-        return {"building": True} if "thread" in _state else {}
-
-
-def _forget() -> None:
-    """Start afresh (a forked child: the parent's build thread is not in it,
-    and may have held the lock when it forked)."""
-    global _lock
-    _lock = threading.Lock()
-    _state.clear()
+    """How this process has the helper: its build (``path``, ``flags``,
+    ``record_size``), ``{"error": why}``, ``{"building": True}``, or ``{}``
+    before any bucket asked for it."""
+    if "info" in _state:
+        return dict(_state["info"])
+    if "error" in _state:
+        return {"error": _state["error"]}
+    return {"building": True} if "proc" in _state else {}
 
 
 def forget_loaded() -> None:
     """Look the helper up again, as a new process would (see
-    :func:`rprop.torch._kernel_cache.forget_loaded`)."""
-    with _lock:
-        thread = _state.get("thread")
-    if thread is not None:
-        thread.join()
-    _forget()
+    :func:`rprop.torch._kernel_cache.forget_loaded`); a build still running
+    goes on, into the cache."""
+    proc = _state.get("proc")
+    if proc is not None:
+        proc[1].close()
+    _state.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget)
+    # A forked child does not own the parent's build process.
+    os.register_at_fork(after_in_child=_state.clear)
+
+
+def _main() -> int:
+    """The build process: compile the helper into the cache (or find it
+    there); the last line of its output says why it could not."""
+    try:
+        cxx, build = _build_spec()
+        cache.cached_library(STEM, [build], cxx, build.library.parent)
+    except Exception as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
 
 
 class TableCheck:
@@ -216,3 +274,7 @@ def record(params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, 
     if records is None or grad_records is None:
         return None
     return TableCheck(lib, records, grad_records, tuple(keys), grad_ptrs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
