@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import multiprocessing.spawn
 import os
 import shlex
 import shutil
@@ -142,10 +143,17 @@ def _start() -> None:
         # cache (under the cache's lock) even if this process exits first or
         # is interrupted, and this process stays single-threaded (a fork, a
         # DataLoader worker, is then safe).
+        # The interpreter multiprocessing would start (an application that
+        # embeds Python sets it with multiprocessing.set_executable), given
+        # this rprop's folder first on its path.
+        python = multiprocessing.spawn.get_executable()
+        here = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
         log = tempfile.TemporaryFile()
         _state["proc"] = (subprocess.Popen(
-            [sys.executable, "-m", "rprop.torch._tensor_table"], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=log, start_new_session=True), log, build)
+            [python, "-m", "rprop.torch._tensor_table"], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=log, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": path}), log, build)
     except Exception as err:  # no compiler, an untrusted cache, no process, ...
         _fail(err)
 
