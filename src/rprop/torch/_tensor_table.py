@@ -153,7 +153,10 @@ def _start() -> None:
         _state["proc"] = (subprocess.Popen(
             [python, "-m", "rprop.torch._tensor_table"], stdin=subprocess.DEVNULL,
             stdout=log, stderr=log, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": path}), log, build)
+            # The cache folder this process uses (a private one of its own
+            # when the cache cannot be written): the build lands where it looks.
+            env={**os.environ, "PYTHONPATH": path,
+                 "RPROP_CACHE_DIR": str(build.library.parent)}), log, build)
     except Exception as err:  # no compiler, an untrusted cache, no process, ...
         _fail(err)
 
@@ -166,7 +169,8 @@ def _finish(rc: int) -> None:
             return
         log.seek(0)
         said = log.read().decode(errors="replace").strip().splitlines()
-        _fail(said[-1] if said else f"its build process ended with status {rc}")
+        _fail(said[-1] if said else f"its build process ended with status {rc} and no "
+              f"library in {build.library.parent}")
     except Exception as err:
         _fail(err)
     finally:
