@@ -334,34 +334,42 @@ def test_the_loss_tensor_read_again_by_the_python_checks_is_watched_again(counte
     assert counted["same"] >= 1
 
 
-def _in_process(code: str, cache_dir: Any, timeout: float = 300) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", "import torch, rprop\nfrom rprop.torch import _tensor_table as t\n"
-         + code], capture_output=True, text=True, timeout=timeout, check=True,
-        env={**os.environ, "RPROP_CACHE_DIR": str(cache_dir)})
+def _in_process(code: str, cache_dir: Any, timeout: float = 300, cwd: Any = None) -> str:
+    """Run ``code`` as a script (its folder, not the working one, on sys.path)."""
+    script = Path(cache_dir).parent / "script.py"
+    script.write_text("import torch, rprop\nfrom rprop.torch import _tensor_table as t\n" + code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=timeout, check=True, cwd=cwd,
+                         env={**os.environ, "RPROP_CACHE_DIR": str(cache_dir)})
     return out.stdout.strip()
 
 
 def test_a_build_outlives_its_process_and_a_foreign_library_is_rebuilt(tmp_path):
     """The build is a process of its own: one started by a process that then
-    exits at once still ends in the cache, which the next process loads
-    without building. A library under the helper's name with a matching
-    record that is not the helper (here the C kernel) is deleted and built
-    again, and loaded."""
+    exits at once (from a folder whose torch.py would shadow torch) still ends
+    in the cache, which the next process loads without building. A library
+    under the helper's name with a matching record that is not the helper
+    (here the C kernel) is deleted and built again, and loaded."""
     import hashlib
     import json
     import time
 
-    assert _in_process("print(t.library())", tmp_path) == "None"  # started, not waited for
+    cache_dir = tmp_path / "cache"
+    # Started from a folder holding a torch.py: the build process must not import it.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "torch.py").write_text("raise ImportError('the working folder shadows torch')\n")
+    said = _in_process("print(t.library())", cache_dir, cwd=shadow)
+    assert said == "None"  # started, not waited for
     deadline = time.monotonic() + 240
-    while not list(tmp_path.glob("rprop_table_*.so.json")) and time.monotonic() < deadline:
+    while not list(cache_dir.glob("rprop_table_*.so.json")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    (record,) = tmp_path.glob("rprop_table_*.so.json")
+    (record,) = cache_dir.glob("rprop_table_*.so.json")
     library = record.with_suffix("")
-    assert _in_process("print(t.library() is not None)", tmp_path) == "True"  # no build
+    assert _in_process("print(t.library() is not None)", cache_dir) == "True"  # no build
 
     kernel = _in_process("from rprop.torch import _fused\nprint(_fused.kernel_info()['path'])",
-                         tmp_path)
+                         cache_dir)
     data = Path(kernel).read_bytes()
     library.unlink()
     library.write_bytes(data)
@@ -370,6 +378,6 @@ def test_a_build_outlives_its_process_and_a_foreign_library_is_rebuilt(tmp_path)
     record.write_text(json.dumps({**entry, "size": len(data),
                                   "sha256": hashlib.sha256(data).hexdigest()}))
     said = _in_process("lib = t.library(wait=True, timeout=240)\n"
-                       "print(lib is not None, t.info())", tmp_path)
+                       "print(lib is not None, t.info())", cache_dir)
     assert said.startswith("True"), said
     assert library.read_bytes() != data

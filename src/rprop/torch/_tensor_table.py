@@ -20,7 +20,7 @@ the system C++ compiler (``$CXX``, default ``c++``) and torch's headers
 (about 12 s), cached on disk like the kernel (:mod:`rprop.torch._kernel_cache`:
 verified, trust-checked, one build per machine, torch and Python version).
 The first bucket of at least :data:`MIN_TENSORS` tensors loads it from the
-cache, or starts a build process (``python -m rprop.torch._tensor_table``)
+cache, or starts a build process (a Python running :func:`_main`)
 that compiles it into the cache, and later steps pick it up once that
 process has ended. The build is a process, not a thread, so that it finishes
 into the cache even when the process that started it exits first, and so
@@ -41,6 +41,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import warnings
 from array import array
 from pathlib import Path
@@ -62,6 +63,8 @@ STEM = "rprop_table"
 # no helper is built for it.
 MIN_TENSORS = 64
 
+_BUILD = "from rprop.torch._tensor_table import _main; raise SystemExit(_main())"
+_lock = threading.Lock()
 # What this process has of the helper: "lib" (loaded), "error" (why it
 # cannot be had), "info" (its build), "proc" (the build process running).
 _state: dict[str, Any] = {}
@@ -81,7 +84,11 @@ def _flags() -> list[str]:
 
 
 def _build_spec() -> tuple[list[str], Any]:
-    """The compiler and the one build of the helper for this torch and Python."""
+    """The compiler and the one build of the helper for this torch and Python.
+    Its name does not depend on the compiler's ``--version`` (the kernel's
+    does, for ``-march=native``): finding it in the cache runs no program in
+    the optimizer's process, and the ABI it must match is torch's, which the
+    flags name."""
     cxx = _compiler()
     if not cxx or shutil.which(cxx[0]) is None:
         raise RuntimeError(f"no C++ compiler found (looked for {cxx[0] if cxx else '$CXX'!r}; "
@@ -89,8 +96,7 @@ def _build_spec() -> tuple[list[str], Any]:
     directory = cache._directory()
     flags = _flags()
     key = hashlib.sha256(b"\0".join([
-        SOURCE.read_bytes(), shlex.join([*cxx, *flags]).encode(),
-        cache._compiler_version(cxx).encode(), torch.__version__.encode(),
+        SOURCE.read_bytes(), shlex.join([*cxx, *flags]).encode(), torch.__version__.encode(),
         sys.version.encode()])).hexdigest()[:24]
     return cxx, cache._Build(directory / f"{STEM}_{key}.so", flags, (), SOURCE,
                              "the C++ tensor table")
@@ -144,15 +150,16 @@ def _start() -> None:
         # is interrupted, and this process stays single-threaded (a fork, a
         # DataLoader worker, is then safe).
         # The interpreter multiprocessing would start (an application that
-        # embeds Python sets it with multiprocessing.set_executable), given
-        # this rprop's folder first on its path.
+        # embeds Python sets it with multiprocessing.set_executable), with
+        # this process's import path (this rprop first), started in the cache
+        # folder, so that no module of the working folder shadows torch.
         python = multiprocessing.spawn.get_executable()
         here = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+        path = os.pathsep.join(dict.fromkeys([here, *map(os.path.abspath, filter(None, sys.path))]))
         log = tempfile.TemporaryFile()
         _state["proc"] = (subprocess.Popen(
-            [python, "-m", "rprop.torch._tensor_table"], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=log, start_new_session=True,
+            [python, "-c", _BUILD], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=log, start_new_session=True, cwd=build.library.parent,
             # The cache folder this process uses (a private one of its own
             # when the cache cannot be written): the build lands where it looks.
             env={**os.environ, "PYTHONPATH": path,
@@ -168,8 +175,8 @@ def _finish(rc: int) -> None:
         if rc == 0 and _load_cached(build):
             return
         log.seek(0)
-        said = log.read().decode(errors="replace").strip().splitlines()
-        _fail(said[-1] if said else f"its build process ended with status {rc} and no "
+        said = log.read().decode(errors="replace").strip()
+        _fail(said[-2000:] if said else f"its build process ended with status {rc} and no "
               f"library in {build.library.parent}")
     except Exception as err:
         _fail(err)
@@ -185,6 +192,13 @@ def library(wait: bool = False, timeout: float | None = None) -> Any:
     lib = _state.get("lib")
     if lib is not None or "error" in _state:
         return lib
+    with _lock:  # optimizers stepped from several threads start one build
+        return _library(wait, timeout)
+
+
+def _library(wait: bool, timeout: float | None) -> Any:
+    if "lib" in _state or "error" in _state:
+        return _state.get("lib")
     if "proc" not in _state:
         if os.environ.get("RPROP_TENSOR_TABLE", "1") == "0":
             _state["error"] = "the C++ tensor table is turned off (RPROP_TENSOR_TABLE=0)"
@@ -222,14 +236,21 @@ def forget_loaded() -> None:
     _state.clear()
 
 
+def _forked() -> None:
+    """A forked child does not own the parent's build process (and a thread
+    of the parent may have held the lock)."""
+    global _lock
+    _lock = threading.Lock()
+    _state.clear()
+
+
 if hasattr(os, "register_at_fork"):
-    # A forked child does not own the parent's build process.
-    os.register_at_fork(after_in_child=_state.clear)
+    os.register_at_fork(after_in_child=_forked)
 
 
 def _main() -> int:
     """The build process: compile the helper into the cache (or find it
-    there); the last line of its output says why it could not."""
+    there); its output says why it could not."""
     try:
         cxx, build = _build_spec()
         cache.cached_library(STEM, [build], cxx, build.library.parent)
@@ -287,6 +308,3 @@ def record(params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, 
         return None
     return TableCheck(lib, records, grad_records, tuple(keys), grad_ptrs)
 
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
