@@ -3,10 +3,11 @@
     RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python _adaptive_dist_worker.py OUT
 
 Saves to OUT/rank{r}.pt (1) the parameters after STEPS masked steps in which
-this rank passes its own micro-batches (:func:`micro_batches`), and (2) the
-parameters and history of fit(batching="adaptive") on this rank's shard, and
-(3) those of the same fit stopped after one epoch-equivalent with a
-checkpoint and resumed from it.
+this rank passes its own micro-batches (:func:`micro_batches`), with the
+carried evidence also each step's sign-efficiency sums, (2) the parameters
+and history of fit(batching="adaptive") on this rank's shard (grow="evidence",
+and the default rule), and (3) those of the first fit stopped after one
+epoch-equivalent with a checkpoint and resumed from it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import rprop
 from rprop.torch import fit
 from rprop.torch._adaptive import (
     _batch_gradient,
+    _efficiency_terms,
     _Evidence,
     _evidence_masks,
     _masks,
@@ -31,8 +33,10 @@ from rprop.torch._adaptive import (
 STEPS = 10
 VARIANTS = ("irprop+", "rprop+", "grprop-sag")
 SHARD = 128
-# The default rule (carried evidence); it reaches full batch after ~3 epochs.
-FIT_OPTIONS = {"batch_size": 8, "micro_batches": 4, "seed": 3}
+# Carried evidence with one jump: it reaches full batch after ~3 epochs.
+FIT_OPTIONS = {"batch_size": 8, "micro_batches": 4, "seed": 3, "grow": "evidence"}
+# The default rule: it doubles the batch on its signs (8 to 128 here).
+DEFAULT_OPTIONS = {"batch_size": 8, "micro_batches": 4, "seed": 3}
 
 
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +75,7 @@ def stepwise(variant: str, ranks: list[int], group, carry: bool = False) -> list
     opt = rprop.Rprop(params, variant=variant)
     stats = _Statistics(params)
     evidence = _Evidence(params)
+    efficiency = []
     for step in range(STEPS):
         micro = [b for r in ranks for b in micro_batches(r, step)]
         loss, k = _batch_gradient(model, loss_fn, micro, stats, group)
@@ -78,12 +83,13 @@ def stepwise(variant: str, ranks: list[int], group, carry: bool = False) -> list
             # Both ranks' 16 samples make the batch, out of 2 SHARD.
             masks, _, totals = _evidence_masks(opt, stats, evidence, k, None, 2 * 16,
                                                2 * SHARD)
+            efficiency.append(torch.stack(_efficiency_terms(opt, stats, k, None)))
         else:
             masks, _ = _masks(opt, stats, k, None)
         masked_step(opt, masks, loss)
         if carry:
             evidence.keep(totals, [masks[id(p)] for p in params])
-    return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params] + efficiency
 
 
 if __name__ == "__main__":
@@ -95,6 +101,9 @@ if __name__ == "__main__":
     model = make_model()
     hist = fit(model, loss_fn, mine, max_epochs=8, progress=False, batching="adaptive",
                batching_kwargs=FIT_OPTIONS)
+    default = make_model()
+    by_default = fit(default, loss_fn, mine, max_epochs=8, progress=False,
+                     batching="adaptive", batching_kwargs=DEFAULT_OPTIONS)
     # The same run, stopped after one epoch-equivalent with a checkpoint, then resumed.
     fit(make_model(), loss_fn, mine, max_epochs=1, progress=False, batching="adaptive",
         batching_kwargs=FIT_OPTIONS, checkpoint=out / "run.pt")
@@ -106,6 +115,8 @@ if __name__ == "__main__":
         "carried": {v: stepwise(v, [rank], dist.group.WORLD, carry=True) for v in VARIANTS},
         "fit": [p.detach().clone() for p in model.parameters()],
         "history": hist.state_dict(),
+        "default": [p.detach().clone() for p in default.parameters()],
+        "default_history": by_default.state_dict(),
         "resumed": [p.detach().clone() for p in resumed.parameters()],
         "resumed_history": again.state_dict(), "resumed_from": again.resumed_from,
     }, out / f"rank{rank}.pt")

@@ -18,7 +18,8 @@ import rprop
 from _helpers import loss_fn, make_model
 from reference import ReferenceRprop
 from rprop.torch import fit, full_batch_backward
-from rprop.torch._adaptive import masked_step, reliability_threshold, reliable_mask
+from rprop.torch._adaptive import masked_step, reliability_threshold, reliable_mask, sign_efficiency
+from rprop.torch._fit_checkpoint import atomic_save, read_verified
 
 ALL_VARIANTS = ("irprop-", "irprop+", "rprop-", "rprop+", "grprop-sag", "grprop-slr")
 
@@ -81,6 +82,33 @@ def test_reliable_rate_is_the_noncentral_t_tail(delta):
     ok, _ = reliable_mask(torch.tensor(g.sum(0)), torch.tensor((g * g).sum(0)), k, z)
     p = stats.nct.sf(z, k - 1, delta) + stats.nct.cdf(-z, k - 1, delta)
     assert abs(ok.double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_sign_efficiency_is_the_expected_fraction_of_the_decrease():
+    """Against SciPy, per element: sum(s |m| (2 Phi(|m| / se) - 1)) and
+    sum(s |m|), m the mean of the k micro-batch means (plus the decay term),
+    se their standard deviation / sqrt(k); a zero spread is a certain sign,
+    a zero mean weighs nothing."""
+    gen = np.random.default_rng(4)
+    k = 6
+    g = gen.normal(0.3, 1.0, size=(k, 50))
+    g[:, 0] = 0.0   # no gradient: weight 0
+    g[:, 1] = 0.25  # no spread: a certain sign
+    size = gen.uniform(1e-3, 1e-1, size=50)
+    shift = gen.normal(0, 0.1, size=50)
+    for with_shift in (False, True):
+        m = g.mean(0) + (shift if with_shift else 0)
+        se = g.std(0, ddof=1) / math.sqrt(k)
+        t = np.abs(m) / np.where(se > 0, se, 1.0)
+        right = np.where(se > 0, 2 * stats.norm.cdf(t) - 1, 1.0)
+        w = size * np.abs(m)
+        got = sign_efficiency(torch.tensor(g.sum(0)), torch.tensor((g * g).sum(0)), k,
+                              torch.tensor(size), torch.tensor(shift) if with_shift else None)
+        assert got[0].item() == pytest.approx(float((w * right).sum()), rel=1e-12)
+        assert got[1].item() == pytest.approx(float(w.sum()), rel=1e-12)
+    # A coordinate with a certain sign counts whole; one that is pure noise about nothing.
+    one = sign_efficiency(torch.tensor([0.5]), torch.tensor([0.0625]), 2, 1.0)
+    assert one[0].item() == one[1].item() == 0.25
 
 
 # -- the masked step against the per-element reference -------------------------------------
@@ -147,7 +175,7 @@ def weights(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("grow", ["fraction", "evidence"])
+@pytest.mark.parametrize("grow", ["fraction", "evidence", "efficiency"])
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_full_batch_phase_is_bitwise_full_batch_rprop(variant, grow):
     x, y = regression()
@@ -161,16 +189,19 @@ def test_full_batch_phase_is_bitwise_full_batch_rprop(variant, grow):
             snapshot["step"] = info.step
 
     # fraction with rho=1: the batch doubles after every step (8, 16, then all
-    # 48); evidence: 8 until it jumps to all 48.
+    # 48); evidence: 8 until it jumps to all 48; efficiency: doubles on its signs.
     hist = fit(model, loss_fn, (x, y), variant=variant, max_epochs=12, progress=False,
                callbacks=[grab], batching="adaptive",
                batching_kwargs={"batch_size": 8, "micro_batches": 4, "rho": 1.0,
                                 "eval_batch_size": 16, "grow": grow})
+    jump = snapshot["step"]
     if grow == "fraction":
-        assert hist.batch_size[:3] == [8, 16, 48] and snapshot["step"] == 2
-    else:
-        jump = snapshot["step"]
+        assert hist.batch_size[:3] == [8, 16, 48] and jump == 2
+    elif grow == "evidence":
         assert jump > 1 and hist.batch_size == [8] * jump + [48] * (hist.steps - jump)
+    else:  # efficiency: 8, then doubled on the signs, then all 48
+        assert hist.batch_size[0] == 8 and hist.batch_size == sorted(hist.batch_size)
+        assert hist.batch_size[jump - 1] < 48 == hist.batch_size[jump]
     assert hist.reliable[0] < 1.0  # the mini-batch steps did mask coordinates
     ref_model = make_model()
     ref_model.load_state_dict(snapshot["model"])
@@ -187,7 +218,7 @@ def test_full_batch_phase_is_bitwise_full_batch_rprop(variant, grow):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("grow", ["fraction", "evidence"])
+@pytest.mark.parametrize("grow", ["fraction", "evidence", "efficiency"])
 def test_irprop_plus_runs_as_irprop_minus_before_full_batch(grow):
     x, y = regression(n=200)
     runs = []
@@ -222,7 +253,8 @@ def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
         model.weight.copy_(torch.tensor(w0))
     hist = fit(model, lambda m, batch: m(batch[0]).sum(dim=1), (torch.tensor(x),),
                variant="irprop-", max_epochs=6, progress=False, batching="adaptive",
-               batching_kwargs={"batch_size": b0, "micro_batches": k, "seed": seed})
+               batching_kwargs={"batch_size": b0, "micro_batches": k, "seed": seed,
+                                "grow": "evidence"})
 
     z = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
                                             - 1)) / 2))
@@ -266,6 +298,88 @@ def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
     np.testing.assert_array_equal(model.weight.detach().numpy(), ref.params[0])
 
 
+@pytest.mark.parametrize("window", [1, 4])
+def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
+    """grow="efficiency" (the default) against NumPy, SciPy and the
+    per-element reference: the carried evidence as in the test above, and
+    after each step the efficiency of this batch's signs, sum(s |m| (2
+    Phi(|m| / se) - 1)) / sum(s |m|) with the step sizes s before the step,
+    its surplus over 2 Phi(z) - 1 averaged exponentially (weight 1 / window)
+    since B last changed; B doubles once the average is negative after at
+    least ``window`` steps, and is N (evidence dropped, the reference's full
+    batch step) once a doubling would pass N / 4."""
+    gen = np.random.default_rng(9)
+    n, d, b0, k, seed = 600, 10, 8, 4, 3
+    mu = 0.3 * np.array([0.3, -0.25, 0.2, 0.12, -0.08, 0.05, 0.0, 0.03, -0.02, 0.01])
+    x = mu + gen.standard_normal((n, d))
+    w0 = gen.normal(size=(1, d))
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(w0))
+    hist = fit(model, lambda m, batch: m(batch[0]).sum(dim=1), (torch.tensor(x),),
+               variant="irprop-", max_epochs=10, progress=False, batching="adaptive",
+               batching_kwargs={"batch_size": b0, "micro_batches": k, "seed": seed,
+                                "window": window})
+
+    z = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
+                                            - 1)) / 2))
+    needed = 2 * stats.norm.cdf(z) - 1
+    ref = ReferenceRprop([w0], variant="irprop-")
+    gen_t = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
+    means: list[list[float]] = [[] for _ in range(d)]
+    batch, sizes, fractions, examples = b0, [], [], 0
+    average, since = None, 0
+    while examples < 10 * n:
+        if batch == n:
+            ref.step([x.mean(0)[None, :]])
+            sizes.append(n), fractions.append(1.0)
+            examples += n
+            continue
+        rows = []
+        while len(rows) < batch:
+            if pos == n:
+                perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
+            take = min(batch - len(rows), n - pos)
+            rows.extend(perm[pos:pos + take])
+            pos += take
+        micro = x[np.array(rows)].reshape(k, batch // k, d).mean(1)
+        m, se = micro.mean(0), micro.std(0, ddof=1) / math.sqrt(k)
+        weight = ref.step_size[0][0] * np.abs(m)
+        right = 2 * stats.norm.cdf(np.abs(m) / se) - 1
+        surplus = float((weight * (right - needed)).sum() / weight.sum())
+        for j, col in enumerate(micro.T):
+            means[j].extend(col)
+        avg = np.array([np.mean(v) for v in means])
+        spread = np.array([np.std(v, ddof=1) for v in means])
+        count = np.array([len(v) for v in means])
+        moved = np.abs(avg) > z * spread / np.sqrt(count)
+        before = (ReferenceRprop._reals(ref.params[0]).copy(), ref.step_size[0].copy(),
+                  ref.prev[0].copy(), ref.prev_update[0].copy())
+        ref.step([avg[None, :]])
+        keep = ~moved[None, :]
+        for now, was in zip((ref.params[0], ref.step_size[0], ref.prev[0], ref.prev_update[0]),
+                            before, strict=True):
+            now[keep] = was[keep]
+        for j in np.flatnonzero(moved):
+            means[j] = []
+        sizes.append(batch), fractions.append(moved.mean())
+        examples += batch
+        average = surplus if average is None else average + (surplus - average) / window
+        since += 1
+        if since >= window and average < 0:
+            batch = n if 4 * batch > n else 2 * batch
+            average, since = None, 0
+            if batch == n:
+                means = [[] for _ in range(d)]
+    # It doubled, held a size for a while, and reached the full batch.
+    assert 16 in sizes and n in sizes and sizes.index(n) > 5
+    assert max(sizes.count(s) for s in sizes if s < n) > 2 * window
+    assert hist.batch_size == sizes
+    np.testing.assert_allclose(hist.reliable, fractions, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(model.weight.detach().numpy(), ref.params[0])
+
+
 def test_history_counts_examples_and_epoch_equivalents():
     x, y = regression(n=200)
     model = make_model()
@@ -294,7 +408,7 @@ def test_a_dataset_and_the_tensors_give_the_same_run():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("grow", ["fraction", "evidence"])
+@pytest.mark.parametrize("grow", ["fraction", "evidence", "efficiency"])
 def test_resume_is_bitwise(tmp_path, grow):
     x, y = regression(n=400)
     opts = {"batch_size": 8, "micro_batches": 4, "rho": 0.3, "seed": 7, "grow": grow}
@@ -333,10 +447,21 @@ def test_a_run_stopped_by_a_callback_resumes_bitwise(tmp_path):
     first = make_model()
     fit(first, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
         batching_kwargs=opts, checkpoint=ckpt, callbacks=[lambda info: info.step == 6])
+    saved = read_verified(ckpt)["history"]["adaptive"]["efficiency"]
     resumed = make_model()
     got = fit(resumed, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
               batching_kwargs=opts, checkpoint=ckpt)
     assert got.resumed_from == 6 and want.batch_size[6] < 400  # stopped in the mini-batch phase
+    # The growth rule's state counts the 6 steps taken, not the one refused:
+    # the average of (efficiency - (2 Phi(z) - 1)) since B last changed.
+    needed = 2 * stats.norm.cdf(reliability_threshold()) - 1
+    size, since = want.batch_size[6], 0  # the steps taken at the size step 6 has
+    while since < 6 and want.batch_size[5 - since] == size:
+        since += 1
+    average = None
+    for e in want.efficiency[6 - since:6]:
+        average = e - needed if average is None else average + (e - needed - average) / 10
+    assert saved[1] == since and saved[0] == pytest.approx(average, rel=1e-12)
     assert got.loss == want.loss and got.batch_size == want.batch_size
     for a, b in zip(weights(straight), weights(resumed), strict=True):
         assert torch.equal(a, b)
@@ -360,6 +485,29 @@ def test_a_checkpoint_whose_evidence_does_not_fit_is_refused_unchanged(tmp_path)
             batching_kwargs=opts, checkpoint=ckpt)
     assert all(torch.equal(a, b) for a, b in zip(before, weights(other), strict=True))
     assert torch.equal(rng, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("bad", [["x", 0], [0.1, -1], [float("nan"), 2], [0.1], None, [0.1, True]])
+def test_a_checkpoint_whose_growth_state_is_malformed_is_refused_unchanged(tmp_path, bad):
+    """A checkpoint whose growth-rule state (average, steps) is not a finite
+    float (or None) and an int >= 0 is a ValueError before anything is
+    loaded: model, RNG and file as they were."""
+    x, y = regression(n=400)
+    opts = {"batch_size": 8, "micro_batches": 4, "seed": 7}
+    ckpt = tmp_path / "run.pt"
+    fit(make_model(), loss_fn, (x, y), max_epochs=1, progress=False, batching="adaptive",
+        batching_kwargs=opts, checkpoint=ckpt)
+    payload = read_verified(ckpt)
+    payload["history"]["adaptive"]["efficiency"] = bad
+    atomic_save(payload, ckpt)
+    data = ckpt.read_bytes()
+    model = make_model()
+    before, rng = weights(model), torch.get_rng_state()
+    with pytest.raises(ValueError, match="batch growth state is malformed"):
+        fit(model, loss_fn, (x, y), max_epochs=4, progress=False, batching="adaptive",
+            batching_kwargs=opts, checkpoint=ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))
+    assert torch.equal(rng, torch.get_rng_state()) and ckpt.read_bytes() == data
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -394,6 +542,8 @@ BAD = [
     ("z", (X, Y), {"z": -1.0}, ValueError, "'z'"),
     ("unknown option", (X, Y), {"batchsize": 8}, TypeError, "unknown keys"),
     ("grow rule", (X, Y), {"grow": "faster"}, ValueError, r"\['grow'\] must be"),
+    ("window", (X, Y), {"window": 0}, ValueError, r"\['window'\] must be an int >= 1"),
+    ("window type", (X, Y), {"window": 2.5}, ValueError, r"\['window'\] must be an int"),
 ]
 
 
@@ -510,6 +660,11 @@ def test_two_ranks_equal_one_process_given_the_same_samples(tmp_path):
         assert torch.equal(a, b)
     h0, h1 = ({k: v for k, v in r["history"].items() if k != "time"} for r in ranks)
     assert h0 == h1 and 2 * worker.SHARD in h0["batch_size"]
+    # The default rule: every rank doubles at the same steps, to the same weights.
+    for a, b in zip(ranks[0]["default"], ranks[1]["default"], strict=True):
+        assert torch.equal(a, b)
+    d0, d1 = ({k: v for k, v in r["default_history"].items() if k != "time"} for r in ranks)
+    assert d0 == d1 and len(set(d0["batch_size"])) > 2
     assert h0["batch_size"][0] == worker.FIT_OPTIONS["batch_size"]
     # Resumed from a checkpoint both ranks wrote together, in the mini-batch
     # phase (every rank's sampler restored): the uninterrupted run, bitwise.

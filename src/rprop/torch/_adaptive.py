@@ -31,22 +31,40 @@ is *reliable* when ``|g_mean| / se(g_mean) > z`` (``se`` estimated from the
 test, the step-size adaptation and the move; every other coordinate keeps
 its value, step size and stored gradient (and stored update).
 
-The evidence is carried (``grow="evidence"``, the default): a coordinate
-that does not pass keeps the sum, sum of squares and count of its
-micro-batch means into the next step, so its test uses every micro-batch
-since it last moved, and a coordinate whose sign needs ``m`` samples to
-resolve moves after about ``m / B`` steps instead of never: each
-coordinate gets the batch its own signal-to-noise ratio needs, while the
-others move every step. Its step gradient is that accumulated mean; once it
-moves its evidence starts again. No sample is spent twice, so a bigger
-batch would not buy a coordinate more evidence per example; ``B`` stays at
-``B0`` until the evidence half of the informative coordinates hold (or
-moved on) covers half the data, and then jumps to ``B = N``: exact
-full-batch Rprop (:func:`full_batch_backward` and ``step``, nothing masked)
-until the end. The per-batch rules ``grow="fraction"`` (double ``B`` while
-fewer than ``rho`` of the coordinates that received any gradient are
-reliable) and ``"gain"`` test each batch alone; they reach full batch once
-``2B >= N``.
+The evidence is carried: a coordinate that does not pass keeps the sum,
+the sum of squares and the count of its micro-batch means into the next
+step, so its test uses every micro-batch since it last moved, and a
+coordinate whose sign needs ``m`` samples to resolve moves after about
+``m / B`` steps instead of never. Its step gradient is that accumulated
+mean; once it moves its evidence starts again.
+
+The batch grows on the signs' *efficiency* (``grow="efficiency"``, the
+default). A step moves coordinate ``i`` by its step size ``s_i`` against
+the sign of its estimate; with true gradient ``mu_i`` it lowers the loss by
+``s_i |mu_i|`` when the sign is right and raises it by as much when it is
+wrong, so it realises the fraction ``2 Phi(|mu_i| / se_i) - 1`` of the
+decrease exact signs would give. Weighted by each coordinate's share of
+that decrease (``s_i |g_i|``, this batch's estimates), the average of that
+fraction over this batch's statistics is the efficiency of its signs; the
+same zero-drift condition as above asks for ``2 p* - 1`` (0.7638): below
+it the coordinates that carry the decrease have signs too noisy for their
+step sizes to grow. ``B`` doubles when the efficiency, averaged over the
+last ``window`` steps (an exponential average of weight ``1 / window``), is
+below ``2 p* - 1`` and ``B`` has not changed for ``window`` steps; once a
+doubling would pass ``N / 4`` it is ``N``: exact full-batch Rprop
+(:func:`full_batch_backward` and ``step``, nothing masked) until the end.
+A near-optimal point has ``mu -> 0`` for every coordinate, so the rule
+keeps doubling as training converges: geometric growth, the schedule whose
+noise falls as fast as the gradient. The carried evidence stays across a
+doubling (its micro-batch means then mix two sizes: their mean stays
+unbiased, their spread is that of the mix).
+
+The other rules: ``grow="evidence"`` (evidence carried, ``B`` at ``B0``
+until half the informative coordinates hold, or moved on, evidence from
+half the data, then ``B = N``); ``"fraction"`` (each batch tested alone,
+``B`` doubling while fewer than ``rho`` of the coordinates that received
+any gradient are reliable) and ``"gain"`` (each batch alone,
+experimental).
 """
 
 from __future__ import annotations
@@ -103,17 +121,23 @@ BATCHING_MODES = ("full", "adaptive")
 #   z: the threshold; None derives it from each group's etas (above).
 #   seed: the sampler's generator seed.
 #   eval_batch_size: the size of the batches of a full-data pass (B = N).
-#   grow: "evidence" (the carried evidence of the module docstring; rho unused),
-#     "fraction" (double B while fewer than rho of the coordinates pass) or
-#     "gain" (experimental): double
+#   window: grow="efficiency" only: the steps its efficiency is averaged over,
+#     and the fewest steps between two doublings. 10 steps lets a step size
+#     change by 1.2^10 = 6x after a doubling before the next test counts; a
+#     choice, not a derivation (its sensitivity: docs/benchmarks.md).
+#   grow: "efficiency" (evidence carried, B doubled on the signs' efficiency:
+#     the module docstring; rho unused), "evidence" (evidence carried, one
+#     jump to B = N; rho and window unused), "fraction" (double B while fewer
+#     than rho of the coordinates pass) or "gain" (experimental): double
 #     when the coordinates that would pass at 2B (|t| > z / sqrt 2) carry at
 #     least twice the predicted decrease sum(|g| step) of those that pass now,
 #     i.e. when doubling would not lower the decrease per example; rho unused.
 DEFAULTS: dict[str, Any] = {
     "batch_size": 64, "micro_batches": 8, "rho": 0.5, "z": None, "seed": 0,
-    "eval_batch_size": 1024, "grow": "evidence",
+    "eval_batch_size": 1024, "grow": "efficiency", "window": 10,
 }
-GROW_RULES = ("evidence", "fraction", "gain")
+GROW_RULES = ("efficiency", "evidence", "fraction", "gain")
+CARRIED = ("efficiency", "evidence")  # the rules that carry evidence across steps
 _CHECKPOINT_KEY = "adaptive"
 
 
@@ -152,6 +176,28 @@ def reliable_mask(total: Tensor, squares: Tensor, k: int | Tensor, z: float,
     return ok, squares != 0
 
 
+def sign_efficiency(total: Tensor, squares: Tensor, k: int, size: Tensor | float,
+                    shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(sum of ``w (2 Phi(|mean| / se) - 1)``, sum of ``w``) over one array,
+    in float64, from the sum and the sum of squares of ``k`` micro-batch
+    means (``mean`` and ``se`` as in :func:`reliable_mask`, ``shift`` added
+    to the mean) and the step sizes ``size``: ``w = size |mean|`` is a
+    coordinate's first-order decrease, ``2 Phi(t) - 1 = erf(t / sqrt 2)`` the
+    fraction of it a sign-based step realises in expectation (module
+    docstring). A zero spread counts as a certain sign; non-finite
+    coordinates are left out."""
+    mean = total / k
+    var = ((squares - k * (mean * mean)) / (k - 1)).clamp_(min=0)
+    if shift is not None:
+        mean = mean + shift
+    mean, var = mean.to(torch.float64), var.to(torch.float64)
+    weight = mean.abs() * (size.to(torch.float64) if isinstance(size, Tensor) else size)
+    weight = torch.where(torch.isfinite(weight), weight, 0)
+    right = torch.erf(mean.abs() / (2 * var / k).sqrt())  # |mean| / 0 = inf: erf 1
+    right = torch.where((weight > 0) & ~right.isnan(), right, 0)
+    return (weight * right).sum(), weight.sum()
+
+
 @dataclass
 class AdaptiveHistory(History):
     """What ``fit(..., batching="adaptive")`` did, one entry per step.
@@ -160,7 +206,9 @@ class AdaptiveHistory(History):
     started from (the full-data loss once ``batch_size[i] == dataset_size``);
     ``batch_size[i]``: the samples it drew; ``reliable[i]``: the fraction of
     coordinates that moved, among those with any gradient (1.0 at full
-    batch); ``examples[i]``: examples processed up to and including it;
+    batch); ``efficiency[i]``: the efficiency of its batch's signs (module
+    docstring; 1.0 at full batch, nan when no coordinate had a gradient);
+    ``examples[i]``: examples processed up to and including it;
     ``time[i]``: seconds of training at its end; ``step_size[i]``: (min,
     median, max) step size after it. ``epochs`` is the epoch-equivalents
     processed (examples / N).
@@ -169,6 +217,7 @@ class AdaptiveHistory(History):
     dataset_size: int = 0
     batch_size: list[int] = field(default_factory=list)
     reliable: list[float] = field(default_factory=list)
+    efficiency: list[float] = field(default_factory=list)
     examples: list[int] = field(default_factory=list)
 
     @property
@@ -183,6 +232,7 @@ class AdaptiveHistory(History):
         return {
             **super().state_dict(),
             "batch_size": list(self.batch_size), "reliable": list(self.reliable),
+            "efficiency": list(self.efficiency),
             "examples": list(self.examples),
         }
 
@@ -193,6 +243,7 @@ class AdaptiveHistory(History):
             dataset_size=n,
             batch_size=[int(x) for x in state["batch_size"][:steps]],
             reliable=[float(x) for x in state["reliable"][:steps]],
+            efficiency=[float(x) for x in state["efficiency"][:steps]],
             examples=[int(x) for x in state["examples"][:steps]],
         )
 
@@ -334,6 +385,7 @@ def check_batching(batching: Any, batching_kwargs: Any) -> dict[str, Any] | None
     integer("batch_size", opts["micro_batches"])
     integer("seed", 0)
     integer("eval_batch_size", 1)
+    integer("window", 1)
     if opts["batch_size"] % opts["micro_batches"]:
         raise ValueError(f"batching_kwargs['batch_size'] ({opts['batch_size']}) must be a "
                          f"multiple of micro_batches ({opts['micro_batches']}): the "
@@ -482,6 +534,23 @@ def _masks(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | Non
     if gain:
         sums += [torch.stack(now).sum(), torch.stack(doubled).sum()]
     return masks, sums
+
+
+def _efficiency_terms(optimizer: Rprop, stats: _Statistics, k: int,
+                      z_override: float | None) -> list[Tensor]:
+    """Over this batch's statistics: the weighted sum of the sign efficiency,
+    of its threshold ``2 Phi(z) - 1`` (each group's z) and of the weights
+    (:func:`sign_efficiency`); the efficiency falls short when the first is
+    below the second."""
+    right, needed, weights = [], [], []
+    for group, i, p, z, shift in _covered(optimizer, stats, z_override):
+        st = optimizer.state.get(p)
+        size = _real(st["step_size"]) if st and "step_size" in st else float(group["lr"])
+        r, w = sign_efficiency(stats.sums[i], stats.squares[i], k, size, shift)
+        right.append(r)
+        needed.append(w * math.erf(z / math.sqrt(2)))
+        weights.append(w)
+    return [torch.stack(t).sum() for t in (right, needed, weights)]
 
 
 class _Evidence:
@@ -662,8 +731,12 @@ def fit_adaptive(
     sampler = _Sampler(source.n, options["seed"] + rank)
     history = AdaptiveHistory(dataset_size=n)
     batch = b0 if 2 * b0 <= n else n
-    carry = options["grow"] == "evidence"
+    carry = options["grow"] in CARRIED
     evidence = _Evidence(params) if carry and batch < n else None
+    # grow="efficiency": the average of the efficiency's surplus over its
+    # threshold since B last changed (None: no step yet), and those steps.
+    average: float | None = None
+    since = 0
     start = 0
     path = None if checkpoint is None else checkpoint_path(checkpoint)
     if path is not None and exists_everywhere(path, group, device):
@@ -681,6 +754,7 @@ def fit_adaptive(
         history.resumed_from = start
         sampler.load_state_dict(saved["samplers"][rank])
         batch = int(saved["batch"])
+        average, since = saved["efficiency"]
     stats = _Statistics(params)
     z = options["z"]
     limit = max_epochs * n
@@ -700,7 +774,8 @@ def fit_adaptive(
             samplers = [None] * world
             dist.all_gather_object(samplers, sampler.state_dict(), group=group)
         state[_CHECKPOINT_KEY] = {"samplers": samplers, "batch": batch,
-                                  "dataset_size": n, "options": dict(options)}
+                                  "dataset_size": n, "options": dict(options),
+                                  "efficiency": [average, since]}
         if evidence is not None:
             state[_CHECKPOINT_KEY]["evidence"] = evidence.state_dict()
         save_checkpoint(path, model, optimizer, state, steps, group, rank)
@@ -713,7 +788,7 @@ def fit_adaptive(
                                              source.passes(options["eval_batch_size"]),
                                              process_group=process_group,
                                              **(full_batch_kwargs or {}))
-                loss, fraction = float(loss_t), 1.0
+                loss, fraction, efficiency = float(loss_t), 1.0, 1.0
             else:
                 drawn = sampler.mark()
                 idx = sampler.draw(batch // world)
@@ -724,21 +799,29 @@ def fit_adaptive(
                                                           batch, n)
                 else:
                     masks, sums = _masks(optimizer, stats, k_all, z, options["grow"] == "gain")
+                sums += _efficiency_terms(optimizer, stats, k_all, z)
                 values = torch.stack([loss_t, *(t.to(torch.float64) for t in sums)]).tolist()
                 loss = values[0]
                 fraction = values[1] / values[2] if values[2] else 0.0
-                if evidence is not None:
-                    # Half the informative coordinates hold (or moved on)
-                    # evidence from half the data: the exact pass costs no
-                    # more per decision and has no noise.
-                    wants_more = 2 * values[3] >= values[2]
+                right, needed, weights = values[-3:]
+                efficiency = right / weights if weights > 0 else math.nan
+                # grow="evidence": half the informative coordinates hold (or
+                # moved on) evidence from half the data, so the exact pass
+                # costs no more per decision and has no noise.
+                jump = options["grow"] == "evidence" and 2 * values[3] >= values[2]
+                double = False
+                if options["grow"] == "efficiency":
+                    surplus = (right - needed) / weights if weights > 0 else 0.0
+                    now = (surplus if average is None
+                           else average + (surplus - average) / options["window"])
+                    double = since + 1 >= options["window"] and now < 0
                 elif options["grow"] == "gain":
                     # Doubling costs twice the examples per step: worth it when
                     # the coordinates it would add at least double the step's
                     # predicted decrease (or when nothing moves at all).
-                    wants_more = values[1] == 0 or values[4] >= 2 * values[3]
-                else:
-                    wants_more = fraction < options["rho"]
+                    double = values[1] == 0 or values[4] >= 2 * values[3]
+                elif options["grow"] == "fraction":
+                    double = fraction < options["rho"]
             stop = None if math.isfinite(loss) else "nonfinite"
             if callbacks:
                 info_ = StepInfo(steps, loss, batch, fraction, history, model, optimizer)
@@ -762,11 +845,14 @@ def fit_adaptive(
                 masked_step(optimizer, masks, loss_t)
                 if evidence is not None:
                     evidence.keep(totals, [masks[id(p)] for p in params])
+                if options["grow"] == "efficiency":
+                    average, since = now, since + 1
             examples += batch
             steps += 1
             history.loss.append(loss)
             history.batch_size.append(batch)
             history.reliable.append(fraction)
+            history.efficiency.append(efficiency)
             history.examples.append(examples)
             history.step_size.append(_step_size_stats(optimizer))
             history.time.append(offset + time.perf_counter() - began)
@@ -774,12 +860,15 @@ def fit_adaptive(
                 bar.set_postfix_str(f"B={batch} reliable={fraction:.2f} loss={loss:.4g}",
                                     refresh=False)
                 bar.update(min(examples / n, max_epochs) - bar.n)  # the last step overshoots
-            if not full and wants_more and evidence is not None:
+            if not full and jump:
                 batch, evidence = n, None
-            elif not full and wants_more:
+            elif not full and double:
                 # A mini-batch is at most half the data: past that, the exact
                 # full-data pass costs at most twice as much and has no noise.
                 batch = n if 4 * batch > n else 2 * batch
+                average, since = None, 0
+                if batch == n:
+                    evidence = None
             crossed = (examples // (checkpoint_every * n)
                        != (examples - history.batch_size[-1]) // (checkpoint_every * n))
             stopping = interrupted.agreed(group, device)
@@ -810,6 +899,13 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> d
     if saved.get("options") != options:
         raise ValueError(f"checkpoint {path} was written with batching_kwargs "
                          f"{saved.get('options')}; this call has {options}")
+    efficiency = saved.get("efficiency")
+    if not (isinstance(efficiency, list) and len(efficiency) == 2
+            and (efficiency[0] is None or (isinstance(efficiency[0], float)
+                                           and math.isfinite(efficiency[0])))
+            and isinstance(efficiency[1], int) and not isinstance(efficiency[1], bool)
+            and efficiency[1] >= 0):
+        raise ValueError(f"checkpoint {path}: its batch growth state is malformed")
     samplers = saved.get("samplers")
     if not isinstance(samplers, list) or len(samplers) != world:
         raise ValueError(f"checkpoint {path} holds the samplers of "

@@ -269,9 +269,12 @@ def fit(
         batching_kwargs: the adaptive mode's options: ``batch_size`` (64),
             ``micro_batches`` (8), ``rho`` (0.5), ``z`` (None: derived from
             the etas), ``seed`` (0, the sampler's), ``eval_batch_size`` (1024),
-            ``grow`` (``"evidence"``: evidence carried across steps, one jump
-            to full batch; ``"fraction"``: each batch alone, doubling while
-            fewer than ``rho`` pass; ``"gain"``: experimental).
+            ``grow`` (``"efficiency"``: evidence carried across steps, the
+            batch doubled when the signs' efficiency, averaged over
+            ``window`` (10) steps, falls short of what step-size growth
+            needs; ``"evidence"``: evidence carried, one jump to full batch;
+            ``"fraction"``: each batch alone, doubling while fewer than
+            ``rho`` pass; ``"gain"``: experimental).
 
     Every argument is checked before the first epoch (a TypeError or
     ValueError naming it). Under ``torch.distributed``, one small all-reduce
