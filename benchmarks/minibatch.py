@@ -9,7 +9,7 @@ rprop._compare_minibatch (also behind ``rprop compare --minibatch``).
         --seeds 10 --tune-seeds 2                           # the small sets
     python benchmarks/minibatch.py --datasets noisy_class,teacher --synthetic-n 20000 \\
         --budgets 1,3,10 --seeds 3 --tune-seeds 1           # reduced synthetic sets
-    python benchmarks/minibatch.py --sensitivity digits --seeds 5   # z, k, B0, the rules
+    python benchmarks/minibatch.py --sensitivity digits --seeds 5   # z, k, B0, window, rules
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from rprop import _compare_minibatch as cm
 
 SENSITIVITY = [
     {}, {"z": 0.6}, {"z": 2.0}, {"micro_batches": 4}, {"micro_batches": 16},
-    {"batch_size": 32}, {"batch_size": 128}, {"grow": "fraction"},
-    {"grow": "fraction", "rho": 0.25}, {"grow": "fraction", "rho": 0.75}, {"grow": "gain"},
+    {"batch_size": 32}, {"batch_size": 128}, {"window": 3}, {"window": 30},
+    {"grow": "evidence"}, {"grow": "fraction"}, {"grow": "gain"},
 ]
 
 
