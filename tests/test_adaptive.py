@@ -298,7 +298,7 @@ def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
     np.testing.assert_array_equal(model.weight.detach().numpy(), ref.params[0])
 
 
-@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("window", [1, 4, 10])
 def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
     """grow="efficiency" (the default) against NumPy, SciPy and the
     per-element reference: the carried evidence as in the test above, and
@@ -306,8 +306,9 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
     Phi(|m| / se) - 1)) / sum(s |m|) with the step sizes s before the step,
     its surplus over 2 Phi(z) - 1 averaged exponentially (weight 1 / window)
     since B last changed; B doubles once the average is negative after at
-    least ``window`` steps, and is N (evidence dropped, the reference's full
-    batch step) once a doubling would pass N / 4."""
+    least ``window`` steps (or ceil(N / B), one pass, if fewer), and is N
+    (evidence dropped, the reference's full batch step) once a doubling would
+    pass N / 4."""
     gen = np.random.default_rng(9)
     n, d, b0, k, seed = 600, 10, 8, 4, 3
     mu = 0.3 * np.array([0.3, -0.25, 0.2, 0.12, -0.08, 0.05, 0.0, 0.03, -0.02, 0.01])
@@ -367,14 +368,14 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
         examples += batch
         average = surplus if average is None else average + (surplus - average) / window
         since += 1
-        if since >= window and average < 0:
+        if since >= min(window, math.ceil(n / batch)) and average < 0:
             batch = n if 4 * batch > n else 2 * batch
             average, since = None, 0
             if batch == n:
                 means = [[] for _ in range(d)]
     # It doubled, held a size for a while, and reached the full batch.
     assert 16 in sizes and n in sizes and sizes.index(n) > 5
-    assert max(sizes.count(s) for s in sizes if s < n) > 2 * window
+    assert max(sizes.count(s) for s in sizes if s < n) > window
     assert hist.batch_size == sizes
     np.testing.assert_allclose(hist.reliable, fractions, rtol=0, atol=1e-15)
     np.testing.assert_array_equal(model.weight.detach().numpy(), ref.params[0])

@@ -50,7 +50,8 @@ same zero-drift condition as above asks for ``2 p* - 1`` (0.7638): below
 it the coordinates that carry the decrease have signs too noisy for their
 step sizes to grow. ``B`` doubles when the efficiency, averaged over the
 last ``window`` steps (an exponential average of weight ``1 / window``), is
-below ``2 p* - 1`` and ``B`` has not changed for ``window`` steps; once a
+below ``2 p* - 1`` and ``B`` has not changed for ``window`` steps (or for
+one pass of the data, ``ceil(N / B)`` steps, if that is fewer); once a
 doubling would pass ``N / 4`` it is ``N``: exact full-batch Rprop
 (:func:`full_batch_backward` and ``step``, nothing masked) until the end.
 A near-optimal point has ``mu -> 0`` for every coordinate, so the rule
@@ -814,7 +815,11 @@ def fit_adaptive(
                     surplus = (right - needed) / weights if weights > 0 else 0.0
                     now = (surplus if average is None
                            else average + (surplus - average) / options["window"])
-                    double = since + 1 >= options["window"] and now < 0
+                    # A size is tested after `window` steps, or after one pass
+                    # of the data if that is fewer examples: a longer wait
+                    # would spend more on the test than the exact pass costs.
+                    wait = min(options["window"], -(-n // batch))
+                    double = since + 1 >= wait and now < 0
                 elif options["grow"] == "gain":
                     # Doubling costs twice the examples per step: worth it when
                     # the coordinates it would add at least double the step's
