@@ -25,7 +25,7 @@ from rprop import _compare_minibatch as cm
 SENSITIVITY = [
     {}, {"z": 0.6}, {"z": 2.0}, {"micro_batches": 4}, {"micro_batches": 16},
     {"batch_size": 32}, {"batch_size": 128}, {"window": 3}, {"window": 30},
-    {"grow": "evidence"}, {"grow": "fraction"}, {"grow": "gain"},
+    {"unreliable": "hold"}, {"grow": "evidence"}, {"grow": "fraction"}, {"grow": "gain"},
 ]
 
 

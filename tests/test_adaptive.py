@@ -18,7 +18,15 @@ import rprop
 from _helpers import loss_fn, make_model
 from reference import ReferenceRprop
 from rprop.torch import fit, full_batch_backward
-from rprop.torch._adaptive import masked_step, reliability_threshold, reliable_mask, sign_efficiency
+from rprop.torch._adaptive import (
+    _partial_moves,
+    _Statistics,
+    masked_step,
+    partial_move,
+    reliability_threshold,
+    reliable_mask,
+    sign_efficiency,
+)
 from rprop.torch._fit_checkpoint import atomic_save, read_verified
 
 ALL_VARIANTS = ("irprop-", "irprop+", "rprop-", "rprop+", "grprop-sag", "grprop-slr")
@@ -111,13 +119,68 @@ def test_sign_efficiency_is_the_expected_fraction_of_the_decrease():
     assert one[0].item() == one[1].item() == 0.25
 
 
+def test_partial_move_is_the_squared_sign_efficiency():
+    """Against SciPy, per element: sign(m) (2 Phi(|m| / se) - 1)^2, with the
+    decay term in m; sign(m) where the spread is 0."""
+    gen = np.random.default_rng(6)
+    k = 5
+    g = gen.normal(0.2, 1.0, size=(k, 40))
+    g[:, 0] = 0.0
+    shift = gen.normal(0, 0.1, size=40)
+    for with_shift in (False, True):
+        m = g.mean(0) + (shift if with_shift else 0)
+        se = g.std(0, ddof=1) / math.sqrt(k)
+        t = np.abs(m) / np.where(se > 0, se, 1.0)
+        # No spread: a certain sign (1), or nothing if the mean is 0 too.
+        want = np.where(se > 0, np.sign(m) * (2 * stats.norm.cdf(t) - 1) ** 2, np.sign(m))
+        got = partial_move(torch.tensor(g.sum(0)), torch.tensor((g * g).sum(0)), k,
+                           torch.tensor(shift) if with_shift else None)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_partial_moves_go_down_the_slope_and_along_it_with_maximize(maximize):
+    """Oriented as the step: against the mean gradient, along it with
+    maximize; nothing where the coordinate passes."""
+    p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = rprop.Rprop([p], maximize=maximize)
+    stats = _Statistics([p])
+    means = torch.tensor([[0.5, -0.4, 0.1, 3.0], [0.3, -0.6, -0.05, 3.1]], dtype=torch.float64)
+    stats.sums[0].copy_(means.sum(0))
+    stats.squares[0].copy_((means * means).sum(0))
+    mask = torch.tensor([False, False, False, True])
+    move = _partial_moves(opt, stats, 2, None, {id(p): mask}, None)[id(p)]
+    down = -partial_move(stats.sums[0], stats.squares[0], 2)
+    want = -down if maximize else down
+    assert torch.equal(move, torch.where(mask, 0.0, want))
+    assert (move[:2] * (1 if maximize else -1) * means.mean(0)[:2] > 0).all() and move[3] == 0
+
+
+def test_a_skipped_step_moves_nothing():
+    """nonfinite="skip": a step skipped for a non-finite gradient moves no
+    coordinate, the partial ones included."""
+    p = torch.arange(4.0, dtype=torch.float64, requires_grad=True)
+    opt = rprop.Rprop([p], nonfinite="skip")
+    p.grad = torch.tensor([math.nan, 1.0, -1.0, 0.5], dtype=torch.float64)
+    before = p.detach().clone()
+    masked_step(opt, {id(p): torch.tensor([True, True, False, False])},
+                torch.tensor(1.0, dtype=torch.float64),
+                {id(p): torch.tensor([0.0, 0.0, 0.5, -0.5], dtype=torch.float64)})
+    assert opt.param_groups[0]["skipped_steps"] == 1
+    assert torch.equal(p.detach(), before)
+
+
 # -- the masked step against the per-element reference -------------------------------------
 
 
 @pytest.mark.parametrize("variant", ["irprop-", "irprop+", "rprop-", "rprop+"])
+@pytest.mark.parametrize("with_moves", [False, True])
 @pytest.mark.parametrize("extra", [{}, {"maximize": True, "weight_decay": 0.1},
                                    {"lr": 80.0}])
-def test_masked_step_is_the_reference_step_on_the_reliable_coordinates(variant, extra):
+def test_masked_step_is_the_reference_step_on_the_reliable_coordinates(variant, extra,
+                                                                       with_moves):
+    """The others keep value and state; with ``moves``, their value moves by
+    move x their (kept) step size."""
     gen = np.random.default_rng(3)
     shapes = [(5, 4), (7,)]
     start = [gen.normal(size=s) for s in shapes]
@@ -133,9 +196,10 @@ def test_masked_step_is_the_reference_step_on_the_reliable_coordinates(variant, 
         grads.append(gen.normal(size=(3,)) + 1j * gen.normal(size=(3,)))
         masks = [gen.random(size=(*np.shape(g), 2) if np.iscomplexobj(g) else np.shape(g)) < 0.6
                  for g in grads]
+        moves = [np.where(m, 0.0, gen.uniform(-1, 1, size=m.shape)) for m in masks]
         loss = float(gen.normal())
         # The reference: an ordinary step, then every unmasked coordinate put
-        # back as it was; E(t-1) is +inf (no mini-batch step is "worse").
+        # back as it was (and moved); E(t-1) is +inf (no mini-batch step is "worse").
         before = ([np.array(ReferenceRprop._reals(p), copy=True) for p in ref.params],
                   copy.deepcopy(ref.step_size), copy.deepcopy(ref.prev),
                   copy.deepcopy(ref.prev_update))
@@ -144,6 +208,8 @@ def test_masked_step_is_the_reference_step_on_the_reliable_coordinates(variant, 
         for i, m in enumerate(masks):
             w = ReferenceRprop._reals(ref.params[i]).copy()
             w[~m] = before[0][i][~m]
+            if with_moves:
+                w[~m] += moves[i][~m] * before[1][i][~m]
             ref.params[i] = (w[..., 0] + 1j * w[..., 1]) if np.iscomplexobj(start[i]) else w
             for now, old in zip((ref.step_size, ref.prev, ref.prev_update), before[1:],
                                 strict=True):
@@ -151,7 +217,9 @@ def test_masked_step_is_the_reference_step_on_the_reliable_coordinates(variant, 
         for p, g in zip(params, grads, strict=True):
             p.grad = torch.tensor(g)
         masked_step(opt, {id(p): torch.tensor(m) for p, m in zip(params, masks, strict=True)},
-                    torch.tensor(loss, dtype=torch.float64))
+                    torch.tensor(loss, dtype=torch.float64),
+                    {id(p): torch.tensor(d) for p, d in zip(params, moves, strict=True)}
+                    if with_moves else None)
     for p, r in zip(params, ref.params, strict=True):
         np.testing.assert_array_equal(p.detach().numpy(), r)
     for p, s in zip(params, ref.step_size, strict=True):
@@ -254,7 +322,7 @@ def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
     hist = fit(model, lambda m, batch: m(batch[0]).sum(dim=1), (torch.tensor(x),),
                variant="irprop-", max_epochs=6, progress=False, batching="adaptive",
                batching_kwargs={"batch_size": b0, "micro_batches": k, "seed": seed,
-                                "grow": "evidence"})
+                                "grow": "evidence", "unreliable": "hold"})
 
     z = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
                                             - 1)) / 2))
@@ -308,7 +376,8 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
     since B last changed; B doubles once the average is negative after at
     least ``window`` steps (or ceil(N / B), one pass, if fewer), and is N
     (evidence dropped, the reference's full batch step) once a doubling would
-    pass N / 4."""
+    pass N / 4. A coordinate that does not pass moves by sign(mean) x (2
+    Phi(|t|) - 1)^2 of its step size against its carried mean."""
     gen = np.random.default_rng(9)
     n, d, b0, k, seed = 600, 10, 8, 4, 3
     mu = 0.3 * np.array([0.3, -0.25, 0.2, 0.12, -0.08, 0.05, 0.0, 0.03, -0.02, 0.01])
@@ -362,6 +431,9 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
         for now, was in zip((ref.params[0], ref.step_size[0], ref.prev[0], ref.prev_update[0]),
                             before, strict=True):
             now[keep] = was[keep]
+        # The others move by sign(mean) (2 Phi(|t|) - 1)^2 of their step size, down the slope.
+        part = (2 * stats.norm.cdf(np.abs(avg) / (spread / np.sqrt(count))) - 1) ** 2
+        ref.params[0][keep] -= (np.sign(avg) * part)[None, :][keep] * ref.step_size[0][keep]
         for j in np.flatnonzero(moved):
             means[j] = []
         sizes.append(batch), fractions.append(moved.mean())
@@ -378,7 +450,9 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
     assert max(sizes.count(s) for s in sizes if s < n) > window
     assert hist.batch_size == sizes
     np.testing.assert_allclose(hist.reliable, fractions, rtol=0, atol=1e-15)
-    np.testing.assert_array_equal(model.weight.detach().numpy(), ref.params[0])
+    # The partial moves use SciPy's normal cdf, the mode torch.erf: equal to rounding.
+    np.testing.assert_allclose(model.weight.detach().numpy(), ref.params[0], rtol=1e-12,
+                               atol=1e-15)
 
 
 def test_history_counts_examples_and_epoch_equivalents():
@@ -545,6 +619,7 @@ BAD = [
     ("grow rule", (X, Y), {"grow": "faster"}, ValueError, r"\['grow'\] must be"),
     ("window", (X, Y), {"window": 0}, ValueError, r"\['window'\] must be an int >= 1"),
     ("window type", (X, Y), {"window": 2.5}, ValueError, r"\['window'\] must be an int"),
+    ("unreliable", (X, Y), {"unreliable": "move"}, ValueError, r"\['unreliable'\] must be"),
 ]
 
 

@@ -31,6 +31,20 @@ is *reliable* when ``|g_mean| / se(g_mean) > z`` (``se`` estimated from the
 test, the step-size adaptation and the move; every other coordinate keeps
 its value, step size and stored gradient (and stored update).
 
+A coordinate that does not pass still moves part of a step
+(``unreliable="partial"``, the default): by its step size times ``e^2``,
+``e = 2 Phi(|t|) - 1`` from its test's ``t``, against the sign of its
+estimate, with its step size, stored gradient and stored update kept (so
+the sign test and the step-size rule still see only reliable signs). If
+the step size ``s`` is about the distance to the coordinate's minimum (the
+scale at which Rprop's signs start to flip), the step that minimises the
+expected loss along it is ``s e`` (a decrease ``e s |mu|`` against a cost
+``h s^2 / 2``, ``s = |mu| / h``); ``e`` is estimated from ``t``, which noise
+makes large even for a coordinate whose mean is zero (``E e`` is about 0.5
+then), and the square is the choice that moves those least among ``e``,
+``e^2`` and a James-Stein-shrunk ``e`` (measured: docs/benchmarks.md).
+``unreliable="hold"`` keeps their value too.
+
 The evidence is carried: a coordinate that does not pass keeps the sum,
 the sum of squares and the count of its micro-batch means into the next
 step, so its test uses every micro-batch since it last moved, and a
@@ -126,6 +140,9 @@ BATCHING_MODES = ("full", "adaptive")
 #     and the fewest steps between two doublings. 10 steps lets a step size
 #     change by 1.2^10 = 6x after a doubling before the next test counts; a
 #     choice, not a derivation (its sensitivity: docs/benchmarks.md).
+#   unreliable: what a coordinate that does not pass does: "partial" moves it
+#     by its step size times e^2, e = 2 Phi(|t|) - 1 (module docstring), its
+#     step size and stored sign kept; "hold" keeps its value too.
 #   grow: "efficiency" (evidence carried, B doubled on the signs' efficiency:
 #     the module docstring; rho unused), "evidence" (evidence carried, one
 #     jump to B = N; rho and window unused), "fraction" (double B while fewer
@@ -135,9 +152,10 @@ BATCHING_MODES = ("full", "adaptive")
 #     i.e. when doubling would not lower the decrease per example; rho unused.
 DEFAULTS: dict[str, Any] = {
     "batch_size": 64, "micro_batches": 8, "rho": 0.5, "z": None, "seed": 0,
-    "eval_batch_size": 1024, "grow": "efficiency", "window": 10,
+    "eval_batch_size": 1024, "grow": "efficiency", "window": 10, "unreliable": "partial",
 }
 GROW_RULES = ("efficiency", "evidence", "fraction", "gain")
+UNRELIABLE = ("partial", "hold")
 CARRIED = ("efficiency", "evidence")  # the rules that carry evidence across steps
 _CHECKPOINT_KEY = "adaptive"
 
@@ -197,6 +215,22 @@ def sign_efficiency(total: Tensor, squares: Tensor, k: int, size: Tensor | float
     right = torch.erf(mean.abs() / (2 * var / k).sqrt())  # |mean| / 0 = inf: erf 1
     right = torch.where((weight > 0) & ~right.isnan(), right, 0)
     return (weight * right).sum(), weight.sum()
+
+
+def partial_move(total: Tensor, squares: Tensor, k: int | Tensor,
+                 shift: Tensor | None = None) -> Tensor:
+    """``sign(mean) e^2`` with ``e = 2 Phi(|mean| / se) - 1``, per coordinate,
+    from the sum and the sum of squares of ``k`` micro-batch means (``mean``
+    and ``se`` as in :func:`reliable_mask`): the signed fraction of its step
+    size that a coordinate which does not pass moves with
+    ``unreliable="partial"`` (module docstring). 0 where it is not finite."""
+    mean = total / k
+    var = ((squares - k * (mean * mean)) / (k - 1)).clamp_(min=0)
+    if shift is not None:
+        mean = mean + shift
+    e = torch.erf(mean.abs() / (2 * var / k).sqrt())
+    move = mean.sign() * e * e
+    return torch.where(torch.isfinite(move), move, 0)
 
 
 @dataclass
@@ -391,6 +425,9 @@ def check_batching(batching: Any, batching_kwargs: Any) -> dict[str, Any] | None
         raise ValueError(f"batching_kwargs['batch_size'] ({opts['batch_size']}) must be a "
                          f"multiple of micro_batches ({opts['micro_batches']}): the "
                          "micro-batches are equal")
+    if opts["unreliable"] not in UNRELIABLE:
+        raise ValueError(f"batching_kwargs['unreliable'] must be one of {UNRELIABLE}, got "
+                         f"{opts['unreliable']!r}")
     if opts["grow"] not in GROW_RULES:
         raise ValueError(f"batching_kwargs['grow'] must be one of {GROW_RULES}, got "
                          f"{opts['grow']!r}")
@@ -622,14 +659,35 @@ def _evidence_masks(optimizer: Rprop, stats: _Statistics, evidence: _Evidence, k
     return masks, sums, totals
 
 
+def _partial_moves(optimizer: Rprop, stats: _Statistics, k: int, z_override: float | None,
+                   masks: dict[int, Tensor], totals: tuple[list[Tensor], ...] | None,
+                   ) -> dict[int, Tensor]:
+    """Per parameter (by id), the signed fraction of its step size each
+    coordinate that does not pass moves (:func:`partial_move`, 0 where it
+    passes), oriented as the step moves (against the gradient, along it with
+    ``maximize``); from the carried ``totals`` when given, else this batch."""
+    moves: dict[int, Tensor] = {}
+    for group, i, p, _, shift in _covered(optimizer, stats, z_override):
+        if totals is None:
+            move = partial_move(stats.sums[i], stats.squares[i], k, shift)
+        else:
+            move = partial_move(totals[0][i], totals[1][i], totals[2][i], shift)
+        move.masked_fill_(masks[id(p)], 0)
+        moves[id(p)] = move if group["maximize"] else move.neg_()
+    return moves
+
+
 _KEPT = ("prev", "step_size", "prev_update")
 
 
 @torch.no_grad()
-def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor) -> None:
+def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor,
+                moves: dict[int, Tensor] | None = None) -> None:
     """One ``optimizer.step`` in which only the coordinates where ``masks``
-    is True take part; every other coordinate keeps its value, step size,
-    stored gradient and stored update.
+    is True take part; every other coordinate keeps its step size, stored
+    gradient and stored update, and its value, or with ``moves`` (per
+    parameter) moves by ``moves * step size`` (nothing in a group whose step
+    the optimizer's ``nonfinite="skip"`` skipped).
 
     The masked coordinates get a zero gradient, which, in the core's rule,
     already leaves the parameter (a zero move), the stored update (0 only
@@ -653,7 +711,10 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor) -> Non
             g = _real(p.grad)
             g.copy_(torch.where(m, g, torch.zeros((), dtype=g.dtype, device=g.device)))
             kept["param"] = _real(p).clone()
+    skipped = [g["skipped_steps"] for g in optimizer.param_groups]
     optimizer.step(loss=loss)
+    skipped_now = {id(g): before != g["skipped_steps"]
+                   for g, before in zip(optimizer.param_groups, skipped, strict=True)}
     for p, m, kept, group in saved:
         st = optimizer.state[p]
         value = _real(p.data)
@@ -667,6 +728,8 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor) -> Non
                 fill = group["lr"] if k == "step_size" else 0.0
                 before = torch.full_like(now, float(fill))
             now.copy_(torch.where(m, now, before))
+        if moves is not None and id(p) in moves and not skipped_now[id(group)]:
+            value.add_(moves[id(p)] * _real(st["step_size"]))  # two roundings, not a fused one
         if LOSS_STATE in st:
             st[LOSS_STATE].fill_(math.inf)
 
@@ -847,7 +910,11 @@ def fit_adaptive(
             if full:
                 optimizer.step(loss=loss_t)
             else:
-                masked_step(optimizer, masks, loss_t)
+                moves = None
+                if options["unreliable"] == "partial":
+                    moves = _partial_moves(optimizer, stats, k_all, z, masks,
+                                           None if evidence is None else totals)
+                masked_step(optimizer, masks, loss_t, moves)
                 if evidence is not None:
                     evidence.keep(totals, [masks[id(p)] for p in params])
                 if options["grow"] == "efficiency":
