@@ -274,7 +274,10 @@ def fit(
             ``window`` (10) steps, falls short of what step-size growth
             needs; ``"evidence"``: evidence carried, one jump to full batch;
             ``"fraction"``: each batch alone, doubling while fewer than
-            ``rho`` pass; ``"gain"``: experimental).
+            ``rho`` pass; ``"gain"``: experimental), ``unreliable``
+            (``"partial"``: a coordinate that does not pass moves its step
+            size times the square of its sign efficiency; ``"hold"``: it
+            keeps its value).
 
     Every argument is checked before the first epoch (a TypeError or
     ValueError naming it). Under ``torch.distributed``, one small all-reduce
