@@ -303,29 +303,63 @@ def test_irprop_plus_runs_as_irprop_minus_before_full_batch(grow):
         assert torch.equal(a, b)
 
 
-def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
-    """grow="evidence" against NumPy and the per-element reference: a loss
-    linear in the weights, so each sample's gradient is its features whatever
-    the weights. The reference keeps, per coordinate, the list of micro-batch
-    means since it last moved, passes it when |mean| > z std / sqrt(count),
-    steps the reference Rprop on the passing coordinates with that mean (the
-    others kept), and jumps to the full data once half the coordinates hold
-    means of at least N/2 samples."""
-    gen = np.random.default_rng(8)
-    n, d, b0, k, seed = 240, 12, 8, 4, 5
-    mu = np.array([0.8, -0.5, 0.3, 0.0, 0.15, -0.1, 0.05, -0.03, 0.0, 0.02, 0.01, -0.01])
-    x = mu + gen.standard_normal((n, d))
-    w0 = gen.normal(size=(1, d))
-    model = torch.nn.Linear(d, 1, bias=False).double()
+# z* for the default etas, from SciPy: Phi^-1((1 + sqrt(2 q* - 1)) / 2).
+Z_STAR = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
+                                             - 1)) / 2))
+
+
+def linear_fit(n, mu, gen, epochs, options):
+    """A loss linear in the weights, so each sample's gradient is its
+    features whatever the weights: fit's run, with the data and start."""
+    x = mu + gen.standard_normal((n, len(mu)))
+    w0 = gen.normal(size=(1, len(mu)))
+    model = torch.nn.Linear(len(mu), 1, bias=False).double()
     with torch.no_grad():
         model.weight.copy_(torch.tensor(w0))
     hist = fit(model, lambda m, batch: m(batch[0]).sum(dim=1), (torch.tensor(x),),
-               variant="irprop-", max_epochs=6, progress=False, batching="adaptive",
-               batching_kwargs={"batch_size": b0, "micro_batches": k, "seed": seed,
-                                "grow": "evidence", "unreliable": "hold"})
+               variant="irprop-", max_epochs=epochs, progress=False, batching="adaptive",
+               batching_kwargs=options)
+    return x, w0, model, hist
 
-    z = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
-                                            - 1)) / 2))
+
+def carried_step(ref, means, micro, partial):
+    """One step of the carried-evidence reference: ``micro`` (k x d
+    micro-batch means) joins each coordinate's list of means since it last
+    moved; the reference Rprop steps the coordinates whose |mean| > z* std /
+    sqrt(count), with that mean, the others kept (and, with ``partial``,
+    moved by sign(mean) (2 Phi(|t|) - 1)^2 of their step size against it);
+    the lists of those that moved start again. Returns (moved, count)."""
+    for j, col in enumerate(micro.T):
+        means[j].extend(col)
+    avg = np.array([np.mean(v) for v in means])
+    spread = np.array([np.std(v, ddof=1) for v in means])
+    count = np.array([len(v) for v in means])
+    moved = np.abs(avg) > Z_STAR * spread / np.sqrt(count)
+    before = (ReferenceRprop._reals(ref.params[0]).copy(), ref.step_size[0].copy(),
+              ref.prev[0].copy(), ref.prev_update[0].copy())
+    ref.step([avg[None, :]])
+    keep = ~moved[None, :]
+    for now, was in zip((ref.params[0], ref.step_size[0], ref.prev[0], ref.prev_update[0]),
+                        before, strict=True):
+        now[keep] = was[keep]
+    if partial:
+        part = (2 * stats.norm.cdf(np.abs(avg) / (spread / np.sqrt(count))) - 1) ** 2
+        ref.params[0][keep] -= (np.sign(avg) * part)[None, :][keep] * ref.step_size[0][keep]
+    for j in np.flatnonzero(moved):
+        means[j] = []
+    return moved, count
+
+
+def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
+    """grow="evidence", unreliable="hold" against NumPy and the per-element
+    reference (:func:`carried_step`), jumping to the full data once half the
+    coordinates hold means of at least N/2 samples."""
+    n, b0, k, seed = 240, 8, 4, 5
+    mu = np.array([0.8, -0.5, 0.3, 0.0, 0.15, -0.1, 0.05, -0.03, 0.0, 0.02, 0.01, -0.01])
+    x, w0, model, hist = linear_fit(n, mu, np.random.default_rng(8), 6, {
+        "batch_size": b0, "micro_batches": k, "seed": seed, "grow": "evidence",
+        "unreliable": "hold"})
+    d = len(mu)
     ref = ReferenceRprop([w0], variant="irprop-")
     gen_t = torch.Generator().manual_seed(seed)  # the documented sampler: permutations in turn
     perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
@@ -340,25 +374,10 @@ def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
         if pos == n:
             perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
         rows, pos = perm[pos:pos + b0], pos + b0
-        for j, m in enumerate(x[rows].reshape(k, b0 // k, d).mean(1).T):
-            means[j].extend(m)
-        avg = np.array([np.mean(m) for m in means])
-        spread = np.array([np.std(m, ddof=1) for m in means])
-        count = np.array([len(m) for m in means])
-        moved = np.abs(avg) > z * spread / np.sqrt(count)
-        old = (count * (b0 // k) >= n / 2).sum()
-        before = (ReferenceRprop._reals(ref.params[0]).copy(), ref.step_size[0].copy(),
-                  ref.prev[0].copy(), ref.prev_update[0].copy())
-        ref.step([avg[None, :]])
-        keep = ~moved[None, :]
-        for now, was in zip((ref.params[0], ref.step_size[0], ref.prev[0], ref.prev_update[0]),
-                            before, strict=True):
-            now[keep] = was[keep]
-        for j in np.flatnonzero(moved):
-            means[j] = []
+        moved, count = carried_step(ref, means, x[rows].reshape(k, b0 // k, d).mean(1), False)
         sizes.append(b0), fractions.append(moved.mean())
         examples += b0
-        if 2 * old >= d:
+        if 2 * (count * (b0 // k) >= n / 2).sum() >= d:
             batch = n
     assert n in sizes and sizes.index(n) > 10  # carried for a while, then the jump
     assert hist.batch_size == sizes
@@ -368,32 +387,21 @@ def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
 
 @pytest.mark.parametrize("window", [1, 4, 10])
 def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
-    """grow="efficiency" (the default) against NumPy, SciPy and the
-    per-element reference: the carried evidence as in the test above, and
-    after each step the efficiency of this batch's signs, sum(s |m| (2
-    Phi(|m| / se) - 1)) / sum(s |m|) with the step sizes s before the step,
-    its surplus over 2 Phi(z) - 1 averaged exponentially (weight 1 / window)
-    since B last changed; B doubles once the average is negative after at
-    least ``window`` steps (or ceil(N / B), one pass, if fewer), and is N
-    (evidence dropped, the reference's full batch step) once a doubling would
-    pass N / 4. A coordinate that does not pass moves by sign(mean) x (2
-    Phi(|t|) - 1)^2 of its step size against its carried mean."""
-    gen = np.random.default_rng(9)
-    n, d, b0, k, seed = 600, 10, 8, 4, 3
+    """The defaults (grow="efficiency", unreliable="partial") against NumPy,
+    SciPy and the per-element reference: the carried evidence with partial
+    moves (:func:`carried_step`), and after each step the efficiency of this
+    batch's signs, sum(s |m| (2 Phi(|m| / se) - 1)) / sum(s |m|) with the
+    step sizes s before the step, its surplus over 2 Phi(z) - 1 averaged
+    exponentially (weight 1 / window) since B last changed; B doubles once
+    the average is negative after at least ``window`` steps (or ceil(N / B),
+    one pass, if fewer), and is N (evidence dropped, the reference's full
+    batch step) once a doubling would pass N / 4."""
+    n, b0, k, seed = 600, 8, 4, 3
     mu = 0.3 * np.array([0.3, -0.25, 0.2, 0.12, -0.08, 0.05, 0.0, 0.03, -0.02, 0.01])
-    x = mu + gen.standard_normal((n, d))
-    w0 = gen.normal(size=(1, d))
-    model = torch.nn.Linear(d, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor(w0))
-    hist = fit(model, lambda m, batch: m(batch[0]).sum(dim=1), (torch.tensor(x),),
-               variant="irprop-", max_epochs=10, progress=False, batching="adaptive",
-               batching_kwargs={"batch_size": b0, "micro_batches": k, "seed": seed,
-                                "window": window})
-
-    z = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
-                                            - 1)) / 2))
-    needed = 2 * stats.norm.cdf(z) - 1
+    x, w0, model, hist = linear_fit(n, mu, np.random.default_rng(9), 10, {
+        "batch_size": b0, "micro_batches": k, "seed": seed, "window": window})
+    d = len(mu)
+    needed = 2 * stats.norm.cdf(Z_STAR) - 1
     ref = ReferenceRprop([w0], variant="irprop-")
     gen_t = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
@@ -418,24 +426,7 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
         weight = ref.step_size[0][0] * np.abs(m)
         right = 2 * stats.norm.cdf(np.abs(m) / se) - 1
         surplus = float((weight * (right - needed)).sum() / weight.sum())
-        for j, col in enumerate(micro.T):
-            means[j].extend(col)
-        avg = np.array([np.mean(v) for v in means])
-        spread = np.array([np.std(v, ddof=1) for v in means])
-        count = np.array([len(v) for v in means])
-        moved = np.abs(avg) > z * spread / np.sqrt(count)
-        before = (ReferenceRprop._reals(ref.params[0]).copy(), ref.step_size[0].copy(),
-                  ref.prev[0].copy(), ref.prev_update[0].copy())
-        ref.step([avg[None, :]])
-        keep = ~moved[None, :]
-        for now, was in zip((ref.params[0], ref.step_size[0], ref.prev[0], ref.prev_update[0]),
-                            before, strict=True):
-            now[keep] = was[keep]
-        # The others move by sign(mean) (2 Phi(|t|) - 1)^2 of their step size, down the slope.
-        part = (2 * stats.norm.cdf(np.abs(avg) / (spread / np.sqrt(count))) - 1) ** 2
-        ref.params[0][keep] -= (np.sign(avg) * part)[None, :][keep] * ref.step_size[0][keep]
-        for j in np.flatnonzero(moved):
-            means[j] = []
+        moved, _ = carried_step(ref, means, micro, True)
         sizes.append(batch), fractions.append(moved.mean())
         examples += batch
         average = surplus if average is None else average + (surplus - average) / window
