@@ -4,9 +4,9 @@
 
 Saves to OUT/rank{r}.pt (1) the parameters after STEPS masked steps in which
 this rank passes its own micro-batches (:func:`micro_batches`), with the
-carried evidence also each step's sign-efficiency sums, (2) the parameters
+carried evidence also each step's sign-efficiency sums and partial moves, (2) the parameters
 and history of fit(batching="adaptive") on this rank's shard (grow="evidence",
-and the default rule), and (3) those of the first fit stopped after one
+and the default rule), and (3) those of both fits stopped after one
 epoch-equivalent with a checkpoint and resumed from it.
 """
 
@@ -26,6 +26,7 @@ from rprop.torch._adaptive import (
     _Evidence,
     _evidence_masks,
     _masks,
+    _partial_moves,
     _Statistics,
     masked_step,
 )
@@ -86,7 +87,8 @@ def stepwise(variant: str, ranks: list[int], group, carry: bool = False) -> list
             efficiency.append(torch.stack(_efficiency_terms(opt, stats, k, None)))
         else:
             masks, _ = _masks(opt, stats, k, None)
-        masked_step(opt, masks, loss)
+        moves = _partial_moves(opt, stats, k, None, masks, totals) if carry else None
+        masked_step(opt, masks, loss, moves)
         if carry:
             evidence.keep(totals, [masks[id(p)] for p in params])
     return [p.detach().clone() for p in params] + efficiency
@@ -104,6 +106,12 @@ if __name__ == "__main__":
     default = make_model()
     by_default = fit(default, loss_fn, mine, max_epochs=8, progress=False,
                      batching="adaptive", batching_kwargs=DEFAULT_OPTIONS)
+    fit(make_model(), loss_fn, mine, max_epochs=1, progress=False, batching="adaptive",
+        batching_kwargs=DEFAULT_OPTIONS, checkpoint=out / "default.pt")
+    default_resumed = make_model()
+    default_again = fit(default_resumed, loss_fn, mine, max_epochs=8, progress=False,
+                        batching="adaptive", batching_kwargs=DEFAULT_OPTIONS,
+                        checkpoint=out / "default.pt")
     # The same run, stopped after one epoch-equivalent with a checkpoint, then resumed.
     fit(make_model(), loss_fn, mine, max_epochs=1, progress=False, batching="adaptive",
         batching_kwargs=FIT_OPTIONS, checkpoint=out / "run.pt")
@@ -117,6 +125,9 @@ if __name__ == "__main__":
         "history": hist.state_dict(),
         "default": [p.detach().clone() for p in default.parameters()],
         "default_history": by_default.state_dict(),
+        "default_resumed": [p.detach().clone() for p in default_resumed.parameters()],
+        "default_resumed_history": default_again.state_dict(),
+        "default_resumed_from": default_again.resumed_from,
         "resumed": [p.detach().clone() for p in resumed.parameters()],
         "resumed_history": again.state_dict(), "resumed_from": again.resumed_from,
     }, out / f"rank{rank}.pt")

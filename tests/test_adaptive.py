@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from _helpers import loss_fn, make_model
 from reference import ReferenceRprop
 from rprop.torch import fit, full_batch_backward
 from rprop.torch._adaptive import (
+    _Evidence,
+    _evidence_masks,
     _partial_moves,
     _Statistics,
     masked_step,
@@ -395,7 +398,7 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
     exponentially (weight 1 / window) since B last changed; B doubles once
     the average is negative after at least ``window`` steps (or ceil(N / B),
     one pass, if fewer), and is N (evidence dropped, the reference's full
-    batch step) once a doubling would pass N / 4."""
+    batch step) once a doubling would pass N / 2."""
     n, b0, k, seed = 600, 8, 4, 3
     mu = 0.3 * np.array([0.3, -0.25, 0.2, 0.12, -0.08, 0.05, 0.0, 0.03, -0.02, 0.01])
     x, w0, model, hist = linear_fit(n, mu, np.random.default_rng(9), 10, {
@@ -576,6 +579,157 @@ def test_a_checkpoint_whose_growth_state_is_malformed_is_refused_unchanged(tmp_p
     assert torch.equal(rng, torch.get_rng_state()) and ckpt.read_bytes() == data
 
 
+def _edit_checkpoint(tmp_path, edit):
+    """A real mid-run checkpoint (default options), edited by ``edit`` and
+    sealed again; returns its path and the options."""
+    x, y = regression(n=400)
+    opts = {"batch_size": 8, "micro_batches": 4, "seed": 7}
+    ckpt = tmp_path / "run.pt"
+    fit(make_model(), loss_fn, (x, y), max_epochs=1, progress=False, batching="adaptive",
+        batching_kwargs=opts, checkpoint=ckpt)
+    payload = read_verified(ckpt)
+    edit(payload)
+    atomic_save(payload, ckpt)
+    return ckpt, opts, (x, y)
+
+
+def _refused_unchanged(ckpt, opts, data, match):
+    raw = ckpt.read_bytes()
+    model = make_model()
+    before, rng = weights(model), torch.get_rng_state()
+    with pytest.raises(ValueError, match=match):
+        fit(model, loss_fn, data, max_epochs=4, progress=False, batching="adaptive",
+            batching_kwargs=opts, checkpoint=ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))
+    assert torch.equal(rng, torch.get_rng_state()) and ckpt.read_bytes() == raw
+
+
+def _set(key, value):
+    def edit(payload):
+        payload["history"][key] = value
+    return edit
+
+
+def _evidence_edit(key, fill):
+    def edit(payload):
+        payload["history"]["adaptive"]["evidence"][key][0].fill_(fill)
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda pl: pl["history"].pop("efficiency"), "its history does not hold"),
+    (lambda pl: pl["history"]["efficiency"].__setitem__(0, "x"), "its history does not hold"),
+    (lambda pl: pl["history"]["batch_size"].pop(), "its history does not hold"),
+    (lambda pl: pl["history"]["examples"].__setitem__(3, 5), "its history does not hold"),
+    (lambda pl: pl["history"]["batch_size"].__setitem__(0, 10**6), "its history does not hold"),
+    (_evidence_edit("sums", math.nan), "carried evidence is malformed"),
+    (_evidence_edit("squares", -1.0), "carried evidence is malformed"),
+    (_evidence_edit("counts", -3), "carried evidence is malformed"),
+    (lambda pl: (pl["history"]["adaptive"]["evidence"]["counts"][0].zero_(),
+                 pl["history"]["adaptive"]["evidence"]["sums"][0].fill_(1e3)),
+     "carried evidence is malformed"),
+    (lambda pl: pl["history"]["adaptive"].__setitem__("batch", 9), "batch size 9 must be"),
+    (lambda pl: pl["history"]["adaptive"].__setitem__("batch", 10**6), "batch size"),
+    (lambda pl: pl["history"]["adaptive"]["options"].pop("unreliable"), "older rprop"),
+])
+def test_a_malformed_adaptive_checkpoint_is_refused_unchanged(tmp_path, edit, match):
+    """Each part of the adaptive state is checked before anything is loaded:
+    the history's per-step lists, the carried evidence's values, the batch
+    size, and options from an older version."""
+    ckpt, opts, data = _edit_checkpoint(tmp_path, edit)
+    _refused_unchanged(ckpt, opts, data, match)
+
+
+def test_a_skipped_step_keeps_the_evidence_it_had():
+    """nonfinite="skip": the step a non-finite gradient skips neither moves
+    a coordinate nor spends its carried evidence (nor adds the batch's)."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = rprop.Rprop([p, q], nonfinite="skip")
+    stats, evidence, k = _Statistics([p, q]), _Evidence([p, q]), 4
+
+    def step(means_p, means_q):
+        stats.reset()
+        for mp, mq in zip(means_p, means_q, strict=True):
+            p.grad = torch.tensor(mp, dtype=torch.float64)
+            q.grad = torch.tensor([mq], dtype=torch.float64)
+            stats.add()
+        masks, _, totals = _evidence_masks(opt, stats, evidence, k, None, 8, 1000)
+        moves = _partial_moves(opt, stats, k, None, masks, totals)
+        skipped = masked_step(opt, masks, torch.tensor(1.0), moves)
+        evidence.keep(totals, [masks[id(p)], masks[id(q)]],
+                      frozenset(i for i, t in enumerate((p, q)) if id(t) in skipped))
+        return masks[id(p)], skipped
+
+    for _ in range(3):
+        step([[0.3, 1.0], [-0.2, -1.0], [0.25, 1.0], [-0.1, -1.0]], [1.0] * 4)
+    kept = [t.clone() for t in (*evidence.sums, *evidence.counts)]
+    values = p.detach().clone()
+    passes, skipped = step([[0.3, 1.0], [0.2, -1.0], [0.25, 1.0], [0.2, -1.0]],
+                           [1.0, math.nan, 1.0, 1.0])
+    assert bool(passes[0]) and skipped == {id(p), id(q)}  # it would have moved
+    assert torch.equal(p.detach(), values)
+    assert all(torch.equal(a, b) for a, b in zip(kept, (*evidence.sums, *evidence.counts),
+                                                 strict=True))
+
+
+def test_half_precision_statistics_do_not_underflow():
+    """float16 parameters: the sums and squares are kept in float32, so a
+    small gradient keeps its spread (float16 squares it to 0) and is tested
+    as in float32."""
+    g = torch.tensor([[1.2e-4, -3e-5], [0.9e-4, 2e-5], [1.1e-4, -1e-5], [1.0e-4, 1e-5]])
+    masks = []
+    for dtype in (torch.float16, torch.float32):
+        p = torch.nn.Parameter(torch.zeros(2, dtype=dtype))
+        stats = _Statistics([p])
+        for row in g:
+            p.grad = row.to(dtype)
+            stats.add()
+        assert stats.squares[0].dtype == torch.float32 and bool((stats.squares[0] > 0).all())
+        ok, _ = reliable_mask(stats.sums[0], stats.squares[0], 4, reliability_threshold())
+        masks.append(ok)
+    assert torch.equal(masks[0], masks[1]) and masks[0].tolist() == [True, False]
+    x, y = regression(n=64)
+    model = make_model().half()
+
+    def full_loss():
+        with torch.no_grad():
+            return float(((model(x.half()).float() - y) ** 2).mean())
+
+    start = full_loss()
+    fit(model, lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1).float(), (x.half(), y.half()),
+        max_epochs=10, progress=False, batching="adaptive",
+        batching_kwargs={"batch_size": 8, "micro_batches": 4})
+    assert all(p.dtype == torch.float16 and bool(torch.isfinite(p).all())
+               for p in model.parameters())
+    assert full_loss() < 0.8 * start
+
+
+def test_a_run_whose_weights_overflow_the_sum_still_resumes(tmp_path):
+    """Gradients near the float64 limit: the efficiency's weights sum past
+    the float range; the run treats that step as no evidence either way, and
+    its checkpoint resumes."""
+    x = torch.full((64, 2), 1e307, dtype=torch.float64) * (
+        1 + 0.1 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0),
+                              dtype=torch.float64))
+    ckpt = tmp_path / "c.pt"
+    opts = {"batch_size": 8, "micro_batches": 4}
+
+    def run(**kw):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(2, 1, bias=False).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fit(m, lambda m, b: m(b[0]).sum(1), (x,), optimizer=rprop.Rprop(
+                m.parameters(), lr=10.0), max_epochs=1, progress=False, batching="adaptive",
+                batching_kwargs=opts, checkpoint=ckpt, **kw)
+
+    run(callbacks=[lambda info: info.step == 3])
+    state = read_verified(ckpt)["history"]["adaptive"]["efficiency"]
+    assert state[0] is not None and math.isfinite(state[0])
+    assert run().resumed_from == 3
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
@@ -732,6 +886,14 @@ def test_two_ranks_equal_one_process_given_the_same_samples(tmp_path):
         assert torch.equal(a, b)
     d0, d1 = ({k: v for k, v in r["default_history"].items() if k != "time"} for r in ranks)
     assert d0 == d1 and len(set(d0["batch_size"])) > 2
+    # ... and resumed in its mini-batch phase (evidence, growth state, samplers): the same.
+    for saved in ranks:
+        start = saved["default_resumed_from"]
+        assert 0 < start and d0["batch_size"][start] < 2 * worker.SHARD
+        for a, b in zip(saved["default_resumed"], ranks[0]["default"], strict=True):
+            assert torch.equal(a, b)
+        again = {k: v for k, v in saved["default_resumed_history"].items() if k != "time"}
+        assert again == d0
     assert h0["batch_size"][0] == worker.FIT_OPTIONS["batch_size"]
     # Resumed from a checkpoint both ranks wrote together, in the mini-batch
     # phase (every rank's sampler restored): the uninterrupted run, bitwise.

@@ -66,7 +66,7 @@ step sizes to grow. ``B`` doubles when the efficiency, averaged over the
 last ``window`` steps (an exponential average of weight ``1 / window``), is
 below ``2 p* - 1`` and ``B`` has not changed for ``window`` steps (or for
 one pass of the data, ``ceil(N / B)`` steps, if that is fewer); once a
-doubling would pass ``N / 4`` it is ``N``: exact full-batch Rprop
+doubling would pass ``N / 2`` it is ``N``: exact full-batch Rprop
 (:func:`full_batch_backward` and ``step``, nothing masked) until the end.
 A near-optimal point has ``mu -> 0`` for every coordinate, so the rule
 keeps doubling as training converges: geometric growth, the schedule whose
@@ -137,9 +137,10 @@ BATCHING_MODES = ("full", "adaptive")
 #   seed: the sampler's generator seed.
 #   eval_batch_size: the size of the batches of a full-data pass (B = N).
 #   window: grow="efficiency" only: the steps its efficiency is averaged over,
-#     and the fewest steps between two doublings. 10 steps lets a step size
-#     change by 1.2^10 = 6x after a doubling before the next test counts; a
-#     choice, not a derivation (its sensitivity: docs/benchmarks.md).
+#     and the fewest steps between two doublings (or one pass of the data,
+#     ceil(N / B) steps, if that is fewer). 10 steps lets a step size change
+#     by 1.2^10 = 6x after a doubling before the next test counts; a choice,
+#     not a derivation (its sensitivity: docs/benchmarks.md).
 #   unreliable: what a coordinate that does not pass does: "partial" moves it
 #     by its step size times e^2, e = 2 Phi(|t|) - 1 (module docstring), its
 #     step size and stored sign kept; "hold" keeps its value too.
@@ -462,13 +463,29 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _statistic_like(p: Tensor) -> Tensor:
+    """A zero buffer for one parameter's statistics: float32 for a half
+    precision parameter, whose squared gradients would underflow (a
+    gradient under 2.4e-4 squares to 0 in float16, a spread of 0 that reads
+    as a certain sign)."""
+    real = _real(p.detach())
+    wide = torch.float32 if real.dtype in (torch.float16, torch.bfloat16) else real.dtype
+    return torch.zeros_like(real, dtype=wide)
+
+
+def _as_grad(p: Tensor, mean: Tensor) -> Tensor:
+    """``mean`` (a statistics buffer's dtype) as the gradient of ``p``."""
+    mean = mean.to(_real(p.detach()).dtype)
+    return torch.view_as_complex(mean) if p.is_complex() else mean
+
+
 class _Statistics:
     """Sum and sum of squares of the micro-batch mean gradients, per parameter."""
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = params
-        self.sums = [torch.zeros_like(_real(p)) for p in params]
-        self.squares = [torch.zeros_like(_real(p)) for p in params]
+        self.sums = [_statistic_like(p) for p in params]
+        self.squares = [_statistic_like(p) for p in params]
 
     def reset(self) -> None:
         torch._foreach_zero_(self.sums)
@@ -481,7 +498,7 @@ class _Statistics:
             return
         sums = [self.sums[i] for i, _ in pairs]
         squares = [self.squares[i] for i, _ in pairs]
-        grads = [g for _, g in pairs]
+        grads = [g.to(s.dtype) for (_, g), s in zip(pairs, sums, strict=True)]
         torch._foreach_add_(sums, grads)
         torch._foreach_addcmul_(squares, grads, grads)
 
@@ -524,8 +541,7 @@ def _batch_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         k *= dist.get_world_size(group)
         loss = loss.reshape(())
     for p, s in zip(stats.params, stats.sums, strict=True):
-        mean = s / k
-        p.grad = torch.view_as_complex(mean) if p.is_complex() else mean
+        p.grad = _as_grad(p, s / k)
     return loss / k, k
 
 
@@ -597,7 +613,7 @@ class _Evidence:
     (``grow="evidence"``); identical on every rank."""
 
     def __init__(self, params: list[Tensor]) -> None:
-        self.sums = [torch.zeros_like(_real(p.detach())) for p in params]
+        self.sums = [_statistic_like(p) for p in params]
         self.squares = [torch.zeros_like(s) for s in self.sums]
         self.counts = [torch.zeros_like(s, dtype=torch.int32) for s in self.sums]
 
@@ -608,11 +624,15 @@ class _Evidence:
                 list(torch._foreach_add(self.squares, stats.squares)),
                 [c + k for c in self.counts])
 
-    def keep(self, totals: tuple[list[Tensor], ...], moved: list[Tensor]) -> None:
-        """Carry ``totals`` into the next step, restarted where a coordinate moved."""
+    def keep(self, totals: tuple[list[Tensor], ...], moved: list[Tensor],
+             untouched: frozenset[int] = frozenset()) -> None:
+        """Carry ``totals`` into the next step, restarted where a coordinate
+        moved; the parameters at the indices ``untouched`` (a step skipped for
+        a non-finite value) keep the evidence they had, without this batch."""
         for carried, now in zip((self.sums, self.squares, self.counts), totals, strict=True):
-            for c, t, m in zip(carried, now, moved, strict=True):
-                c.copy_(t.masked_fill_(m, 0))
+            for i, (c, t, m) in enumerate(zip(carried, now, moved, strict=True)):
+                if i not in untouched:
+                    c.copy_(t.masked_fill_(m, 0))
 
     def state_dict(self) -> dict[str, list[Tensor]]:
         return {"sums": [t.clone() for t in self.sums],
@@ -629,6 +649,16 @@ class _Evidence:
         if not ok:
             raise ValueError(f"checkpoint {path}: its carried evidence does not fit the "
                              "model's parameters")
+        for total, squares, count in zip(state["sums"], state["squares"], state["counts"],
+                                         strict=True):
+            empty = count == 0
+            # Squares may have overflowed to inf; a non-finite mean would have moved.
+            if not (bool(torch.isfinite(total).all()) and bool((squares >= 0).all())
+                    and bool((count >= 0).all())
+                    and not bool((empty & ((total != 0) | (squares != 0))).any())):
+                raise ValueError(f"checkpoint {path}: its carried evidence is malformed (sums "
+                                 "must be finite, squares and counts >= 0, and nothing "
+                                 "summed where the count is 0)")
         for key in mine:
             torch._foreach_copy_(getattr(self, key), [t.to(d.device) for t, d in
                                                       zip(state[key], mine[key], strict=True)])
@@ -653,8 +683,7 @@ def _evidence_masks(optimizer: Rprop, stats: _Statistics, evidence: _Evidence, k
         informative.append(info.sum())
         # 2 count batch >= n k in int64: no rounding, no overflow.
         old.append((info & (2 * batch * count.long() >= n * k)).sum())
-        mean = total / count
-        p.grad = torch.view_as_complex(mean) if p.is_complex() else mean
+        p.grad = _as_grad(p, total / count)
     sums = [torch.stack(reliable).sum(), torch.stack(informative).sum(), torch.stack(old).sum()]
     return masks, sums, totals
 
@@ -682,12 +711,13 @@ _KEPT = ("prev", "step_size", "prev_update")
 
 @torch.no_grad()
 def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor,
-                moves: dict[int, Tensor] | None = None) -> None:
+                moves: dict[int, Tensor] | None = None) -> set[int]:
     """One ``optimizer.step`` in which only the coordinates where ``masks``
     is True take part; every other coordinate keeps its step size, stored
     gradient and stored update, and its value, or with ``moves`` (per
     parameter) moves by ``moves * step size`` (nothing in a group whose step
-    the optimizer's ``nonfinite="skip"`` skipped).
+    the optimizer's ``nonfinite="skip"`` skipped). Returns the ids of the
+    parameters in such skipped groups.
 
     The masked coordinates get a zero gradient, which, in the core's rule,
     already leaves the parameter (a zero move), the stored update (0 only
@@ -732,6 +762,7 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor,
             value.add_(moves[id(p)] * _real(st["step_size"]))  # two roundings, not a fused one
         if LOSS_STATE in st:
             st[LOSS_STATE].fill_(math.inf)
+    return {id(p) for g in optimizer.param_groups if skipped_now[id(g)] for p in g["params"]}
 
 
 def _step_size_stats(optimizer: Rprop) -> Stats | None:
@@ -876,6 +907,8 @@ def fit_adaptive(
                 double = False
                 if options["grow"] == "efficiency":
                     surplus = (right - needed) / weights if weights > 0 else 0.0
+                    if not math.isfinite(surplus):  # weights summed past the float range
+                        surplus = 0.0
                     now = (surplus if average is None
                            else average + (surplus - average) / options["window"])
                     # A size is tested after `window` steps, or after one pass
@@ -914,10 +947,13 @@ def fit_adaptive(
                 if options["unreliable"] == "partial":
                     moves = _partial_moves(optimizer, stats, k_all, z, masks,
                                            None if evidence is None else totals)
-                masked_step(optimizer, masks, loss_t, moves)
+                skipped = masked_step(optimizer, masks, loss_t, moves)
                 if evidence is not None:
-                    evidence.keep(totals, [masks[id(p)] for p in params])
-                if options["grow"] == "efficiency":
+                    evidence.keep(totals, [masks[id(p)] for p in params],
+                                  frozenset(i for i, p in enumerate(params) if id(p) in skipped))
+                if skipped:  # this batch changed nothing, nor does it count for growth
+                    jump = double = False
+                elif options["grow"] == "efficiency":
                     average, since = now, since + 1
             examples += batch
             steps += 1
@@ -968,9 +1004,15 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> d
     if saved.get("dataset_size") != n:
         raise ValueError(f"checkpoint {path} was written for a dataset of "
                          f"{saved.get('dataset_size')} samples; this one has {n}")
-    if saved.get("options") != options:
+    written = saved.get("options")
+    if isinstance(written, dict) and set(written) < set(options):
+        raise ValueError(f"checkpoint {path} was written by an older rprop (its batching "
+                         f"options lack {sorted(set(options) - set(written))}); resume it with "
+                         "that version, or use a new checkpoint path")
+    if written != options:
         raise ValueError(f"checkpoint {path} was written with batching_kwargs "
-                         f"{saved.get('options')}; this call has {options}")
+                         f"{written}; this call has {options}")
+    _check_history(path, history if isinstance(history, dict) else {}, payload.get("epoch"), n)
     efficiency = saved.get("efficiency")
     if not (isinstance(efficiency, list) and len(efficiency) == 2
             and (efficiency[0] is None or (isinstance(efficiency[0], float)
@@ -978,6 +1020,12 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> d
             and isinstance(efficiency[1], int) and not isinstance(efficiency[1], bool)
             and efficiency[1] >= 0):
         raise ValueError(f"checkpoint {path}: its batch growth state is malformed")
+    batch = saved.get("batch")
+    k_all = options["micro_batches"] * world
+    if not (isinstance(batch, int) and not isinstance(batch, bool)
+            and (batch == n or (0 < batch < n and batch % k_all == 0))):
+        raise ValueError(f"checkpoint {path}: its batch size {batch!r} must be the dataset's "
+                         f"{n} or a multiple of micro_batches x world size ({k_all}) below it")
     samplers = saved.get("samplers")
     if not isinstance(samplers, list) or len(samplers) != world:
         raise ValueError(f"checkpoint {path} holds the samplers of "
@@ -986,6 +1034,33 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> d
     for sampler in samplers:
         _check_sampler(path, sampler, saved)
     return saved
+
+
+def _check_history(path: Any, history: dict[str, Any], steps: Any, n: int) -> None:
+    """The per-step lists of an adaptive history: one entry per step taken
+    (at least), of the right kind; ``examples`` counts up to at most one
+    batch of N per step."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        return  # the checkpoint's own check refuses it, before anything is loaded
+    def numbers(key: str, kind: type | tuple[type, ...]) -> list[Any] | None:
+        v = history.get(key)
+        if (isinstance(v, list) and len(v) >= steps
+                and all(isinstance(x, kind) and not isinstance(x, bool) for x in v[:steps])):
+            return v
+        return None
+    sizes = numbers("batch_size", int)
+    examples = numbers("examples", int)
+    ok = (sizes is not None and examples is not None
+          and numbers("reliable", (int, float)) is not None
+          and numbers("efficiency", (int, float)) is not None)
+    if ok and sizes is not None and examples is not None:
+        total = 0
+        for b, e in zip(sizes[:steps], examples[:steps], strict=True):
+            total += b
+            ok = ok and 1 <= b <= n and e == total
+    if not ok:
+        raise ValueError(f"checkpoint {path}: its history does not hold the batch size, "
+                         f"reliable fraction, efficiency and examples of its {steps} steps")
 
 
 def _check_sampler(path: Any, sampler: Any, saved: dict[str, Any]) -> None:
