@@ -28,8 +28,8 @@ data is used up), splits them into ``k`` equal micro-batches, and keeps the
 sum and the sum of squares of the micro-batch mean gradients. A coordinate
 is *reliable* when ``|g_mean| / se(g_mean) > z`` (``se`` estimated from the
 ``k`` micro-batch means). Only reliable coordinates take part in the sign
-test, the step-size adaptation and the move; every other coordinate keeps
-its value, step size and stored gradient (and stored update).
+test, the step-size adaptation and the full move; every other coordinate
+keeps its step size and stored gradient (and stored update).
 
 A coordinate that does not pass still moves part of a step
 (``unreliable="partial"``, the default): by its step size times ``e^2``,
@@ -172,6 +172,16 @@ def reliability_threshold(etas: tuple[float, float] = DEFAULT_ETAS) -> float:
     return statistics.NormalDist().inv_cdf(p_star) if p_star > 0.5 else 0.0
 
 
+def _mean_and_variance(total: Tensor, squares: Tensor, k: int | Tensor,
+                       shift: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The mean of ``k`` micro-batch means plus ``shift`` (the decay term),
+    and the sample variance of the means (clamped at 0 against rounding),
+    from their sum and sum of squares."""
+    mean = total / k
+    var = ((squares - k * (mean * mean)) / (k - 1)).clamp_(min=0)
+    return (mean if shift is None else mean + shift), var
+
+
 def reliable_mask(total: Tensor, squares: Tensor, k: int | Tensor, z: float,
                   shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(reliable, informative) from the sum and the sum of squares of ``k``
@@ -187,10 +197,7 @@ def reliable_mask(total: Tensor, squares: Tensor, k: int | Tensor, z: float,
     optimizer's ``nonfinite`` policy sees it. Informative: the coordinate got
     a non-zero gradient on some micro-batch.
     """
-    mean = total / k
-    var = ((squares - k * (mean * mean)) / (k - 1)).clamp_(min=0)
-    if shift is not None:
-        mean = mean + shift
+    mean, var = _mean_and_variance(total, squares, k, shift)
     ok = (mean * mean) > (z * z) * (var / k)
     ok |= ~torch.isfinite(mean)
     return ok, squares != 0
@@ -206,10 +213,7 @@ def sign_efficiency(total: Tensor, squares: Tensor, k: int, size: Tensor | float
     fraction of it a sign-based step realises in expectation (module
     docstring). A zero spread counts as a certain sign; non-finite
     coordinates are left out."""
-    mean = total / k
-    var = ((squares - k * (mean * mean)) / (k - 1)).clamp_(min=0)
-    if shift is not None:
-        mean = mean + shift
+    mean, var = _mean_and_variance(total, squares, k, shift)
     mean, var = mean.to(torch.float64), var.to(torch.float64)
     weight = mean.abs() * (size.to(torch.float64) if isinstance(size, Tensor) else size)
     weight = torch.where(torch.isfinite(weight), weight, 0)
@@ -225,10 +229,7 @@ def partial_move(total: Tensor, squares: Tensor, k: int | Tensor,
     and ``se`` as in :func:`reliable_mask`): the signed fraction of its step
     size that a coordinate which does not pass moves with
     ``unreliable="partial"`` (module docstring). 0 where it is not finite."""
-    mean = total / k
-    var = ((squares - k * (mean * mean)) / (k - 1)).clamp_(min=0)
-    if shift is not None:
-        mean = mean + shift
+    mean, var = _mean_and_variance(total, squares, k, shift)
     e = torch.erf(mean.abs() / (2 * var / k).sqrt())
     move = mean.sign() * e * e
     return torch.where(torch.isfinite(move), move, 0)
@@ -1037,9 +1038,9 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> d
 
 
 def _check_history(path: Any, history: dict[str, Any], steps: Any, n: int) -> None:
-    """The per-step lists of an adaptive history: one entry per step taken
-    (at least), of the right kind; ``examples`` counts up to at most one
-    batch of N per step."""
+    """The per-step lists of an adaptive history: an entry for each step
+    taken (at least), of the right kind; batch sizes in 1..N, and
+    ``examples`` their running sum."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         return  # the checkpoint's own check refuses it, before anything is loaded
     def numbers(key: str, kind: type | tuple[type, ...]) -> list[Any] | None:
