@@ -804,6 +804,30 @@ def test_a_full_batch_checkpoint_is_refused_unchanged(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))
 
 
+def test_an_adaptive_checkpoint_is_refused_unchanged_by_a_full_batch_fit(tmp_path):
+    """Its steps are mini-batch steps: a full-batch fit would count them as
+    epochs and mix mini-batch losses into its history."""
+    ckpt = tmp_path / "adaptive.pt"
+    fit(make_model(), loss_fn, (X, Y), max_epochs=2, progress=False, batching="adaptive",
+        batching_kwargs={"batch_size": 8}, checkpoint=ckpt)
+    raw = ckpt.read_bytes()
+    model = make_model()
+    before, rng = weights(model), torch.get_rng_state()
+    with pytest.raises(ValueError, match="written by fit\\(batching='adaptive'\\); resume it"):
+        fit(model, loss_fn, [(X, Y)], max_epochs=5, progress=False, checkpoint=ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model), strict=True))
+    assert torch.equal(rng, torch.get_rng_state()) and ckpt.read_bytes() == raw
+
+
+def test_a_checkpoint_of_other_options_names_what_differs(tmp_path):
+    ckpt = tmp_path / "adaptive.pt"
+    fit(make_model(), loss_fn, (X, Y), max_epochs=1, progress=False, batching="adaptive",
+        batching_kwargs={"batch_size": 8}, checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"other batching_kwargs: window=10 there, 3 here; "):
+        fit(make_model(), loss_fn, (X, Y), max_epochs=2, progress=False, batching="adaptive",
+            batching_kwargs={"batch_size": 8, "window": 3}, checkpoint=ckpt)
+
+
 def test_one_process_group_is_the_plain_run(tmp_path):
     """A world of one: the all-reduces change nothing, the run is bitwise the
     plain one (also the full-batch phase, through full_batch_backward's

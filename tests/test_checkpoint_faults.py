@@ -410,7 +410,7 @@ def test_sigterm_saves_the_epoch_then_exits(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 143, out.decode()
-    assert "SIGTERM received; finishing this epoch" in out.decode()
+    assert "SIGTERM received; finishing this step" in out.decode()
     assert (tmp_path / "exit.rank0").read_text() == "143"
     epoch = torch.load(tmp_path / "run.pt", weights_only=True)["epoch"]
     assert worker.MARK_AT < epoch < worker.EPOCHS  # saved at the signal, not periodically

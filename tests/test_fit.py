@@ -256,7 +256,7 @@ def test_ctrl_c_saves_the_epoch_then_stops(tmp_path, capsys, python_sigint_handl
         fit(make_model(), loss_fn, data, max_epochs=12, progress=False, checkpoint=ckpt,
             checkpoint_every=5, callbacks=[press])
     assert torch.load(ckpt, weights_only=True)["epoch"] == (8 if presses == 1 else 5)
-    assert "finishing this epoch and saving the checkpoint" in capsys.readouterr().err
+    assert "finishing this step and saving the checkpoint" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     model = make_model()
     resumed = fit(model, loss_fn, data, max_epochs=12, progress=False, checkpoint=ckpt)

@@ -845,7 +845,7 @@ def fit_adaptive(
         if carry and int(saved["batch"]) < n:  # checked before anything is loaded
             evidence = _Evidence(params)
             evidence.load_state_dict(path, saved.get("evidence"))
-        start, hist_state = load_checkpoint(path, model, optimizer, group, variant)
+        start, hist_state = load_checkpoint(path, model, optimizer, group, variant, "adaptive")
         history = AdaptiveHistory.from_state_dict(hist_state, start, n)
         history.resumed_from = start
         sampler.load_state_dict(saved["samplers"][rank])
@@ -1011,8 +1011,13 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> d
                          f"options lack {sorted(set(options) - set(written))}); resume it with "
                          "that version, or use a new checkpoint path")
     if written != options:
-        raise ValueError(f"checkpoint {path} was written with batching_kwargs "
-                         f"{written}; this call has {options}")
+        differ = (sorted(k for k in options if written.get(k) != options[k])
+                  if isinstance(written, dict) else list(options))
+        raise ValueError(f"checkpoint {path} was written with other batching_kwargs: "
+                         + ", ".join(f"{k}={written.get(k)!r} there, {options[k]!r} here"
+                                     if isinstance(written, dict) else k for k in differ)
+                         + "; resume with the same batching_kwargs, or use a new checkpoint "
+                         "path")
     _check_history(path, history if isinstance(history, dict) else {}, payload.get("epoch"), n)
     efficiency = saved.get("efficiency")
     if not (isinstance(efficiency, list) and len(efficiency) == 2

@@ -149,6 +149,8 @@ def fit(
 ) -> FitHistory | AdaptiveHistory:
     """Train ``model`` full-batch: each epoch, the exact gradient of the mean
     loss over the whole dataset (:func:`full_batch_backward`), then one step.
+    With ``batching="adaptive"``: Rprop on growing, sign-tested mini-batches
+    that end in exact full batch (below).
 
     Args:
         model: the module to train (plain, DDP, FSDP2).
@@ -293,6 +295,12 @@ def fit(
         after ``max_epochs`` (the last epoch's step is taken) and with
         ``restore_best`` (the best validation epoch's). ``stop_reason`` names
         the rule, ``message`` says why; ``history.plot()`` draws the run.
+        With ``batching="adaptive"``, an :class:`AdaptiveHistory`: one entry
+        per step (its batch size, reliable fraction, sign efficiency and
+        examples so far; ``epochs`` the epoch-equivalents), and ``stop_reason``.
+        Its callbacks get a :class:`StepInfo` per step; ``max_epochs`` and
+        ``checkpoint_every`` count epoch-equivalents (examples / N), and
+        ``step_floor`` and ``restore_best`` do not apply.
     """
     adaptive = check_batching(batching, batching_kwargs)
     # The adaptive mode samples data by index and checks it itself.

@@ -293,8 +293,10 @@ def read_verified(path: str | os.PathLike[str]) -> Any:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, group: Any,
-                    variant: str | None = None) -> tuple[int, dict[str, Any]]:
-    """Resume from ``path``: return (epoch, saved history).
+                    variant: str | None = None, mode: str = "full",
+                    ) -> tuple[int, dict[str, Any]]:
+    """Resume from ``path``: return (epoch, saved history); ``mode`` is the
+    fit's ``batching`` (a checkpoint of the other mode is refused).
 
     Transactional: the whole file is read, verified and checked against the
     model, the optimizer and this process's RNG first; model, optimizer and
@@ -307,7 +309,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, group: Any,
         remove_stale_temporaries(target)
     error = None
     try:
-        plan = _checked(path, read_verified(path), model, optimizer, group, variant)
+        plan = _checked(path, read_verified(path), model, optimizer, group, variant, mode)
     except ValueError as err:
         error, plan = err, None
     if group is not None:
@@ -352,7 +354,7 @@ class _Plan:
 
 
 def _checked(path: Path, payload: Any, model: nn.Module, optimizer: Any, group: Any,
-             variant: str | None) -> _Plan:
+             variant: str | None, mode: str = "full") -> _Plan:
     def refuse(what: str) -> ValueError:
         return ValueError(f"checkpoint {path}: {what}")
 
@@ -366,6 +368,11 @@ def _checked(path: Path, payload: Any, model: nn.Module, optimizer: Any, group: 
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise refuse(f"'epoch' must be an int >= 0, got {epoch!r}")
     history = _checked_history(payload["history"], epoch, refuse)
+    if mode == "full" and "adaptive" in history:
+        # Its steps are mini-batch steps, its losses mini-batch losses: not epochs.
+        raise refuse("was written by fit(batching='adaptive'); resume it with "
+                     "batching='adaptive' and the same batching_kwargs, or use a new "
+                     "checkpoint path")
     saved_class, ours = payload["optimizer_class"], _optimizer_class(optimizer)
     if saved_class != ours and (saved_class, ours) not in _COMPATIBLE:
         raise refuse(f"was written with the optimizer {saved_class}, and this call uses "

@@ -62,7 +62,7 @@ class DeferredInterrupt:
                 signal.signal(s, default)
         if os.getpid() == self.pid:  # not again from each forked DataLoader worker
             name = signal.Signals(signum).name
-            print(f"\nrprop.torch.fit: {name} received; finishing this epoch and saving the "
+            print(f"\nrprop.torch.fit: {name} received; finishing this step and saving the "
                   f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
 
     def agreed(self, group: Any, device: torch.device) -> bool:
