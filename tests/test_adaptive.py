@@ -449,6 +449,19 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
                                atol=1e-15)
 
 
+def test_a_budget_under_one_pass_stops_at_the_step_that_crosses_it():
+    x, y = regression(n=400)
+    hist = fit(make_model(), loss_fn, (x, y), max_epochs=0.5, progress=False,
+               batching="adaptive", batching_kwargs={"batch_size": 8, "micro_batches": 4})
+    assert hist.examples[-1] >= 200 > hist.examples[-2] and hist.stop_reason == "max_epochs"
+    for bad in (-0.5, math.nan, math.inf, "1", True):
+        with pytest.raises(ValueError, match="max_epochs must be a finite number >= 0"):
+            fit(make_model(), loss_fn, (x, y), max_epochs=bad, progress=False,
+                batching="adaptive")
+    with pytest.raises(ValueError, match="max_epochs must be an int >= 0"):
+        fit(make_model(), loss_fn, [(x, y)], max_epochs=0.5, progress=False)
+
+
 def test_history_counts_examples_and_epoch_equivalents():
     x, y = regression(n=200)
     model = make_model()

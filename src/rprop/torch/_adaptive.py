@@ -780,7 +780,7 @@ def _step_size_stats(optimizer: Rprop) -> Stats | None:
 
 def fit_adaptive(
     model: nn.Module, loss_fn: LossFn, data: Any, optimizer: Rprop, *, options: dict[str, Any],
-    max_epochs: int, callbacks: Sequence[Callable[[Any], Any]], progress: bool,
+    max_epochs: float, callbacks: Sequence[Callable[[Any], Any]], progress: bool,
     checkpoint: str | os.PathLike[str] | None, checkpoint_every: int, variant: str | None,
     full_batch_kwargs: dict[str, Any] | None, process_group: Any = None,
 ) -> AdaptiveHistory:

@@ -129,7 +129,7 @@ def fit(
     *,
     optimizer: Any = None,
     variant: str | None = None,
-    max_epochs: int = 1000,
+    max_epochs: float = 1000,
     target_loss: float | None = None,
     gtol: float | None = None,
     step_floor: bool = True,
@@ -175,8 +175,10 @@ def fit(
             ``data`` each). Its parameters must be ``model``'s.
         variant: the variant of the default optimizer (not with ``optimizer``).
         max_epochs: at most this many epochs (evaluations, each followed by
-            a step). The default, 1000, is trainrp's: a budget, not the
-            expected length of a run. The convergence stops (``step_floor``
+            a step); with ``batching="adaptive"``, epoch-equivalents
+            (examples / N), any number >= 0 (0.5: half a pass). The
+            default, 1000, is trainrp's: a budget, not the expected length of
+            a run. The convergence stops (``step_floor``
             on by default, ``gtol``) end a run that has converged, so a
             generous budget costs nothing there, and 100 cut typical
             full-batch runs short (Rprop's step sizes take ~40 epochs just
@@ -306,7 +308,8 @@ def fit(
     # The adaptive mode samples data by index and checks it itself.
     trainable = _check_fit_args(model, loss_fn, optimizer, variant, max_epochs, target_loss,
                                 patience, min_improvement, callbacks, checkpoint_every,
-                                data if adaptive is None else (), full_batch_kwargs)
+                                data if adaptive is None else (), full_batch_kwargs,
+                                fractional=adaptive is not None)
     gtol = _check_stop_args(gtol, step_floor, val_data, val_metric, restore_best, checkpoint,
                             trainable, optimizer)
     if optimizer is None:
@@ -324,6 +327,7 @@ def fit(
                             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                             variant=variant, full_batch_kwargs=full_batch_kwargs,
                             process_group=process_group)
+    epochs = int(max_epochs)  # checked: an int in full-batch mode
     callbacks = list(callbacks)
     group = _group(process_group)
     rank = _rank(group)
@@ -331,7 +335,7 @@ def fit(
     any_callbacks = bool(callbacks)
     if group is not None:
         any_callbacks, = check_ranks_agree(
-            "fit", {**_what_fit_does(optimizer, trainable, max_epochs, target_loss, patience,
+            "fit", {**_what_fit_does(optimizer, trainable, epochs, target_loss, patience,
                                      min_improvement, checkpoint, checkpoint_every,
                                      full_batch_kwargs),
                     "gtol": gtol, "step_floor": bool(step_floor),
@@ -361,10 +365,10 @@ def fit(
     plateau = _Plateau(min_improvement, _unless_nan(
         history.val_loss if validation is not None else history.loss))
     steps_with_loss = _takes_loss(optimizer)
-    bar = progress_bar(progress and rank == 0, max_epochs, start)
+    bar = progress_bar(progress and rank == 0, epochs, start)
     began = time.perf_counter()
     completed = start
-    reason, message = "max_epochs", f"max_epochs = {max_epochs} reached"
+    reason, message = "max_epochs", f"max_epochs = {epochs} reached"
     # With a checkpoint to write, SIGINT and SIGTERM finish the epoch and
     # save it before stopping (every rank after the same epoch).
     interrupted = DeferredInterrupt(enabled=path is not None)
@@ -374,7 +378,7 @@ def fit(
         save_checkpoint(path, model, optimizer, _saved(history, best), completed, group, rank)
 
     try:
-        for epoch in range(start, max_epochs):
+        for epoch in range(start, epochs):
             # Before the training pass, which leaves the gradient the step uses.
             val = None if validation is None else validation.evaluate()
             batches = data() if callable(data) else data
@@ -442,11 +446,13 @@ def fit(
 
 
 def _check_fit_args(
-    model: Any, loss_fn: Any, optimizer: Any, variant: str | None, max_epochs: int,
+    model: Any, loss_fn: Any, optimizer: Any, variant: str | None, max_epochs: float,
     target_loss: float | None, patience: int | None, min_improvement: float, callbacks: Any,
-    checkpoint_every: int, data: Any, full_batch_kwargs: Any,
+    checkpoint_every: int, data: Any, full_batch_kwargs: Any, fractional: bool = False,
 ) -> list[Tensor]:
-    """Check every argument before the first epoch; return the trainable parameters."""
+    """Check every argument before the first epoch; return the trainable
+    parameters. ``fractional``: ``max_epochs`` counts epoch-equivalents
+    (batching="adaptive"), so any number >= 0."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -487,8 +493,13 @@ def _check_fit_args(
                         f"got {type(optimizer).__name__}")
     if variant is not None:
         get_variant(variant)
-    for name, value, low in (("max_epochs", max_epochs, 0), ("checkpoint_every",
-                                                            checkpoint_every, 1)):
+    if fractional:  # epoch-equivalents (examples / N): a budget under one pass is one
+        if (isinstance(max_epochs, bool) or not isinstance(max_epochs, numbers.Real)
+                or not math.isfinite(max_epochs) or max_epochs < 0):
+            raise ValueError(f"max_epochs must be a finite number >= 0 (epoch-equivalents) "
+                             f"with batching='adaptive', got {max_epochs!r}")
+    for name, value, low in (() if fractional else (("max_epochs", max_epochs, 0),)) + (
+            ("checkpoint_every", checkpoint_every, 1),):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if patience is not None and (isinstance(patience, bool)

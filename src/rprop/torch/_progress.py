@@ -12,7 +12,8 @@ __all__ = ["progress_bar"]
 _FRACTIONAL = "{l_bar}{bar}| {n:.2f}/{total} [{elapsed}<{remaining}{postfix}]"
 
 
-def progress_bar(show: bool, total: int, initial: float, *, fractional: bool = False) -> Any:
+def progress_bar(show: bool, total: float, initial: float, *, fractional: bool = False,
+                 ) -> Any:
     """A tqdm bar from ``initial`` to ``total`` epochs, or None unless ``show``
     (rank 0 with ``progress=True``)."""
     if not show:
