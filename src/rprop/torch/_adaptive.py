@@ -101,6 +101,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 from rprop._hyper import DEFAULT_ETAS
 from rprop._variants import LOSS_STATE, get_variant
 from rprop.torch._fit_checkpoint import (
+    ADAPTIVE_KEY,
     checkpoint_path,
     exists_everywhere,
     is_zero,
@@ -158,7 +159,6 @@ DEFAULTS: dict[str, Any] = {
 GROW_RULES = ("efficiency", "evidence", "fraction", "gain")
 UNRELIABLE = ("partial", "hold")
 CARRIED = ("efficiency", "evidence")  # the rules that carry evidence across steps
-_CHECKPOINT_KEY = "adaptive"
 
 
 def reliability_threshold(etas: tuple[float, float] = DEFAULT_ETAS) -> float:
@@ -869,11 +869,11 @@ def fit_adaptive(
         if group is not None:
             samplers = [None] * world
             dist.all_gather_object(samplers, sampler.state_dict(), group=group)
-        state[_CHECKPOINT_KEY] = {"samplers": samplers, "batch": batch,
+        state[ADAPTIVE_KEY] = {"samplers": samplers, "batch": batch,
                                   "dataset_size": n, "options": dict(options),
                                   "efficiency": [average, since]}
         if evidence is not None:
-            state[_CHECKPOINT_KEY]["evidence"] = evidence.state_dict()
+            state[ADAPTIVE_KEY]["evidence"] = evidence.state_dict()
         save_checkpoint(path, model, optimizer, state, steps, group, rank)
 
     try:
@@ -998,7 +998,7 @@ def _checked_resume(path: Any, n: int, options: dict[str, Any], world: int) -> d
     """The adaptive part of a checkpoint, checked before anything is loaded."""
     payload = read_verified(path)
     history = payload.get("history") if isinstance(payload, dict) else None
-    saved = history.get(_CHECKPOINT_KEY) if isinstance(history, dict) else None
+    saved = history.get(ADAPTIVE_KEY) if isinstance(history, dict) else None
     if not isinstance(saved, dict):
         raise ValueError(f"checkpoint {path} was not written by fit(batching='adaptive'); "
                          "resume it with batching='full', or use a new checkpoint path")

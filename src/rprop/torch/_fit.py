@@ -498,8 +498,10 @@ def _check_fit_args(
                 or not math.isfinite(max_epochs) or max_epochs < 0):
             raise ValueError(f"max_epochs must be a finite number >= 0 (epoch-equivalents) "
                              f"with batching='adaptive', got {max_epochs!r}")
-    for name, value, low in (() if fractional else (("max_epochs", max_epochs, 0),)) + (
-            ("checkpoint_every", checkpoint_every, 1),):
+    integers: list[tuple[str, Any, int]] = [("checkpoint_every", checkpoint_every, 1)]
+    if not fractional:
+        integers.append(("max_epochs", max_epochs, 0))
+    for name, value, low in integers:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if patience is not None and (isinstance(patience, bool)

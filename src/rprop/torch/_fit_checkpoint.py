@@ -34,11 +34,13 @@ from rprop.torch._checkpoint import prepare_state_dict
 from rprop.torch._compat import local_tensor
 from rprop.torch._optimizer import Rprop
 
-__all__ = ["atomic_save", "checkpoint_path", "exists_everywhere", "is_zero",
+__all__ = ["ADAPTIVE_KEY", "atomic_save", "checkpoint_path", "exists_everywhere", "is_zero",
            "load_checkpoint", "read_verified", "save_checkpoint"]
 
 FORMAT = "rprop.fit/2"
 KEYS = ("format", "epoch", "model", "optimizer", "optimizer_class", "history")
+# Where fit(batching="adaptive") keeps its own state in the saved history.
+ADAPTIVE_KEY = "adaptive"
 # The zip end-of-central-directory record: signature, 16 bytes of fields,
 # then the comment's length (2 bytes, little-endian) and the comment.
 _EOCD = b"PK\x05\x06"
@@ -368,7 +370,7 @@ def _checked(path: Path, payload: Any, model: nn.Module, optimizer: Any, group: 
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise refuse(f"'epoch' must be an int >= 0, got {epoch!r}")
     history = _checked_history(payload["history"], epoch, refuse)
-    if mode == "full" and "adaptive" in history:
+    if mode == "full" and ADAPTIVE_KEY in history:
         # Its steps are mini-batch steps, its losses mini-batch losses: not epochs.
         raise refuse("was written by fit(batching='adaptive'); resume it with "
                      "batching='adaptive' and the same batching_kwargs, or use a new "
