@@ -306,6 +306,25 @@ def test_irprop_plus_runs_as_irprop_minus_before_full_batch(grow):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("variant", ["grprop-sag", "grprop-slr"])
+def test_grprop_runs_as_rprop_minus_before_full_batch(variant):
+    """Its adjustment needs the full gradient: on masked steps it would pick
+    a new coordinate each time. With weight decay too."""
+    x, y = regression(n=200)
+    runs = []
+    for name in (variant, "rprop-"):
+        model = make_model()
+        opt = rprop.Rprop(model.parameters(), variant=name, weight_decay=0.01)
+        hist = fit(model, loss_fn, (x, y), optimizer=opt, max_epochs=3, progress=False,
+                   batching="adaptive", callbacks=[lambda info: info.step == 10],
+                   batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 0.0,
+                                    "grow": "fraction"})
+        assert hist.batch_size == [16] * 10 and opt.param_groups[0]["variant"] == name
+        runs.append(weights(model) + [opt.state[p]["step_size"] for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 # z* for the default etas, from SciPy: Phi^-1((1 + sqrt(2 q* - 1)) / 2).
 Z_STAR = float(stats.norm.ppf((1 + math.sqrt(2 * math.log(2) / (math.log(2) + math.log(1.2))
                                              - 1)) / 2))

@@ -448,13 +448,6 @@ def _check_optimizer(optimizer: Any) -> None:
     if is_zero(optimizer) or not isinstance(optimizer, Rprop):
         raise TypeError(f"batching='adaptive' needs an rprop.Rprop optimizer (it masks "
                         f"coordinates in its state), got {type(optimizer).__name__}")
-    for i, group in enumerate(optimizer.param_groups):
-        variant = get_variant(group["variant"])
-        if variant.adjust is not None and group["weight_decay"] != 0:
-            raise ValueError(
-                f"batching='adaptive' with a GRprop variant ({variant.name!r}) needs "
-                f"weight_decay=0 (param_groups[{i}] has {group['weight_decay']!r}): the "
-                "adjustment would see the decay of coordinates that do not move")
 
 
 # -- the masked step --------------------------------------------------------------------
@@ -708,6 +701,7 @@ def _partial_moves(optimizer: Rprop, stats: _Statistics, k: int, z_override: flo
 
 
 _KEPT = ("prev", "step_size", "prev_update")
+GRPROP_BASE = "rprop-"  # a Variant with `adjust` has Rprop-'s elementwise rule (_variants)
 
 
 @torch.no_grad()
@@ -728,7 +722,8 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor,
     afterwards (also for weight decay, which moves a zero-gradient
     coordinate). iRprop+'s E(t-1) is held at +inf, so no mini-batch step is
     judged worse than the last: mini-batch losses of different samples are
-    not comparable, and the variant runs as iRprop- until full batch.
+    not comparable, and the variant runs as iRprop- until full batch. GRprop
+    runs as Rprop- (its elementwise rule, without the adjustment).
     """
     saved: list[tuple[Tensor, Tensor, dict[str, Tensor | None], dict[str, Any]]] = []
     for group in optimizer.param_groups:
@@ -743,7 +738,20 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor,
             g.copy_(torch.where(m, g, torch.zeros((), dtype=g.dtype, device=g.device)))
             kept["param"] = _real(p).clone()
     skipped = [g["skipped_steps"] for g in optimizer.param_groups]
-    optimizer.step(loss=loss)
+    # GRprop's adjustment sets one step size so that the whole step meets its
+    # descent condition on the full gradient; a masked mini-batch step has
+    # neither (and a different coordinate would be picked, and pushed to
+    # step_min, at every step), so GRprop runs as its elementwise rule,
+    # Rprop-, until full batch.
+    adjusting = [(g, g["variant"]) for g in optimizer.param_groups
+                 if get_variant(g["variant"]).adjust is not None]
+    for g, _ in adjusting:
+        g["variant"] = GRPROP_BASE
+    try:
+        optimizer.step(loss=loss)
+    finally:
+        for g, name in adjusting:
+            g["variant"] = name
     skipped_now = {id(g): before != g["skipped_steps"]
                    for g, before in zip(optimizer.param_groups, skipped, strict=True)}
     for p, m, kept, group in saved:
