@@ -306,6 +306,20 @@ def test_irprop_plus_runs_as_irprop_minus_before_full_batch(grow):
         assert torch.equal(a, b)
 
 
+def test_step_info_is_the_step_the_history_then_records():
+    x, y = regression(n=200)
+    seen = []
+    hist = fit(make_model(), loss_fn, (x, y), max_epochs=6, progress=False,
+               batching="adaptive", callbacks=[seen.append],
+               batching_kwargs={"batch_size": 16, "micro_batches": 4})
+    assert [i.step for i in seen] == list(range(hist.steps)) and 200 in hist.batch_size
+    assert [i.loss for i in seen] == hist.loss
+    assert [i.batch_size for i in seen] == hist.batch_size
+    assert [i.reliable for i in seen] == hist.reliable
+    assert [i.efficiency for i in seen] == hist.efficiency
+    assert [i.examples for i in seen] == [0] + hist.examples[:-1]
+
+
 @pytest.mark.parametrize("variant", ["grprop-sag", "grprop-slr"])
 def test_grprop_runs_as_rprop_minus_before_full_batch(variant):
     """Its adjustment needs the full gradient: on masked steps it would pick

@@ -287,7 +287,14 @@ class AdaptiveHistory(History):
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What a callback receives in adaptive mode, once per step, before it."""
+    """What a callback receives in adaptive mode, once per step, before it.
+
+    ``loss``, ``batch_size``, ``reliable`` and ``efficiency`` are this step's
+    (as :class:`AdaptiveHistory` records them once it is taken);
+    ``examples``: the examples processed by the steps before it (a callback
+    that stops the run stops before this step, whose batch is then not
+    counted).
+    """
 
     step: int
     loss: float
@@ -296,6 +303,8 @@ class StepInfo:
     history: AdaptiveHistory
     model: nn.Module
     optimizer: Any
+    efficiency: float = math.nan
+    examples: int = 0
 
 
 # -- data and sampling ---------------------------------------------------------------
@@ -934,7 +943,8 @@ def fit_adaptive(
                     double = fraction < options["rho"]
             stop = None if math.isfinite(loss) else "nonfinite"
             if callbacks:
-                info_ = StepInfo(steps, loss, batch, fraction, history, model, optimizer)
+                info_ = StepInfo(steps, loss, batch, fraction, history, model, optimizer,
+                                 efficiency, examples)
                 wants = any([bool(cb(info_)) for cb in callbacks])
                 if group is not None:  # any rank's stop stops every rank
                     flag = torch.tensor([int(wants)], device=device)
