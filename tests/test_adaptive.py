@@ -317,7 +317,7 @@ def test_step_info_is_the_step_the_history_then_records():
     assert [i.batch_size for i in seen] == hist.batch_size
     assert [i.reliable for i in seen] == hist.reliable
     assert [i.efficiency for i in seen] == hist.efficiency
-    assert [i.examples for i in seen] == [0] + hist.examples[:-1]
+    assert [i.examples for i in seen] == [0, *hist.examples[:-1]]
 
 
 @pytest.mark.parametrize("variant", ["grprop-sag", "grprop-slr"])

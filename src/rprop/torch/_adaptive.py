@@ -752,15 +752,15 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor,
     # neither (and a different coordinate would be picked, and pushed to
     # step_min, at every step), so GRprop runs as its elementwise rule,
     # Rprop-, until full batch.
-    adjusting = [(g, g["variant"]) for g in optimizer.param_groups
-                 if get_variant(g["variant"]).adjust is not None]
-    for g, _ in adjusting:
-        g["variant"] = GRPROP_BASE
+    adjusting = [(group, group["variant"]) for group in optimizer.param_groups
+                 if get_variant(group["variant"]).adjust is not None]
+    for group, _ in adjusting:
+        group["variant"] = GRPROP_BASE
     try:
         optimizer.step(loss=loss)
     finally:
-        for g, name in adjusting:
-            g["variant"] = name
+        for group, name in adjusting:
+            group["variant"] = name
     skipped_now = {id(g): before != g["skipped_steps"]
                    for g, before in zip(optimizer.param_groups, skipped, strict=True)}
     for p, m, kept, group in saved:
