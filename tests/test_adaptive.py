@@ -320,15 +320,16 @@ def test_step_info_is_the_step_the_history_then_records():
     assert [i.examples for i in seen] == [0, *hist.examples[:-1]]
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.01])
 @pytest.mark.parametrize("variant", ["grprop-sag", "grprop-slr"])
-def test_grprop_runs_as_rprop_minus_before_full_batch(variant):
+def test_grprop_runs_as_rprop_minus_before_full_batch(variant, decay):
     """Its adjustment needs the full gradient: on masked steps it would pick
     a new coordinate each time. With weight decay too."""
     x, y = regression(n=200)
     runs = []
     for name in (variant, "rprop-"):
         model = make_model()
-        opt = rprop.Rprop(model.parameters(), variant=name, weight_decay=0.01)
+        opt = rprop.Rprop(model.parameters(), variant=name, weight_decay=decay)
         hist = fit(model, loss_fn, (x, y), optimizer=opt, max_epochs=3, progress=False,
                    batching="adaptive", callbacks=[lambda info: info.step == 10],
                    batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 0.0,
@@ -894,6 +895,14 @@ def test_one_process_group_is_the_plain_run(tmp_path):
         with pytest.raises(NotImplementedError, match="plain replicated model"):
             fit(torch.nn.parallel.DistributedDataParallel(make_model()), loss_fn, (x, y),
                 progress=False, batching="adaptive", batching_kwargs=opts)
+        model = make_model()
+        before = weights(model)
+        opt = rprop.Rprop(model.parameters(), variant="grprop-sag", grprop_partitioned=True)
+        with pytest.raises(ValueError, match=r"param_groups\[0\] has grprop_partitioned=True"):
+            fit(model, loss_fn, (x, y), optimizer=opt, progress=False, batching="adaptive",
+                batching_kwargs=opts)
+        assert not opt.state and all(torch.equal(a, b) for a, b in
+                                     zip(before, weights(model), strict=True))
     finally:
         dist.destroy_process_group()
     assert 100 in want.batch_size and got.loss == want.loss

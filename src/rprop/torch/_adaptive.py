@@ -457,6 +457,12 @@ def _check_optimizer(optimizer: Any) -> None:
     if is_zero(optimizer) or not isinstance(optimizer, Rprop):
         raise TypeError(f"batching='adaptive' needs an rprop.Rprop optimizer (it masks "
                         f"coordinates in its state), got {type(optimizer).__name__}")
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("grprop_partitioned"):
+            raise ValueError(
+                f"batching='adaptive' runs a replicated model, whose optimizer holds every "
+                f"parameter on each rank; param_groups[{i}] has grprop_partitioned=True "
+                "(one rank's part); use grprop_partitioned=False")
 
 
 # -- the masked step --------------------------------------------------------------------
@@ -732,7 +738,9 @@ def masked_step(optimizer: Rprop, masks: dict[int, Tensor], loss: Tensor,
     coordinate). iRprop+'s E(t-1) is held at +inf, so no mini-batch step is
     judged worse than the last: mini-batch losses of different samples are
     not comparable, and the variant runs as iRprop- until full batch. GRprop
-    runs as Rprop- (its elementwise rule, without the adjustment).
+    runs as Rprop- (its elementwise rule, without the adjustment): its groups
+    read ``variant="rprop-"`` during the step (step hooks and
+    ``last_paths`` see that), and their own name again after it.
     """
     saved: list[tuple[Tensor, Tensor, dict[str, Tensor | None], dict[str, Any]]] = []
     for group in optimizer.param_groups:
