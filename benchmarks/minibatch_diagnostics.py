@@ -27,6 +27,7 @@ import torch
 
 import rprop
 from rprop import _compare_minibatch as cm
+from rprop._stopping import DEFAULT_LR
 from rprop.torch import _adaptive, fit
 from rprop.torch._full_batch import full_batch_backward
 
@@ -52,7 +53,7 @@ def full_batches(task: cm.Task) -> list[Any]:
             for i in range(0, task.n, cm.EVAL_BATCH)]
 
 
-def run(task: cm.Task, seed: int, *, lr: float = 0.01, switch: float | None = None,
+def run(task: cm.Task, seed: int, *, lr: float = DEFAULT_LR, switch: float | None = None,
         model: torch.nn.Module | None = None) -> tuple[cm.Curve, Any]:
     """The adaptive mode with fit's default optimizer at initial step ``lr``;
     with ``switch``, stopped after that many epochs and continued by full-batch
@@ -101,7 +102,7 @@ def switch(names: Sequence[str], tasks: Callable[[str, int], cm.Task]) -> None:
 def lr(names: Sequence[str], tasks: Callable[[str, int], cm.Task]) -> None:
     header("initial step size")
     for name in names:
-        for size in (0.01, 0.02, 0.03, 0.05, 0.1):
+        for size in (0.01, 0.02, 0.03, 0.05, 0.1, 0.2):
             row(name, f"{size:g}", [run(tasks(name, s), s, lr=size)[0]
                                     for s in seeds_for(name)])
 

@@ -122,9 +122,9 @@ def test_sign_efficiency_is_the_expected_fraction_of_the_decrease():
     assert one[0].item() == one[1].item() == 0.25
 
 
-def test_partial_move_is_the_squared_sign_efficiency():
-    """Against SciPy, per element: sign(m) (2 Phi(|m| / se) - 1)^2, with the
-    decay term in m; sign(m) where the spread is 0."""
+def test_partial_move_is_the_squared_debiased_sign_efficiency():
+    """Against SciPy, per element: sign(m) (2 Phi(sqrt(max(t^2 - 1, 0))) - 1)^2,
+    t = m / se, with the decay term in m; sign(m) where the spread is 0."""
     gen = np.random.default_rng(6)
     k = 5
     g = gen.normal(0.2, 1.0, size=(k, 40))
@@ -134,8 +134,10 @@ def test_partial_move_is_the_squared_sign_efficiency():
         m = g.mean(0) + (shift if with_shift else 0)
         se = g.std(0, ddof=1) / math.sqrt(k)
         t = np.abs(m) / np.where(se > 0, se, 1.0)
+        snr = np.sqrt(np.maximum(t * t - 1, 0))
         # No spread: a certain sign (1), or nothing if the mean is 0 too.
-        want = np.where(se > 0, np.sign(m) * (2 * stats.norm.cdf(t) - 1) ** 2, np.sign(m))
+        want = np.where(se > 0, np.sign(m) * (2 * stats.norm.cdf(snr) - 1) ** 2, np.sign(m))
+        assert 0 < (want == 0).sum() < len(want)  # some |t| < 1 do not move
         got = partial_move(torch.tensor(g.sum(0)), torch.tensor((g * g).sum(0)), k,
                            torch.tensor(shift) if with_shift else None)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-15)
@@ -297,13 +299,25 @@ def test_irprop_plus_runs_as_irprop_minus_before_full_batch(grow):
         model = make_model()
         # fraction with rho=0 never grows; evidence stopped before its jump.
         hist = fit(model, loss_fn, (x, y), variant=variant, max_epochs=3, progress=False,
-                   batching="adaptive", callbacks=[lambda info: info.step == 10],
+                   batching="adaptive", callbacks=[lambda info: info.step == 6],
                    batching_kwargs={"batch_size": 16, "micro_batches": 4, "rho": 0.0,
                                     "grow": grow})
-        assert hist.batch_size == [16] * 10
+        assert hist.batch_size == [16] * 6
         runs.append(weights(model))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_default_optimizer_starts_at_riedmillers_step_size():
+    """Adaptive mode: Delta0 = 0.1, as rprop.minimize's; full batch: torch's 0.01."""
+    x, y = regression(n=64)
+    lrs = {}
+    for mode in ("adaptive", "full"):
+        data = (x, y) if mode == "adaptive" else [(x, y)]
+        fit(make_model(), loss_fn, data, max_epochs=1, progress=False, batching=mode,
+            callbacks=[lambda info, mode=mode: lrs.setdefault(
+                mode, info.optimizer.param_groups[0]["lr"]) and False])
+    assert lrs == {"adaptive": 0.1, "full": 0.01}
 
 
 def test_step_info_is_the_step_the_history_then_records():
@@ -364,7 +378,8 @@ def carried_step(ref, means, micro, partial):
     micro-batch means) joins each coordinate's list of means since it last
     moved; the reference Rprop steps the coordinates whose |mean| > z* std /
     sqrt(count), with that mean, the others kept (and, with ``partial``,
-    moved by sign(mean) (2 Phi(|t|) - 1)^2 of their step size against it);
+    moved by sign(mean) (2 Phi(sqrt(max(t^2 - 1, 0))) - 1)^2 of their step
+    size against it);
     the lists of those that moved start again. Returns (moved, count)."""
     for j, col in enumerate(micro.T):
         means[j].extend(col)
@@ -380,7 +395,8 @@ def carried_step(ref, means, micro, partial):
                         before, strict=True):
         now[keep] = was[keep]
     if partial:
-        part = (2 * stats.norm.cdf(np.abs(avg) / (spread / np.sqrt(count))) - 1) ** 2
+        t = np.abs(avg) / (spread / np.sqrt(count))
+        part = (2 * stats.norm.cdf(np.sqrt(np.maximum(t * t - 1, 0))) - 1) ** 2
         ref.params[0][keep] -= (np.sign(avg) * part)[None, :][keep] * ref.step_size[0][keep]
     for j in np.flatnonzero(moved):
         means[j] = []
@@ -397,7 +413,7 @@ def test_carried_evidence_is_the_t_test_since_each_coordinate_last_moved():
         "batch_size": b0, "micro_batches": k, "seed": seed, "grow": "evidence",
         "unreliable": "hold"})
     d = len(mu)
-    ref = ReferenceRprop([w0], variant="irprop-")
+    ref = ReferenceRprop([w0], variant="irprop-", lr=0.1)  # fit's adaptive default
     gen_t = torch.Generator().manual_seed(seed)  # the documented sampler: permutations in turn
     perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
     means: list[list[float]] = [[] for _ in range(d)]
@@ -439,7 +455,7 @@ def test_the_batch_doubles_when_the_signs_efficiency_falls_short(window):
         "batch_size": b0, "micro_batches": k, "seed": seed, "window": window})
     d = len(mu)
     needed = 2 * stats.norm.cdf(Z_STAR) - 1
-    ref = ReferenceRprop([w0], variant="irprop-")
+    ref = ReferenceRprop([w0], variant="irprop-", lr=0.1)  # fit's adaptive default
     gen_t = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(n, generator=gen_t).numpy(), 0
     means: list[list[float]] = [[] for _ in range(d)]
@@ -533,7 +549,7 @@ def test_resume_is_bitwise(tmp_path, grow):
                batching_kwargs=opts)
     ckpt = tmp_path / "run.pt"
     first = make_model()
-    fit(first, loss_fn, (x, y), max_epochs=1, progress=False, batching="adaptive",
+    fit(first, loss_fn, (x, y), max_epochs=0.5, progress=False, batching="adaptive",
         batching_kwargs=opts, checkpoint=ckpt)
     torch.manual_seed(123)  # the sampler's generator is its own: the global one is irrelevant
     resumed = make_model()

@@ -48,11 +48,11 @@ except ImportError:  # pragma: no cover - exercised with scipy hidden
             return list(self.keys())
 
 
-# The initial step size Δ0 of both minimizers: Riedmiller's (also libgp's and
-# limbo's). A minimizer works in the units of x, where problems are typically
-# of order 1; a first move of 0.1 per coordinate is cautious there, and as step
-# sizes grow by eta_plus = 1.2 per step, a Δ0 that is 10x too small costs only
-# ~13 extra steps (log 10 / log 1.2).
+# The initial step size Δ0 of both minimizers and of fit's adaptive mode:
+# Riedmiller's (also libgp's and limbo's). A minimizer works in the units of x,
+# where problems are typically of order 1; a first move of 0.1 per coordinate
+# is cautious there, and as step sizes grow by eta_plus = 1.2 per step, a Δ0
+# that is 10x too small costs only ~13 extra steps (log 10 / log 1.2).
 DEFAULT_LR = 0.1
 
 __all__ = [

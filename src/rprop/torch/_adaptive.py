@@ -33,17 +33,19 @@ keeps its step size and stored gradient (and stored update).
 
 A coordinate that does not pass still moves part of a step
 (``unreliable="partial"``, the default): by its step size times ``e^2``,
-``e = 2 Phi(|t|) - 1`` from its test's ``t``, against the sign of its
-estimate, with its step size, stored gradient and stored update kept (so
-the sign test and the step-size rule still see only reliable signs). If
+against the sign of its estimate, with its step size, stored gradient and
+stored update kept (so the sign test and the step-size rule still see only
+reliable signs). Here ``e = 2 Phi(|mu| / se) - 1``, the fraction of a
+step's decrease its sign realises, is estimated from its test's ``t`` with
+``(mu / se)^2`` estimated by ``max(t^2 - 1, 0)``: ``E t^2 = 1 + (mu / se)^2``,
+so that is the positive-part unbiased estimate, where ``|t|`` itself is
+about 0.8 for a coordinate whose mean is zero (``e`` about 0.5: such a
+coordinate would random-walk by half its step size squared each step). If
 the step size ``s`` is about the distance to the coordinate's minimum (the
 scale at which Rprop's signs start to flip), the step that minimises the
 expected loss along it is ``s e`` (a decrease ``e s |mu|`` against a cost
-``h s^2 / 2``, ``s = |mu| / h``); ``e`` is estimated from ``t``, which noise
-makes large even for a coordinate whose mean is zero (``E e`` is about 0.5
-then), and the square is the choice that moves those least among ``e``,
-``e^2`` and a James-Stein-shrunk ``e`` (measured: docs/benchmarks.md).
-``unreliable="hold"`` keeps their value too.
+``h s^2 / 2``, ``s = |mu| / h``); the square is a choice, measured against
+``e`` (docs/benchmarks.md). ``unreliable="hold"`` keeps their value too.
 
 The evidence is carried: a coordinate that does not pass keeps the sum,
 the sum of squares and the count of its micro-batch means into the next
@@ -143,8 +145,8 @@ BATCHING_MODES = ("full", "adaptive")
 #     by 1.2^10 = 6x after a doubling before the next test counts; a choice,
 #     not a derivation (its sensitivity: docs/benchmarks.md).
 #   unreliable: what a coordinate that does not pass does: "partial" moves it
-#     by its step size times e^2, e = 2 Phi(|t|) - 1 (module docstring), its
-#     step size and stored sign kept; "hold" keeps its value too.
+#     by its step size times e^2, e = 2 Phi(sqrt(max(t^2 - 1, 0))) - 1 (module
+#     docstring), its step size and stored sign kept; "hold" keeps its value too.
 #   grow: "efficiency" (evidence carried, B doubled on the signs' efficiency:
 #     the module docstring; rho unused), "evidence" (evidence carried, one
 #     jump to B = N; rho and window unused), "fraction" (double B while fewer
@@ -224,13 +226,17 @@ def sign_efficiency(total: Tensor, squares: Tensor, k: int, size: Tensor | float
 
 def partial_move(total: Tensor, squares: Tensor, k: int | Tensor,
                  shift: Tensor | None = None) -> Tensor:
-    """``sign(mean) e^2`` with ``e = 2 Phi(|mean| / se) - 1``, per coordinate,
+    """``sign(mean) e^2`` with ``e = 2 Phi(sqrt(max(t^2 - 1, 0))) - 1``,
+    ``t = mean / se``, per coordinate,
     from the sum and the sum of squares of ``k`` micro-batch means (``mean``
     and ``se`` as in :func:`reliable_mask`): the signed fraction of its step
     size that a coordinate which does not pass moves with
     ``unreliable="partial"`` (module docstring). 0 where it is not finite."""
     mean, var = _mean_and_variance(total, squares, k, shift)
-    e = torch.erf(mean.abs() / (2 * var / k).sqrt())
+    # max(t^2 - 1, 0): the positive-part estimate of (mu / se)^2. A zero
+    # spread gives inf (a certain sign), 0 / 0 a nan that becomes 0 below.
+    snr2 = ((mean * mean) / (var / k) - 1).clamp_(min=0)
+    e = torch.erf((snr2 / 2).sqrt())  # 2 Phi(x) - 1 = erf(x / sqrt 2)
     move = mean.sign() * e * e
     return torch.where(torch.isfinite(move), move, 0)
 

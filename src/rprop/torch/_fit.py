@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rprop._stopping import gtol_reached, step_floor_reached, tolerance
+from rprop._stopping import DEFAULT_LR, gtol_reached, step_floor_reached, tolerance
 from rprop._variants import get_variant
 from rprop.plotting import plot_training
 from rprop.torch._adaptive import AdaptiveHistory, check_batching, fit_adaptive
@@ -165,8 +165,11 @@ def fit(
             per epoch; a DataLoader over a TensorDataset collates sample by
             sample (~4 s per epoch on 200k × 20 rows).
         optimizer: defaults to ``rprop.Rprop(trainable params,
-            variant=variant or "irprop+")``. ``rprop.Rprop`` (also inside a
-            ``ZeroRedundancyOptimizer``) gets the loss with
+            variant=variant or "irprop+")``; with ``batching="adaptive"``,
+            with ``lr=0.1`` (Riedmiller and Braun's initial step size, as
+            :func:`rprop.minimize`'s) instead of torch's 0.01.
+            ``rprop.Rprop`` (also inside a ``ZeroRedundancyOptimizer``) gets
+            the loss with
             ``step(loss=...)``; any other ``torch.optim.Optimizer`` is
             stepped with ``step()``, or, when its ``step`` requires a closure
             (``torch.optim.LBFGS``), with a closure whose first call returns
@@ -280,8 +283,8 @@ def fit(
             ``"fraction"``: each batch alone, doubling while fewer than
             ``rho`` pass; ``"gain"``: experimental), ``unreliable``
             (``"partial"``: a coordinate that does not pass moves its step
-            size times the square of its sign efficiency; ``"hold"``: it
-            keeps its value).
+            size times the square of its sign efficiency, estimated without
+            the bias noise gives it; ``"hold"``: it keeps its value).
 
     Every argument is checked before the first epoch (a TypeError or
     ValueError naming it). Under ``torch.distributed``, one small all-reduce
@@ -313,7 +316,11 @@ def fit(
     gtol = _check_stop_args(gtol, step_floor, val_data, val_metric, restore_best, checkpoint,
                             trainable, optimizer)
     if optimizer is None:
-        optimizer = Rprop(trainable, variant=variant or "irprop+")
+        # The adaptive mode takes few steps on a short budget, too few for step
+        # sizes to grow far from torch's Δ0 of 0.01: it starts from
+        # rprop.minimize's, Riedmiller and Braun's 0.1 (docs/benchmarks.md).
+        optimizer = (Rprop(trainable, variant=variant or "irprop+") if adaptive is None
+                     else Rprop(trainable, lr=DEFAULT_LR, variant=variant or "irprop+"))
     closure_step = _check_optimizer(optimizer, model)
     if adaptive is not None:
         if target_loss is not None or patience is not None:
