@@ -39,8 +39,9 @@ reliable signs). Here ``e = 2 Phi(|mu| / se) - 1``, the fraction of a
 step's decrease its sign realises, is estimated from its test's ``t`` with
 ``(mu / se)^2`` estimated by ``max(t^2 - 1, 0)``: ``E t^2 = 1 + (mu / se)^2``,
 so that is the positive-part unbiased estimate, where ``|t|`` itself is
-about 0.8 for a coordinate whose mean is zero (``e`` about 0.5: such a
-coordinate would random-walk by half its step size squared each step). If
+about 0.9 for a coordinate whose mean is zero (``e`` about 0.5: from ``t``
+itself, such a coordinate would random-walk by about a third of its step
+size each step). If
 the step size ``s`` is about the distance to the coordinate's minimum (the
 scale at which Rprop's signs start to flip), the step that minimises the
 expected loss along it is ``s e`` (a decrease ``e s |mu|`` against a cost
