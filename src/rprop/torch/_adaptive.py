@@ -41,9 +41,9 @@ step's decrease its sign realises, is estimated from its test's ``t`` with
 so that is the positive-part unbiased estimate, where ``|t|`` itself is
 about 0.9 for a coordinate whose mean is zero (``e`` about 0.5: from ``t``
 itself, such a coordinate would random-walk by about a third of its step
-size each step). If
-the step size ``s`` is about the distance to the coordinate's minimum (the
-scale at which Rprop's signs start to flip), the step that minimises the
+size each step). If the step size ``s`` is about the distance to the
+coordinate's minimum (the scale at which Rprop's signs start to flip), the
+step that minimises the
 expected loss along it is ``s e`` (a decrease ``e s |mu|`` against a cost
 ``h s^2 / 2``, ``s = |mu| / h``); the square is a choice, measured against
 ``e`` (docs/benchmarks.md). ``unreliable="hold"`` keeps their value too.
@@ -228,9 +228,9 @@ def sign_efficiency(total: Tensor, squares: Tensor, k: int, size: Tensor | float
 def partial_move(total: Tensor, squares: Tensor, k: int | Tensor,
                  shift: Tensor | None = None) -> Tensor:
     """``sign(mean) e^2`` with ``e = 2 Phi(sqrt(max(t^2 - 1, 0))) - 1``,
-    ``t = mean / se``, per coordinate,
-    from the sum and the sum of squares of ``k`` micro-batch means (``mean``
-    and ``se`` as in :func:`reliable_mask`): the signed fraction of its step
+    ``t = mean / se``, per coordinate, from the sum and the sum of squares of
+    ``k`` micro-batch means (``mean`` and ``se`` as in
+    :func:`reliable_mask`): the signed fraction of its step
     size that a coordinate which does not pass moves with
     ``unreliable="partial"`` (module docstring). 0 where it is not finite."""
     mean, var = _mean_and_variance(total, squares, k, shift)

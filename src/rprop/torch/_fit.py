@@ -169,8 +169,7 @@ def fit(
             with ``lr=0.1`` (Riedmiller and Braun's initial step size, as
             :func:`rprop.minimize`'s) instead of torch's 0.01.
             ``rprop.Rprop`` (also inside a ``ZeroRedundancyOptimizer``) gets
-            the loss with
-            ``step(loss=...)``; any other ``torch.optim.Optimizer`` is
+            the loss with ``step(loss=...)``; any other ``torch.optim.Optimizer`` is
             stepped with ``step()``, or, when its ``step`` requires a closure
             (``torch.optim.LBFGS``), with a closure whose first call returns
             the epoch's loss (its gradient is in ``.grad``) and whose later
