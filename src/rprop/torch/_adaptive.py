@@ -43,10 +43,9 @@ about 0.9 for a coordinate whose mean is zero (``e`` about 0.5: from ``t``
 itself, such a coordinate would random-walk by about a third of its step
 size each step). If the step size ``s`` is about the distance to the
 coordinate's minimum (the scale at which Rprop's signs start to flip), the
-step that minimises the
-expected loss along it is ``s e`` (a decrease ``e s |mu|`` against a cost
-``h s^2 / 2``, ``s = |mu| / h``); the square is a choice, measured against
-``e`` (docs/benchmarks.md). ``unreliable="hold"`` keeps their value too.
+step that minimises the expected loss along it is ``s e`` (a decrease
+``e s |mu|`` against a cost ``h s^2 / 2``, ``s = |mu| / h``); the square is
+a choice, measured against ``e`` (docs/benchmarks.md). ``unreliable="hold"`` keeps their value too.
 
 The evidence is carried: a coordinate that does not pass keeps the sum,
 the sum of squares and the count of its micro-batch means into the next
