@@ -48,11 +48,6 @@ def seeds_for(name: str) -> list[int]:
     return [100, 101] if name in SYNTHETIC else [100, 101, 102]
 
 
-def full_batches(task: cm.Task) -> list[Any]:
-    return [(task.x_train[i:i + cm.EVAL_BATCH], task.y_train[i:i + cm.EVAL_BATCH])
-            for i in range(0, task.n, cm.EVAL_BATCH)]
-
-
 def run(task: cm.Task, seed: int, *, lr: float = DEFAULT_LR, switch: float | None = None,
         model: torch.nn.Module | None = None) -> tuple[cm.Curve, Any]:
     """The adaptive mode with fit's default optimizer at initial step ``lr``;
@@ -71,7 +66,7 @@ def run(task: cm.Task, seed: int, *, lr: float = DEFAULT_LR, switch: float | Non
                callbacks=[watch])
     done = hist.examples[-1] if hist.examples else 0
     if not rec.at(done, model) and switch is not None:
-        fit(model, task.loss_fn, full_batches(task), optimizer=opt, max_epochs=10**6,
+        fit(model, task.loss_fn, task.full_batches(), optimizer=opt, max_epochs=10**6,
             step_floor=False, progress=False,
             callbacks=[lambda info: rec.at(done + info.epoch * task.n, model)])
     cm._fill(rec)
@@ -122,7 +117,7 @@ def exact(names: Sequence[str], tasks: Callable[[str, int], cm.Task]) -> None:
             for s in seeds_for(name):
                 task = tasks(name, s)
                 model = task.model(s)
-                batches = full_batches(task)
+                batches = task.full_batches()
 
                 def oracle(optimizer: Any, masks: dict[int, torch.Tensor], loss: torch.Tensor,
                            moves: Any = None, *, _model: Any = model, _batches: Any = batches,
@@ -151,7 +146,7 @@ def steps(names: Sequence[str], tasks: Callable[[str, int], cm.Task]) -> None:
     for name in names:
         task = tasks(name, 100)
         model = task.model(100)
-        hist = fit(model, task.loss_fn, full_batches(task),
+        hist = fit(model, task.loss_fn, task.full_batches(),
                    optimizer=rprop.Rprop(model.parameters(), variant="irprop+"),
                    max_epochs=max(marks) + 1, step_floor=False, progress=False)
         got = dict(enumerate(hist.loss))

@@ -65,6 +65,11 @@ class Task:
             return nn.functional.cross_entropy(out, y, reduction="none")
         return ((out - y) ** 2).sum(dim=1)
 
+    def full_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """The training part in chunks of EVAL_BATCH: one full-batch pass."""
+        return [(self.x_train[i:i + EVAL_BATCH], self.y_train[i:i + EVAL_BATCH])
+                for i in range(0, self.n, EVAL_BATCH)]
+
     def loss_fn(self, model: nn.Module, batch: Any) -> Tensor:
         return self.losses(model, batch[0], batch[1])
 
@@ -252,8 +257,7 @@ def run_adaptive(task: Task, seed: int, budgets: Sequence[int],
 def run_full_rprop(task: Task, seed: int, budgets: Sequence[int]) -> Curve:
     model = task.model(seed)
     opt = rprop.Rprop(model.parameters(), variant="irprop+")
-    batches = [(task.x_train[i:i + EVAL_BATCH], task.y_train[i:i + EVAL_BATCH])
-               for i in range(0, task.n, EVAL_BATCH)]
+    batches = task.full_batches()
     rec = _Recorder(task, budgets)
     epochs = 0
     while True:
@@ -276,8 +280,7 @@ def run_lbfgs(task: Task, seed: int, budgets: Sequence[int]) -> Curve:
     model = task.model(seed)
     opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=20, history_size=10,
                             line_search_fn="strong_wolfe")
-    batches = [(task.x_train[i:i + EVAL_BATCH], task.y_train[i:i + EVAL_BATCH])
-               for i in range(0, task.n, EVAL_BATCH)]
+    batches = task.full_batches()
     rec = _Recorder(task, budgets)
     state = {"evals": 0, "best": math.inf, "metric": math.nan}
     last = max(budgets)
