@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default=",".join(cm.DATASETS))
     ap.add_argument("--methods", default=",".join(cm.METHODS))
-    ap.add_argument("--seeds", type=int, default=10, help="evaluation seeds 0..N-1")
+    ap.add_argument("--seeds", type=int, default=10, help="evaluation seeds S..S+N-1")
+    ap.add_argument("--seed-start", type=int, default=0, metavar="S",
+                    help="the first evaluation seed (default 0)")
     ap.add_argument("--tune-seeds", type=int, default=2,
                     help="tuning seeds 100..100+N-1 (never reported)")
     ap.add_argument("--budgets", type=_ints, default=list(cm.BUDGETS))
@@ -47,9 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", type=json.loads, metavar="JSON",
                     help="with --sensitivity: a JSON list of option dicts instead of the "
                          "built-in list, e.g. '[{}, {\"grow\": \"gain\"}]'")
+    ap.add_argument("--reference", action="store_true",
+                    help="also a long full-batch L-BFGS run per seed, and a table of the "
+                         "objective each method has left to shed above it")
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     args = ap.parse_args(argv)
-    seeds = list(range(args.seeds))
+    tune_seeds = [100 + i for i in range(args.tune_seeds)]
+    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+    if set(seeds) & set(tune_seeds):
+        ap.error(f"--seed-start {args.seed_start} with --seeds {args.seeds} overlaps the "
+                 f"tuning seeds {tune_seeds[0]}..{tune_seeds[-1]}")
     started = time.perf_counter()
     if args.sensitivity:
         print("| option | " + " | ".join(f"objective @{b} median [IQR]" for b in args.budgets)
@@ -70,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{time.perf_counter() - started:.0f} s")
         return 0
     res, chosen = cm.run(args.datasets.split(","), args.methods.split(","), seeds,
-                         [100 + i for i in range(args.tune_seeds)], args.budgets,
-                         args.synthetic_n, log=lambda s: print(s, file=sys.stderr, flush=True))
+                         tune_seeds, args.budgets, args.synthetic_n,
+                         log=lambda s: print(s, file=sys.stderr, flush=True),
+                         reference=args.reference)
     print(cm.format_tables(res))
+    if args.reference:
+        print("\nObjective left to shed above each seed's f* (medians over seeds):\n")
+        print(cm.format_excess(res, {k: v["reference"] for k, v in chosen.items()}))
     for name, c in chosen.items():
         full = [s["full_at"] for s in c["schedules"].values()]
         print(f"\n{name}: tuned lr per budget {c['lr']}; adaptive reached full batch at "
@@ -83,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"results": [r.__dict__ for r in res],
                        "chosen": {k: {"lr": v["lr"], "schedules": {
                            str(s): {"batch_size": x["batch_size"], "full_at": x["full_at"]}
-                           for s, x in v["schedules"].items()}} for k, v in chosen.items()}},
+                           for s, x in v["schedules"].items()},
+                           "reference": v["reference"]} for k, v in chosen.items()}},
                       f)
     return 0
 

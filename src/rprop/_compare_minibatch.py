@@ -34,6 +34,7 @@ BUDGETS = (1, 3, 10, 30)
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 SGD_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 EVAL_BATCH = 4096
+REFERENCE_EVALS = 3000
 
 
 @dataclass
@@ -254,9 +255,9 @@ def run_adaptive(task: Task, seed: int, budgets: Sequence[int],
     return rec.curve
 
 
-def run_full_rprop(task: Task, seed: int, budgets: Sequence[int]) -> Curve:
+def run_full_rprop(task: Task, seed: int, budgets: Sequence[int], lr: float = 0.01) -> Curve:
     model = task.model(seed)
-    opt = rprop.Rprop(model.parameters(), variant="irprop+")
+    opt = rprop.Rprop(model.parameters(), lr=lr, variant="irprop+")
     batches = task.full_batches()
     rec = _Recorder(task, budgets)
     epochs = 0
@@ -314,6 +315,36 @@ def run_lbfgs(task: Task, seed: int, budgets: Sequence[int]) -> Curve:
     return rec.curve
 
 
+def reference_optimum(task: Task, seed: int, evals: int = REFERENCE_EVALS) -> float:
+    """The lowest full-data objective a long full-batch L-BFGS run from the
+    seed's initial weights reaches in ``evals`` closure calls: outside every
+    budget, a stand-in for the objective's minimum, so that the loss a method
+    has still to shed (its excess) can be compared where the minimum is far
+    from zero."""
+    model = task.model(seed)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=100, history_size=20,
+                            tolerance_grad=0, tolerance_change=0,
+                            line_search_fn="strong_wolfe")
+    batches = task.full_batches()
+    state = {"evals": 0, "best": math.inf}
+
+    def closure() -> Tensor:
+        if state["evals"] >= evals:
+            raise _Spent
+        loss = full_batch_backward(model, task.loss_fn, batches)
+        state["evals"] += 1
+        if math.isfinite(float(loss)):
+            state["best"] = min(state["best"], float(loss))
+        return loss.float()
+
+    try:
+        while True:
+            opt.step(closure)
+    except _Spent:
+        pass
+    return state["best"]
+
+
 def _adam(lr: float) -> Callable[[Any], Any]:
     return lambda params: torch.optim.Adam(params, lr=lr)
 
@@ -332,7 +363,7 @@ GRID_METHODS: dict[str, tuple[tuple[float, ...], Callable[[float], Callable[[Any
     "sgdm-32": (SGD_GRID, _sgd, 32),
 }
 METHODS = ("adaptive", "adam-32", "adam-128", "adam-schedule", "sgdm-32", "torch-rprop-32",
-           "torch-rprop-128", "irprop+-full", "lbfgs-full")
+           "torch-rprop-128", "irprop+-full", "irprop+-full-0.1", "lbfgs-full")
 
 
 def tune(task_of: Callable[[int], Task], method: str, seeds: Sequence[int],
@@ -363,9 +394,11 @@ class Result:
 def run(datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
         tune_seeds: Sequence[int], budgets: Sequence[int] = BUDGETS,
         synthetic_n: int = 100_000, options: dict[str, Any] | None = None,
-        log: Callable[[str], None] = lambda s: None) -> tuple[list[Result], dict[str, Any]]:
+        log: Callable[[str], None] = lambda s: None,
+        reference: bool = False) -> tuple[list[Result], dict[str, Any]]:
     """Every method on every dataset from every seed; returns the results and
-    what was chosen (the tuned learning rates, the adaptive batch schedules)."""
+    what was chosen (the tuned learning rates, the adaptive batch schedules
+    and, with ``reference``, each seed's :func:`reference_optimum`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
@@ -391,7 +424,7 @@ def run(datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
                 lrs[m] = tune(task_of, m, tune_seeds, budgets)
                 log(f"{name}: tuned {m} lr per budget {lrs[m]} "
                     f"({time.perf_counter() - t0:.0f} s)")
-            chosen[name] = {"lr": lrs, "schedules": {}}
+            chosen[name] = {"lr": lrs, "schedules": {}, "reference": {}}
             for s in seeds:
                 task = task_of(s)
                 t0 = time.perf_counter()
@@ -419,15 +452,18 @@ def run(datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
                     elif m.startswith("torch-rprop"):
                         curve = run_fixed(task, s, budgets, _torch_rprop, int(m.split("-")[-1]))
                         per_budget = {b: (curve, "lr=0.01") for b in budgets}
-                    elif m == "irprop+-full":
-                        curve = run_full_rprop(task, s, budgets)
-                        per_budget = {b: (curve, "lr=0.01") for b in budgets}
+                    elif m.startswith("irprop+-full"):
+                        lr = 0.1 if m.endswith("-0.1") else 0.01
+                        curve = run_full_rprop(task, s, budgets, lr)
+                        per_budget = {b: (curve, f"lr={lr:g}") for b in budgets}
                     else:
                         curve = run_lbfgs(task, s, budgets)
                         per_budget = {b: (curve, "strong Wolfe") for b in budgets}
                     for b, (curve, setting) in per_budget.items():
                         results.append(Result(name, m, s, b, curve.objective[b],
                                               curve.metric[b], curve.seconds[b], setting))
+                if reference:
+                    chosen[name]["reference"][s] = reference_optimum(task, s)
                 log(f"{name}: seed {s} done ({time.perf_counter() - t0:.0f} s)")
     finally:
         torch.set_num_threads(threads)
@@ -472,4 +508,40 @@ def format_tables(results: Sequence[Result], markdown: bool = True) -> str:
                 secs = statistics.median(r.seconds for r in rs)
                 out.append(f"| {b} | {m} ({rs[0].setting}) | {q2:.4g} [{q1:.3g}, {q3:.3g}] | "
                            f"{rel} | {metric:.4g} | {secs:.2f} |")
+    return "\n".join(out)
+
+
+def format_excess(results: Sequence[Result], reference: dict[str, dict[int, float]]) -> str:
+    """Per dataset and budget, the objective left to shed: each seed's objective
+    minus that seed's f* (the lower of its reference optimum and every run's
+    objective on it), median over seeds; the adaptive mode's against the best
+    Adam's and the best fixed-batch Rprop's, and the lowest of any method's."""
+    out = ["| dataset | epochs | adaptive excess | / best Adam | / fixed Rprop | "
+           "lowest of any method / fixed Rprop (which) |", "|---|---:|---:|---:|---:|---:|"]
+    for d in dict.fromkeys(r.dataset for r in results):
+        rs = [r for r in results if r.dataset == d]
+        floor = dict(reference.get(d, {}))
+        for r in rs:
+            floor[r.seed] = min(floor.get(r.seed, math.inf), r.objective)
+        for b in sorted({r.budget for r in rs}):
+            excess: dict[str, float] = {}
+            for m in dict.fromkeys(r.method for r in rs):
+                vals = [r.objective - floor[r.seed] for r in rs
+                        if r.method == m and r.budget == b]
+                excess[m] = statistics.median(vals)
+            if "adaptive" not in excess:
+                continue
+            adam = min((excess[m] for m in ("adam-32", "adam-128") if m in excess),
+                       default=math.nan)
+            rprops = [excess[m] for m in excess if m.startswith("torch-rprop")]
+            fixed = min(rprops, default=math.nan)
+            lowest = min(excess, key=lambda m: excess[m])
+
+            def ratio(a: float, c: float) -> str:
+                return f"{a / c:.3g}" if c and math.isfinite(c) else "-"
+
+            out.append(f"| {d} | {b} | {excess['adaptive']:.4g} | "
+                       f"{ratio(excess['adaptive'], adam)} | "
+                       f"{ratio(excess['adaptive'], fixed)} | "
+                       f"{ratio(excess[lowest], fixed)} ({lowest}) |")
     return "\n".join(out)
