@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                          "objective each method has left to shed above it")
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.seed_start < 0:
+        ap.error(f"--seed-start must be >= 0, got {args.seed_start}")
     tune_seeds = [100 + i for i in range(args.tune_seeds)]
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
     if set(seeds) & set(tune_seeds):

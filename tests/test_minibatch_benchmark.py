@@ -23,18 +23,40 @@ def _result(method, seed, budget, objective):
 
 
 def test_excess_is_each_seeds_objective_above_its_floor():
-    # Floors: seed 0 min(1.0, 1.5, 3.0, 1.1) = 1.0 from the reference; seed 1 has
-    # no reference and its lowest run is adaptive's 2.0.
-    results = [
-        _result("adaptive", 0, 1, 1.5), _result("adaptive", 1, 1, 2.0),
-        _result("adam-32", 0, 1, 1.1), _result("adam-32", 1, 1, 2.4),
-        _result("torch-rprop-32", 0, 1, 3.0), _result("torch-rprop-32", 1, 1, 4.0),
-    ]
-    table = cm.format_excess(results, {"toy": {0: 1.0}})
-    row = table.splitlines()[-1]
-    # adaptive excess: median(0.5, 0.0) = 0.25; adam: median(0.1, 0.4) = 0.25;
-    # rprop: median(2.0, 2.0) = 2.0; lowest median excess: 0.25 (adaptive first).
-    assert row == "| toy | 1 | 0.25 | 1 | 0.125 | 0.125 (adaptive) |"
+    # Three seeds with uneven floors, two budgets. Floors: seed 0 the reference 1.0;
+    # seed 1 no reference, its lowest run anywhere is adaptive's 1.9 at budget 3;
+    # seed 2 min(reference 5.0, adam's 4.0 at budget 3) = 4.0.
+    rows = {  # method: {(seed, budget): objective}
+        "adaptive": {(0, 1): 1.5, (1, 1): 2.0, (2, 1): 9.0, (0, 3): 1.2, (1, 3): 1.9,
+                     (2, 3): 4.5},
+        "adam-32": {(0, 1): 1.1, (1, 1): 2.4, (2, 1): 4.2, (0, 3): 1.05, (1, 3): 2.2,
+                    (2, 3): 4.0},
+        "torch-rprop-32": {(0, 1): 3.0, (1, 1): 4.0, (2, 1): 4.3, (0, 3): 3.0,
+                           (1, 3): 4.0, (2, 3): 4.3},
+    }
+    results = [_result(m, s, b, v) for m, cells in rows.items()
+               for (s, b), v in cells.items()]
+    table = cm.format_excess(results, {"toy": {0: 1.0, 2: 5.0}})
+    at1, at3 = table.splitlines()[-2:]
+    # Budget 1 excesses: adaptive (0.5, 0.1, 5.0) -> 0.5; adam (0.1, 0.5, 0.2) -> 0.2;
+    # rprop (2.0, 2.1, 0.3) -> 2.0. By raw medians (adaptive 2.0, adam 2.4) adaptive
+    # would be the lowest, and median(objective) - median(floor) would give it 0.1.
+    assert at1 == "| toy | 1 | 0.5 | 2.5 | 0.25 | 0.1 (adam-32) |"
+    # Budget 3: adaptive (0.2, 0.0, 0.5) -> 0.2; adam (0.05, 0.3, 0.0) -> 0.05;
+    # rprop (2.0, 2.1, 0.3) -> 2.0.
+    assert at3 == "| toy | 3 | 0.2 | 4 | 0.1 | 0.025 (adam-32) |"
+
+
+def test_excess_treats_a_broken_down_run_as_reaching_nothing():
+    results = [_result("adaptive", 0, 1, 2.0), _result("adaptive", 1, 1, 3.0),
+               _result("adaptive", 2, 1, 4.0),
+               _result("adam-32", 0, 1, math.nan), _result("adam-32", 1, 1, math.nan),
+               _result("adam-32", 2, 1, 1.0),
+               _result("torch-rprop-32", 0, 1, 6.0), _result("torch-rprop-32", 1, 1, 7.0),
+               _result("torch-rprop-32", 2, 1, 8.0)]
+    row = cm.format_excess(results, {"toy": {0: 1.0, 1: 1.0, 2: 1.0}}).splitlines()[-1]
+    # adam's excesses (inf, inf, 0.0): median inf, so it is neither best nor lowest.
+    assert row == "| toy | 1 | 2 | 0 | 0.333 | 0.333 (adaptive) |"
 
 
 def _linear_task(seed=0, n=200, d=5):
@@ -82,6 +104,28 @@ def test_run_names_the_step_size_of_each_full_batch_baseline(monkeypatch):
         cm.run_full_rprop(task, 0, [1], lr=0.1).objective[1])
     assert not math.isclose(by_method["irprop+-full"].objective,
                             by_method["irprop+-full-0.1"].objective)
+
+
+def test_run_records_each_seeds_reference_optimum(monkeypatch):
+    task, _, _ = _linear_task()
+    monkeypatch.setattr(cm, "make_task", lambda name, seed, n: task)
+    monkeypatch.setattr(cm, "REFERENCE_EVALS", 50)
+    _, chosen = cm.run(["linear"], ["irprop+-full"], [0, 4], [], budgets=[1], reference=True)
+    assert chosen["linear"]["reference"] == {0: cm.reference_optimum(task, 0, 50),
+                                             4: cm.reference_optimum(task, 4, 50)}
+    _, chosen = cm.run(["linear"], ["irprop+-full"], [0], [], budgets=[1])
+    assert chosen["linear"]["reference"] == {}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seed-start", "-5"], "--seed-start must be >= 0, got -5"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+])
+def test_bad_seed_arguments_are_refused(capsys, argv, message):
+    main = runpy.run_path(str(BENCHMARK))["main"]
+    with pytest.raises(SystemExit) as exc:
+        main(["--datasets", "diabetes", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_evaluation_seeds_may_not_overlap_the_tuning_seeds(capsys):

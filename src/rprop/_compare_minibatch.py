@@ -315,12 +315,14 @@ def run_lbfgs(task: Task, seed: int, budgets: Sequence[int]) -> Curve:
     return rec.curve
 
 
-def reference_optimum(task: Task, seed: int, evals: int = REFERENCE_EVALS) -> float:
+def reference_optimum(task: Task, seed: int, evals: int | None = None) -> float:
     """The lowest full-data objective a long full-batch L-BFGS run from the
-    seed's initial weights reaches in ``evals`` closure calls: outside every
+    seed's initial weights reaches in ``evals`` closure calls (default
+    ``REFERENCE_EVALS``): outside every
     budget, a stand-in for the objective's minimum, so that the loss a method
     has still to shed (its excess) can be compared where the minimum is far
     from zero."""
+    evals = REFERENCE_EVALS if evals is None else evals
     model = task.model(seed)
     opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=100, history_size=20,
                             tolerance_grad=0, tolerance_change=0,
@@ -518,30 +520,39 @@ def format_excess(results: Sequence[Result], reference: dict[str, dict[int, floa
     Adam's and the best fixed-batch Rprop's, and the lowest of any method's."""
     out = ["| dataset | epochs | adaptive excess | / best Adam | / fixed Rprop | "
            "lowest of any method / fixed Rprop (which) |", "|---|---:|---:|---:|---:|---:|"]
+
+    def objective(r: Result) -> float:
+        # A NaN objective (a run that broke down) has reached nothing: inf, so that
+        # medians and minima stay ordered.
+        return math.inf if math.isnan(r.objective) else r.objective
+
+    def ratio(a: float, c: float) -> str:
+        if c == 0:
+            return "inf" if a else "0/0"
+        return f"{a / c:.3g}"
+
     for d in dict.fromkeys(r.dataset for r in results):
         rs = [r for r in results if r.dataset == d]
         floor = dict(reference.get(d, {}))
         for r in rs:
-            floor[r.seed] = min(floor.get(r.seed, math.inf), r.objective)
+            floor[r.seed] = min(floor.get(r.seed, math.inf), objective(r))
         for b in sorted({r.budget for r in rs}):
             excess: dict[str, float] = {}
             for m in dict.fromkeys(r.method for r in rs):
-                vals = [r.objective - floor[r.seed] for r in rs
+                vals = [objective(r) - floor[r.seed] for r in rs
                         if r.method == m and r.budget == b]
-                excess[m] = statistics.median(vals)
+                if vals:
+                    excess[m] = statistics.median(vals)
             if "adaptive" not in excess:
                 continue
             adam = min((excess[m] for m in ("adam-32", "adam-128") if m in excess),
                        default=math.nan)
-            rprops = [excess[m] for m in excess if m.startswith("torch-rprop")]
-            fixed = min(rprops, default=math.nan)
+            fixed = min((excess[m] for m in excess if m.startswith("torch-rprop")),
+                        default=math.nan)
             lowest = min(excess, key=lambda m: excess[m])
-
-            def ratio(a: float, c: float) -> str:
-                return f"{a / c:.3g}" if c and math.isfinite(c) else "-"
-
             out.append(f"| {d} | {b} | {excess['adaptive']:.4g} | "
-                       f"{ratio(excess['adaptive'], adam)} | "
-                       f"{ratio(excess['adaptive'], fixed)} | "
-                       f"{ratio(excess[lowest], fixed)} ({lowest}) |")
+                       f"{ratio(excess['adaptive'], adam) if adam == adam else '-'} | "
+                       f"{ratio(excess['adaptive'], fixed) if fixed == fixed else '-'} | "
+                       f"{ratio(excess[lowest], fixed) if fixed == fixed else '-'} "
+                       f"({lowest}) |")
     return "\n".join(out)
